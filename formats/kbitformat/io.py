@@ -1,0 +1,516 @@
+"""Reading and writing kbit files: safetensors shards plus model.safetensors.index.json.
+
+The writer streams: tensor data goes straight to a temporary data file per shard, and
+a shard is assembled (header, then data) when it is full, so memory holds one tensor at
+a time. The reader parses and validates the safetensors header itself, memory-maps the
+data and checks each stored tensor's CRC-32 before handing it out.
+See formats/SPEC.md for the byte-level description.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .constants import FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_STR
+from .errors import KbitChecksumError, KbitFormatError, KbitValueError, KbitVersionError
+from .quantize import QuantizedTensor
+from .spec import QuantSpec
+
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100_000_000  # the safetensors limit
+COMPONENTS = ("codes", "scales", "dq_absmax", "offsets")
+
+#: safetensors dtype -> numpy dtype of the stored bytes (BF16 is read as raw uint16)
+ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items() if k != "BF16"}
+
+
+def component_name(name: str, component: str) -> str:
+    return f"{name}.kbit.{component}"
+
+
+def crc32(arr: np.ndarray) -> str:
+    return f"{zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast('B')) & 0xFFFFFFFF:08x}"
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bits (uint16); NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        r[nan] = (u[nan] >> 16).astype(np.uint16) | np.uint16(0x40)
+    return r
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(p) for p in str(text).split("."))
+        return major, minor
+    except ValueError:
+        raise KbitFormatError(f"unreadable kbit format version {text!r}") from None
+
+
+def check_version(text: str, where: str) -> None:
+    major, minor = parse_version(text)
+    if major != FORMAT_VERSION[0]:
+        raise KbitVersionError(
+            f"{where} needs kbit format version {major}.x (written as {text}); this kbit reads "
+            f"format {FORMAT_VERSION_STR}. " + ("Upgrade kbit to read it." if major > FORMAT_VERSION[0]
+                                                 else "Convert the model again with this kbit."))
+
+
+# ============================================================================== writer
+@dataclass
+class _Entry:
+    name: str
+    dtype: str
+    shape: list
+    begin: int
+    end: int
+    crc: str
+
+
+class KbitWriter:
+    """Write tensors into bounded shards in `out_dir` (which must exist and be empty of
+    kbit files). Use as a context manager or call close(); abort() removes partial files.
+
+        with KbitWriter(out, max_shard_bytes=2**31, model_metadata={...}) as w:
+            w.add_quantized("model.layers.0.mlp.up_proj.weight", qt)
+            w.add_tensor("model.norm.weight", norm, orig_dtype="bfloat16")
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
+                 model_metadata: dict | None = None, tool: str = "kbitformat") -> None:
+        if max_shard_bytes < 1:
+            raise KbitValueError("the shard size must be positive")
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.model_metadata = dict(model_metadata or {})
+        self.tool = tool
+        self._shards: list[Path] = []        # finished shards (temporary names)
+        self._weight_map: dict[str, int] = {}  # stored name -> shard number
+        self._total = 0
+        self._state = "open"
+        self._start_shard()
+
+    # -- state
+    def _start_shard(self) -> None:
+        self._data_path = self.out / f".shard-{len(self._shards) + 1:05d}.data.tmp"
+        self._data = open(self._data_path, "wb")
+        self._entries: list[_Entry] = []
+        self._recipes: dict[str, dict] = {}
+        self._pos = 0
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise KbitValueError(f"the writer is {self._state}; no more tensors can be added")
+
+    def _write_array(self, name: str, arr: np.ndarray, st_dtype: str | None = None) -> None:
+        if name in self._weight_map or any(e.name == name for e in self._entries):
+            raise KbitValueError(f"tensor {name!r} was already written")
+        arr = np.ascontiguousarray(arr)
+        if st_dtype is None:
+            if arr.dtype not in NP_TO_ST:
+                raise KbitValueError(f"{name}: dtype {arr.dtype} cannot be stored in safetensors")
+            st_dtype = NP_TO_ST[arr.dtype]
+        mv = memoryview(arr).cast("B")
+        self._data.write(mv)
+        n = len(mv)
+        self._entries.append(_Entry(name, st_dtype, list(arr.shape), self._pos, self._pos + n, crc32(arr)))
+        self._pos += n
+
+    def _make_room(self, nbytes: int) -> None:
+        if self._entries and self._pos + nbytes > self.max_shard_bytes:
+            self._finish_shard()
+            self._start_shard()
+
+    # -- public API
+    def add_quantized(self, name: str, qt: QuantizedTensor, extra: dict | None = None) -> dict:
+        """Store a quantized tensor (all its components in one shard). Returns its recipe."""
+        self._require_open()
+        comps = qt.components()
+        self._make_room(sum(a.nbytes for a in comps.values()))
+        recipe = {
+            "quantized": True,
+            "shape": list(qt.shape),
+            "orig_dtype": qt.orig_dtype,
+            "bits": qt.spec.bits,
+            "dtype": qt.spec.dtype,
+            "block_size": qt.block_size,
+            "scale": qt.spec.scale,
+            "search": qt.spec.search,
+            "fp_exponent": qt.spec.exponent_bits,
+            "codebook": [float(v) for v in qt.codebook.astype(np.float32)],
+            "components": {c: component_name(name, c) for c in comps},
+            "bits_per_weight": qt.bits_per_weight,
+        }
+        if extra:
+            recipe.update(extra)
+        for c, arr in comps.items():
+            self._write_array(component_name(name, c), arr)
+        self._recipes[name] = recipe
+        return recipe
+
+    def add_tensor(self, name: str, arr: np.ndarray, orig_dtype: str | None = None,
+                   st_dtype: str | None = None, extra: dict | None = None) -> dict:
+        """Store a tensor as it is. For bfloat16 pass the raw uint16 bits with st_dtype='BF16'."""
+        self._require_open()
+        arr = np.asarray(arr)
+        self._make_room(arr.nbytes)
+        self._write_array(name, arr, st_dtype)
+        recipe = {"quantized": False, "shape": list(arr.shape),
+                  "orig_dtype": orig_dtype or ("bfloat16" if st_dtype == "BF16" else str(arr.dtype))}
+        if extra:
+            recipe.update(extra)
+        self._recipes[name] = recipe
+        return recipe
+
+    def _shard_metadata(self) -> dict[str, str]:
+        return {
+            "format": "pt",
+            "kbit.format": FORMAT_NAME,
+            "kbit.version": FORMAT_VERSION_STR,
+            "kbit.tool": self.tool,
+            "kbit.tensors": json.dumps(self._recipes, separators=(",", ":")),
+            "kbit.checksums": json.dumps({e.name: f"crc32:{e.crc}" for e in self._entries}, separators=(",", ":")),
+            "kbit.model": json.dumps(self.model_metadata, separators=(",", ":")),
+        }
+
+    def _finish_shard(self) -> None:
+        self._data.close()
+        header = {"__metadata__": self._shard_metadata()}
+        for e in self._entries:
+            header[e.name] = {"dtype": e.dtype, "shape": e.shape, "data_offsets": [e.begin, e.end]}
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned
+        number = len(self._shards) + 1
+        path = self.out / f".shard-{number:05d}.safetensors.tmp"
+        with open(path, "wb") as f, open(self._data_path, "rb") as d:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            shutil.copyfileobj(d, f, 16 * 1024 * 1024)
+            f.flush()
+            os.fsync(f.fileno())
+        self._data_path.unlink()
+        for e in self._entries:
+            self._weight_map[e.name] = number
+        self._total += self._pos
+        self._shards.append(path)
+
+    def close(self) -> Path:
+        """Finish the last shard, give shards their final names and write the index."""
+        if self._state == "closed":
+            return self.out / INDEX_NAME
+        self._require_open()
+        self._finish_shard()
+        self._state = "closed"
+        n = len(self._shards)
+        names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for tmp, final in zip(self._shards, names):
+            os.replace(tmp, self.out / final)
+        index = {
+            "metadata": {"total_size": self._total, "kbit.format": FORMAT_NAME,
+                         "kbit.version": FORMAT_VERSION_STR, "kbit.tool": self.tool,
+                         "kbit.model": self.model_metadata},
+            "weight_map": {name: names[i - 1] for name, i in sorted(self._weight_map.items())},
+        }
+        tmp = self.out / (INDEX_NAME + ".tmp")
+        tmp.write_text(json.dumps(index, indent=2))
+        os.replace(tmp, self.out / INDEX_NAME)
+        return self.out / INDEX_NAME
+
+    def abort(self) -> None:
+        """Remove every file this writer made; the writer is unusable afterwards."""
+        if self._state == "open":
+            self._data.close()
+        self._state = "aborted"
+        for p in [self._data_path, *self._shards]:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "KbitWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ============================================================================== reader
+@dataclass
+class StoredTensor:
+    file: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int   # absolute byte offset in the file
+    nbytes: int
+    crc: str | None
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, StoredTensor], dict]:
+    """Parse and validate one safetensors file's header.
+    Returns (metadata dict of str, stored tensors by name, parsed kbit fields)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise KbitFormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > MAX_HEADER or 8 + n > size:
+                raise KbitFormatError(f"{path}: header length {n} does not fit a {size}-byte file "
+                                      "(truncated or not a safetensors file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise KbitFormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KbitFormatError(f"{path}: corrupt header ({e})") from None
+    if not isinstance(header, dict):
+        raise KbitFormatError(f"{path}: corrupt header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise KbitFormatError(f"{path}: corrupt header (__metadata__ must map strings to strings)")
+    data_start = 8 + n
+    data_len = size - data_start
+    kb = {}
+    for key in ("kbit.tensors", "kbit.checksums", "kbit.model"):
+        if key in meta:
+            try:
+                kb[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise KbitFormatError(f"{path}: corrupt header (field {key} is not JSON)") from None
+    checks = kb.get("kbit.checksums", {})
+    tensors: dict[str, StoredTensor] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            b, e = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise KbitFormatError(f"{path}: corrupt header entry for {name!r}") from None
+        if dtype not in ST_DTYPES:
+            raise KbitFormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if any(d < 0 for d in shape) or not 0 <= b <= e:
+            raise KbitFormatError(f"{path}: tensor {name!r} has an invalid shape or offsets")
+        if e > data_len:
+            raise KbitFormatError(f"{path}: tensor {name!r} ends at byte {e} but the file holds only "
+                                  f"{data_len} data bytes (truncated?)")
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(ST_DTYPES[dtype]).itemsize
+        if need != e - b:
+            raise KbitFormatError(f"{path}: tensor {name!r} spans {e - b} bytes but its shape and dtype need {need}")
+        c = checks.get(name)
+        tensors[name] = StoredTensor(path, name, dtype, shape, data_start + b, e - b,
+                                     c[6:] if isinstance(c, str) and c.startswith("crc32:") else None)
+        spans.append((b, e, name))
+    spans.sort()
+    pos = 0
+    for b, e, name in spans:
+        if b < pos:
+            raise KbitFormatError(f"{path}: tensor {name!r} overlaps another tensor's bytes")
+        if b > pos:
+            raise KbitFormatError(f"{path}: a gap of {b - pos} bytes precedes tensor {name!r}")
+        pos = e
+    if pos != data_len:
+        raise KbitFormatError(f"{path}: {data_len - pos} bytes after the last tensor (corrupt file)")
+    return meta, tensors, kb
+
+
+def _recipe_spec(name: str, r: dict) -> QuantSpec:
+    try:
+        return QuantSpec(bits=int(r["bits"]), dtype=r["dtype"],
+                         block_size=int(r["block_size"]) if int(r["block_size"]) <= 4096 else 0,
+                         scale=r["scale"], search=r.get("search", "none"),
+                         fp_exponent=r.get("fp_exponent") if r["dtype"] == "fp" else None)
+    except (KeyError, TypeError, ValueError) as e:
+        raise KbitFormatError(f"tensor {name!r}: invalid recipe in the header ({e})") from None
+
+
+class KbitReader:
+    """Lazy reader of a kbit model (a folder with an index, or one .safetensors file).
+
+    Nothing is read but headers until a tensor is asked for; each tensor's bytes are
+    memory-mapped and their CRC-32 checked (verify=True) before use.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.verify = verify
+        if not self.path.exists():
+            raise KbitFormatError(f"{self.path}: no such file or folder")
+        if self.path.is_dir():
+            idx = self.path / INDEX_NAME
+            if idx.exists():
+                try:
+                    index = json.loads(idx.read_text())
+                    files = sorted(set(index["weight_map"].values()))
+                    self.index_metadata = index.get("metadata", {})
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise KbitFormatError(f"{idx}: corrupt index ({e})") from None
+            else:
+                files = sorted(p.name for p in self.path.glob("*.safetensors"))
+                self.index_metadata = {}
+            if not files:
+                raise KbitFormatError(f"{self.path}: no safetensors files")
+            paths = [self.path / f for f in files]
+        else:
+            paths, self.index_metadata = [self.path], {}
+        if "kbit.version" in self.index_metadata:
+            check_version(self.index_metadata["kbit.version"], str(self.path))
+        self.stored: dict[str, StoredTensor] = {}
+        self.recipes: dict[str, dict] = {}
+        self.file_metadata: dict[Path, dict] = {}
+        self.model_metadata: dict = dict(self.index_metadata.get("kbit.model", {}))
+        for p in paths:
+            if not p.exists():
+                raise KbitFormatError(f"{p}: missing shard (named in the index)")
+            meta, tensors, kb = read_header(p)
+            if meta.get("kbit.format") != FORMAT_NAME:
+                raise KbitFormatError(f"{p}: not a kbit file (no kbit.format in its metadata); "
+                                      "plain checkpoints are read by the conversion sources")
+            check_version(meta.get("kbit.version", "?"), str(p))
+            self.file_metadata[p] = meta
+            self.model_metadata = self.model_metadata or kb.get("kbit.model", {})
+            for name, t in tensors.items():
+                if name in self.stored:
+                    raise KbitFormatError(f"{p}: tensor {name!r} also appears in {self.stored[name].file}")
+                self.stored[name] = t
+            for name, r in kb.get("kbit.tensors", {}).items():
+                self.recipes[name] = r
+        for name, r in self.recipes.items():
+            names = r.get("components", {}).values() if r.get("quantized") else [name]
+            for c in names:
+                if c not in self.stored:
+                    raise KbitFormatError(f"{self.path}: tensor {name!r} lacks its stored part {c!r}")
+
+    # -- listing
+    def names(self) -> list[str]:
+        return list(self.recipes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.recipes
+
+    def recipe(self, name: str) -> dict:
+        try:
+            return self.recipes[name]
+        except KeyError:
+            raise KbitValueError(f"no tensor named {name!r} in {self.path}") from None
+
+    def is_quantized(self, name: str) -> bool:
+        return bool(self.recipe(name).get("quantized"))
+
+    # -- bytes
+    def stored_array(self, stored_name: str) -> np.ndarray:
+        """The stored array (memory-mapped, read-only), checksum-verified."""
+        t = self.stored[stored_name]
+        dt = np.dtype(ST_DTYPES[t.dtype])
+        try:
+            mm = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,)) \
+                if t.nbytes else np.zeros(0, np.uint8)
+        except (OSError, ValueError) as e:
+            raise KbitFormatError(f"{t.file}: cannot map tensor {stored_name!r}: {e}") from None
+        if self.verify:
+            self.check(stored_name, mm)
+        arr = mm.view(dt) if (t.offset % dt.itemsize == 0) else np.frombuffer(mm.tobytes(), dtype=dt)
+        return arr.reshape(t.shape)
+
+    def check(self, stored_name: str, mm: np.ndarray | None = None) -> None:
+        t = self.stored[stored_name]
+        if t.crc is None:
+            raise KbitChecksumError(f"{t.file}: tensor {stored_name!r} has no recorded checksum")
+        if mm is None:
+            mm = np.memmap(t.file, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,)) \
+                if t.nbytes else np.zeros(0, np.uint8)
+        got = crc32(mm)
+        if got != t.crc:
+            raise KbitChecksumError(f"{t.file}: tensor {stored_name!r} is corrupt "
+                                    f"(checksum {got}, recorded {t.crc})")
+
+    def verify_all(self) -> list[str]:
+        """Check every stored tensor's checksum; returns the list of problems found."""
+        problems = []
+        for name in self.stored:
+            try:
+                self.check(name)
+            except KbitFormatError as e:
+                problems.append(str(e))
+        return problems
+
+    # -- tensors
+    def quantized(self, name: str) -> QuantizedTensor:
+        r = self.recipe(name)
+        if not r.get("quantized"):
+            raise KbitValueError(f"{name!r} is not quantized")
+        spec = _recipe_spec(name, r)
+        comps = {c: self.stored_array(s) for c, s in r["components"].items()}
+        cb = np.asarray(r["codebook"], dtype=np.float32)
+        if cb.shape != (2**spec.bits,) or not np.all(np.isfinite(cb)):
+            raise KbitFormatError(f"tensor {name!r}: codebook must hold {2**spec.bits} finite values")
+        qt = QuantizedTensor(shape=tuple(r["shape"]), spec=spec, codebook=cb,
+                             block_size=int(r["block_size"]), codes=comps["codes"],
+                             scales={c: comps[c] for c in ("scales", "dq_absmax") if c in comps},
+                             offsets=comps.get("offsets"), orig_dtype=r.get("orig_dtype", "float32"))
+        _check_layout(name, qt)
+        return qt
+
+    def load(self, name: str, ops=None) -> np.ndarray:
+        """float32 values of a tensor (dequantized when quantized)."""
+        from .quantize import dequantize
+        from .reference import NumpyOps
+        r = self.recipe(name)
+        if r.get("quantized"):
+            return dequantize(self.quantized(name), ops or NumpyOps)
+        t = self.stored[name]
+        arr = self.stored_array(name)
+        if t.dtype == "BF16":
+            return bf16_to_f32(arr)
+        return np.asarray(arr, dtype=np.float32) if np.issubdtype(arr.dtype, np.floating) else np.array(arr)
+
+
+def _check_layout(name: str, qt: QuantizedTensor) -> None:
+    """Component shapes and dtypes must agree with the recipe, so a wrong header can never
+    decode into a wrong tensor."""
+    rows, nb, k, B = qt.rows, qt.blocks_per_row, qt.spec.bits, qt.block_size
+    if B % 32 or B < 32:
+        raise KbitFormatError(f"tensor {name!r}: block size {B} is not a positive multiple of 32")
+    want = {"codes": ((rows, nb * B // 32 * k), np.uint32)}
+    enc = qt.spec.scale
+    sdt = {"fp16": np.float16, "fp32": np.float32, "e8": np.uint8, "dq": np.uint8}[enc]
+    want["scales"] = ((rows, nb), sdt)
+    if enc == "dq":
+        from .constants import DQ_GROUP
+        want["dq_absmax"] = ((-(-rows * nb // DQ_GROUP),), np.float32)
+    if qt.spec.affine:
+        want["offsets"] = ((rows, nb), np.uint8 if enc in ("e8", "dq") else sdt)
+    have = qt.components()
+    if set(have) != set(want):
+        raise KbitFormatError(f"tensor {name!r}: stored parts {sorted(have)} do not match its recipe ({sorted(want)})")
+    for c, (shape, dt) in want.items():
+        a = have[c]
+        if tuple(a.shape) != shape or a.dtype != np.dtype(dt):
+            raise KbitFormatError(f"tensor {name!r}: part {c} is {a.dtype}{list(a.shape)}, "
+                                  f"its recipe needs {np.dtype(dt)}{list(shape)}")
