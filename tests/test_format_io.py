@@ -1,0 +1,230 @@
+"""Writer and reader: round trips, sharding, and every kind of damage a file can suffer."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from kbitformat import QuantSpec, dequantize, quantize
+from kbitformat.errors import KbitChecksumError, KbitFormatError, KbitValueError, KbitVersionError
+from kbitformat.io import INDEX_NAME, KbitReader, KbitWriter, bf16_to_f32, f32_to_bf16
+
+rng = np.random.default_rng(1)
+
+
+def write_model(path, n=6, shard=20_000, spec=QuantSpec(4, "nf", 64, "dq")):
+    tensors = {f"layers.{i}.w": rng.standard_normal((48, 200)).astype(np.float32) for i in range(n)}
+    qts = {}
+    with KbitWriter(path, max_shard_bytes=shard, model_metadata={"source": "test"}, tool="kbit test") as w:
+        for name, x in tensors.items():
+            qts[name] = quantize(x, spec, name)
+            w.add_quantized(name, qts[name])
+        w.add_tensor("norm.weight", np.linspace(0, 1, 200, dtype=np.float32))
+        w.add_tensor("embed.weight", f32_to_bf16(tensors["layers.0.w"]), st_dtype="BF16")
+    return tensors, qts
+
+
+def shards(path):
+    return sorted(path.glob("model-*.safetensors"))
+
+
+def test_round_trip_sharded(tmp_path):
+    tensors, qts = write_model(tmp_path)
+    files = shards(tmp_path)
+    assert len(files) > 1 and files[0].name.endswith(f"-of-{len(files):05d}.safetensors")
+    assert all(f.stat().st_size <= 20_000 + 20_000 for f in files)  # bounded (header beside)
+    assert not list(tmp_path.glob("*.tmp"))
+    r = KbitReader(tmp_path)
+    assert r.model_metadata == {"source": "test"}
+    assert set(r.names()) == set(tensors) | {"norm.weight", "embed.weight"}
+    for name in tensors:
+        assert np.array_equal(r.load(name), dequantize(qts[name]))
+    assert np.array_equal(r.load("norm.weight"), np.linspace(0, 1, 200, dtype=np.float32))
+    assert np.allclose(r.load("embed.weight"), tensors["layers.0.w"], rtol=1 / 128)
+    assert r.recipe("embed.weight")["orig_dtype"] == "bfloat16"
+    assert r.verify_all() == []
+
+
+def test_files_open_with_plain_safetensors_and_index_is_complete(tmp_path):
+    write_model(tmp_path)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    seen = {}
+    for f in shards(tmp_path):
+        with safe_open(str(f), "pt") as s:
+            meta = s.metadata()
+            assert meta["format"] == "pt" and meta["kbit.format"] == "kbit" and meta["kbit.version"] == "1.0"
+            for key in s.keys():
+                seen[key] = f.name
+                s.get_tensor(key)
+    assert seen == index["weight_map"]
+    assert index["metadata"]["total_size"] == sum(f.stat().st_size for f in shards(tmp_path)) - sum(
+        8 + struct.unpack("<Q", f.read_bytes()[:8])[0] for f in shards(tmp_path))
+
+
+def test_one_tensor_per_shard_when_shards_are_tiny(tmp_path):
+    write_model(tmp_path, n=3, shard=1)
+    assert len(shards(tmp_path)) == 5
+
+
+def test_writer_abort_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with KbitWriter(tmp_path, max_shard_bytes=1) as w:
+            w.add_tensor("a", np.ones(10, np.float32))
+            w.add_tensor("b", np.ones(10, np.float32))
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_misuse(tmp_path):
+    w = KbitWriter(tmp_path)
+    w.add_tensor("a", np.ones(3, np.float32))
+    with pytest.raises(KbitValueError, match="already"):
+        w.add_tensor("a", np.ones(3, np.float32))
+    w.close()
+    with pytest.raises(KbitValueError, match="closed"):
+        w.add_tensor("b", np.ones(3, np.float32))
+
+
+def one_file(tmp_path):
+    write_model(tmp_path, n=2, shard=10**9)
+    (f,) = shards(tmp_path)
+    return f
+
+
+def rewrite_header(f, edit):
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    f.write_bytes(struct.pack("<Q", len(hb)) + hb + data[8 + n:])
+
+
+def test_truncated_file(tmp_path):
+    f = one_file(tmp_path)
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(KbitFormatError, match="truncated"):
+        KbitReader(f)
+
+
+def test_truncated_to_nothing(tmp_path):
+    f = one_file(tmp_path)
+    f.write_bytes(b"\x01\x02")
+    with pytest.raises(KbitFormatError, match="too short"):
+        KbitReader(f)
+
+
+def test_header_length_beyond_file(tmp_path):
+    f = one_file(tmp_path)
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", 10**12) + data[8:])
+    with pytest.raises(KbitFormatError, match="header length"):
+        KbitReader(f)
+
+
+def test_garbage_header(tmp_path):
+    f = one_file(tmp_path)
+    data = bytearray(f.read_bytes())
+    data[10:20] = b"\xff" * 10
+    f.write_bytes(bytes(data))
+    with pytest.raises(KbitFormatError, match="corrupt header"):
+        KbitReader(f)
+
+
+def test_overlapping_offsets(tmp_path):
+    f = one_file(tmp_path)
+
+    def edit(h):
+        names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        a, b = h[names[0]], h[names[1]]
+        b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]
+    rewrite_header(f, edit)
+    with pytest.raises(KbitFormatError, match="overlap|gap|after the last"):
+        KbitReader(f)
+
+
+def test_offsets_overflowing_the_file(tmp_path):
+    f = one_file(tmp_path)
+
+    def edit(h):
+        k = next(k for k in h if k != "__metadata__")
+        h[k]["data_offsets"] = [0, 2**62]
+    rewrite_header(f, edit)
+    with pytest.raises(KbitFormatError, match="truncated|ends at byte"):
+        KbitReader(f)
+
+
+def test_shape_that_disagrees_with_offsets(tmp_path):
+    f = one_file(tmp_path)
+
+    def edit(h):
+        h["layers.0.w.kbit.scales"]["shape"] = [48, 5]
+    rewrite_header(f, edit)
+    with pytest.raises(KbitFormatError, match="need"):
+        KbitReader(f)
+
+
+def test_checksum_mismatch_detected_on_load(tmp_path):
+    f = one_file(tmp_path)
+    data = bytearray(f.read_bytes())
+    data[-20] ^= 0x10  # inside the last tensor's data
+    f.write_bytes(bytes(data))
+    r = KbitReader(f)
+    assert len(r.verify_all()) == 1
+    with pytest.raises(KbitChecksumError, match="corrupt"):
+        for name in r.names():
+            r.load(name)
+
+
+def test_unknown_major_version_is_refused(tmp_path):
+    f = one_file(tmp_path)
+    rewrite_header(f, lambda h: h["__metadata__"].update({"kbit.version": "2.3"}))
+    with pytest.raises(KbitVersionError, match=r"needs kbit format version 2\.x.*Upgrade"):
+        KbitReader(f)
+
+
+def test_newer_minor_version_is_read(tmp_path):
+    f = one_file(tmp_path)
+    rewrite_header(f, lambda h: h["__metadata__"].update({"kbit.version": "1.9"}))
+    assert KbitReader(f).verify_all() == []
+
+
+def test_not_a_kbit_file(tmp_path):
+    from safetensors.numpy import save_file
+    save_file({"a": np.ones(3, np.float32)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(KbitFormatError, match="not a kbit file"):
+        KbitReader(tmp_path / "plain.safetensors")
+
+
+def test_missing_shard_and_missing_component(tmp_path):
+    write_model(tmp_path)
+    shards(tmp_path)[-1].unlink()
+    with pytest.raises(KbitFormatError, match="missing shard"):
+        KbitReader(tmp_path)
+
+
+def test_recipe_that_does_not_fit_the_stored_parts(tmp_path):
+    f = one_file(tmp_path)
+
+    def edit(h):
+        t = json.loads(h["__metadata__"]["kbit.tensors"])
+        t["layers.0.w"]["bits"] = 3
+        h["__metadata__"]["kbit.tensors"] = json.dumps(t)
+    rewrite_header(f, edit)
+    r = KbitReader(f, verify=False)
+    with pytest.raises(KbitFormatError, match="layers.0.w"):
+        r.load("layers.0.w")
+
+
+def test_bf16_conversion():
+    x = np.array([1.0, -2.5, 3.14159, 1e-30, np.inf, 65504.0, 1 + 2**-8], dtype=np.float32)
+    b = f32_to_bf16(x)
+    assert np.array_equal(bf16_to_f32(b)[[0, 1, 2, 4, 5]], np.array([1.0, -2.5, 3.140625, np.inf, 65536.0], np.float32))
+    assert bf16_to_f32(b)[6] == 1.0  # ties to even
+    import torch
+    t = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(b, t)
