@@ -228,3 +228,42 @@ def test_bf16_conversion():
     import torch
     t = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(b, t)
+
+
+def test_resume_adopts_finished_shards_and_drops_damaged_ones(tmp_path):
+    meta = {"recipe": "r1"}
+    w = KbitWriter(tmp_path, max_shard_bytes=1, model_metadata=meta)
+    for i in range(4):
+        w.add_tensor(f"t{i}", np.full(10, i, np.float32))
+    w.abort(keep_finished=True)  # an interrupted run: shards for t0..t2 finished
+    finished = sorted(tmp_path.glob(".shard-*.safetensors.tmp"))
+    assert len(finished) == 3
+    data = bytearray(finished[2].read_bytes())
+    data[-1] ^= 1
+    finished[2].write_bytes(bytes(data))
+    w = KbitWriter(tmp_path, max_shard_bytes=1, model_metadata={"recipe": "other"}, resume=True)
+    assert w.resumed == []  # another conversion's shards are not adopted
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    w = KbitWriter(tmp_path, max_shard_bytes=1, model_metadata=meta)
+    for i in range(4):
+        w.add_tensor(f"t{i}", np.full(10, i, np.float32))
+    w.abort(keep_finished=True)
+    data = bytearray(sorted(tmp_path.glob(".shard-*.safetensors.tmp"))[2].read_bytes())
+    data[-1] ^= 1
+    sorted(tmp_path.glob(".shard-*.safetensors.tmp"))[2].write_bytes(bytes(data))
+    w = KbitWriter(tmp_path, max_shard_bytes=1, model_metadata=meta, resume=True)
+    assert w.resumed == ["t0", "t1"]
+    for i in (2, 3):
+        w.add_tensor(f"t{i}", np.full(10, i, np.float32))
+    w.close()
+    r = KbitReader(tmp_path)
+    assert [float(r.load(f"t{i}")[0]) for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_plain_export_has_no_kbit_metadata(tmp_path):
+    with KbitWriter(tmp_path, kbit_metadata=False) as w:
+        w.add_tensor("a", np.ones(3, np.float32))
+    (f,) = shards(tmp_path)
+    with safe_open(str(f), "np") as s:
+        assert s.metadata() == {"format": "pt"}

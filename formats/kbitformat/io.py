@@ -96,7 +96,8 @@ class KbitWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
-                 model_metadata: dict | None = None, tool: str = "kbitformat") -> None:
+                 model_metadata: dict | None = None, tool: str = "kbitformat",
+                 resume: bool = False, kbit_metadata: bool = True) -> None:
         if max_shard_bytes < 1:
             raise KbitValueError("the shard size must be positive")
         self.out = Path(out_dir)
@@ -104,11 +105,51 @@ class KbitWriter:
         self.max_shard_bytes = int(max_shard_bytes)
         self.model_metadata = dict(model_metadata or {})
         self.tool = tool
+        self.kbit_metadata = kbit_metadata  # False: plain safetensors (e.g. a dequantized export)
         self._shards: list[Path] = []        # finished shards (temporary names)
         self._weight_map: dict[str, int] = {}  # stored name -> shard number
         self._total = 0
         self._state = "open"
+        #: logical tensor names found in finished shards adopted by resume
+        self.resumed: list[str] = []
+        for stale in self.out.glob(".shard-*.data.tmp"):
+            stale.unlink()
+        if resume:
+            self._adopt_finished()
+        else:
+            for stale in self.out.glob(".shard-*.safetensors.tmp"):
+                stale.unlink()
         self._start_shard()
+
+    def _adopt_finished(self) -> None:
+        """Take over the finished shards of an interrupted run into the same folder: each
+        must parse, pass every checksum and carry the same model metadata; the first
+        that does not is removed with everything after it."""
+        found = sorted(self.out.glob(".shard-*.safetensors.tmp"))
+        for i, path in enumerate(found):
+            ok = path.name == f".shard-{i + 1:05d}.safetensors.tmp"
+            if ok:
+                try:
+                    meta, tensors, kb = read_header(path)
+                    ok = kb.get("kbit.model") == self.model_metadata
+                    if ok:
+                        with open(path, "rb") as f:
+                            for t in tensors.values():
+                                f.seek(t.offset)
+                                if t.crc is None or crc32(np.frombuffer(f.read(t.nbytes), np.uint8)) != t.crc:
+                                    ok = False
+                                    break
+                except KbitFormatError:
+                    ok = False
+            if not ok:
+                for p in found[i:]:
+                    p.unlink()
+                return
+            for name, t in tensors.items():
+                self._weight_map[name] = i + 1
+                self._total += t.nbytes
+            self.resumed += list(kb.get("kbit.tensors", {}))
+            self._shards.append(path)
 
     # -- state
     def _start_shard(self) -> None:
@@ -183,6 +224,8 @@ class KbitWriter:
         return recipe
 
     def _shard_metadata(self) -> dict[str, str]:
+        if not self.kbit_metadata:
+            return {"format": "pt"}
         return {
             "format": "pt",
             "kbit.format": FORMAT_NAME,
@@ -225,10 +268,12 @@ class KbitWriter:
         names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         for tmp, final in zip(self._shards, names):
             os.replace(tmp, self.out / final)
+        meta = {"total_size": self._total}
+        if self.kbit_metadata:
+            meta.update({"kbit.format": FORMAT_NAME, "kbit.version": FORMAT_VERSION_STR,
+                         "kbit.tool": self.tool, "kbit.model": self.model_metadata})
         index = {
-            "metadata": {"total_size": self._total, "kbit.format": FORMAT_NAME,
-                         "kbit.version": FORMAT_VERSION_STR, "kbit.tool": self.tool,
-                         "kbit.model": self.model_metadata},
+            "metadata": meta,
             "weight_map": {name: names[i - 1] for name, i in sorted(self._weight_map.items())},
         }
         tmp = self.out / (INDEX_NAME + ".tmp")
@@ -236,12 +281,13 @@ class KbitWriter:
         os.replace(tmp, self.out / INDEX_NAME)
         return self.out / INDEX_NAME
 
-    def abort(self) -> None:
-        """Remove every file this writer made; the writer is unusable afterwards."""
+    def abort(self, keep_finished: bool = False) -> None:
+        """Remove every file this writer made (keep_finished: all but the finished shards,
+        which a later KbitWriter(..., resume=True) can adopt); the writer is unusable afterwards."""
         if self._state == "open":
             self._data.close()
         self._state = "aborted"
-        for p in [self._data_path, *self._shards]:
+        for p in [self._data_path, *([] if keep_finished else self._shards)]:
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -254,7 +300,7 @@ class KbitWriter:
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self.abort(keep_finished=issubclass(exc_type, KeyboardInterrupt))
 
 
 # ============================================================================== reader

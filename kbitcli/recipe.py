@@ -1,0 +1,86 @@
+"""Which tensor gets which quantization: the default policy plus user rules.
+
+Default: every 2-D floating-point `.weight` inside a numbered transformer block
+(`...layers.7...`, `h.7.`, `blocks.7.`) is quantized with the base spec; embeddings,
+the LM head, norms, biases and anything else keep their source dtype. A tied LM head is
+stored once (the embedding).
+
+Rules, in the order given, override the default; the LAST matching rule wins:
+  --rule 'PATTERN=SPEC'   quantize matching tensors with SPEC ("6:fp", "8:int:b32", ...),
+                          parsed on top of the base spec (even tensors the default keeps)
+  --rule 'PATTERN=keep'   keep matching tensors unquantized
+  --skip PATTERN          the same as --rule 'PATTERN=keep', and wins over every rule
+Patterns are shell globs (fnmatch) over full tensor names: '*.mlp.down_proj.weight',
+'model.layers.0.*', 'lm_head.weight'.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from kbitformat import KbitValueError, QuantSpec
+
+from .errors import UsageError
+
+_BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    spec: QuantSpec | None  # None = keep unquantized
+
+    def text(self) -> str:
+        return f"{self.pattern}={'keep' if self.spec is None else self.spec.label()}"
+
+
+@dataclass
+class Recipe:
+    base: QuantSpec = field(default_factory=QuantSpec)
+    rules: list[Rule] = field(default_factory=list)
+    skips: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, base: QuantSpec, rules: list[str] = (), skips: list[str] = ()) -> "Recipe":
+        parsed = []
+        for text in rules:
+            if "=" not in text:
+                raise UsageError(f"rule {text!r} must look like PATTERN=SPEC (e.g. '*.down_proj.weight=6:fp') or PATTERN=keep")
+            pattern, spec = text.rsplit("=", 1)
+            pattern, spec = pattern.strip(), spec.strip()
+            if not pattern:
+                raise UsageError(f"rule {text!r} has an empty pattern")
+            if spec in ("keep", "skip", "none"):
+                parsed.append(Rule(pattern, None))
+                continue
+            try:
+                parsed.append(Rule(pattern, QuantSpec.parse(spec, base)))
+            except KbitValueError as e:
+                raise UsageError(f"rule {text!r}: {e}") from None
+        return cls(base, parsed, [s.strip() for s in skips if s.strip()])
+
+    @staticmethod
+    def default_quantized(name: str, shape: tuple[int, ...], dtype: str) -> bool:
+        return (len(shape) == 2 and name.endswith(".weight") and bool(_BLOCK.search(name))
+                and dtype in ("float32", "float16", "bfloat16", "float64") and min(shape) > 1)
+
+    def spec_for(self, name: str, shape: tuple[int, ...], dtype: str) -> QuantSpec | None:
+        """The spec for a tensor, or None to keep it as it is."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.skips):
+            return None
+        chosen = self.base if self.default_quantized(name, shape, dtype) else None
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(name, rule.pattern):
+                chosen = rule.spec
+        if chosen is not None and not dtype.startswith("float"):
+            raise UsageError(f"{name}: a {dtype} tensor cannot be quantized; remove the rule that selects it")
+        return chosen
+
+    def unmatched(self, names: list[str]) -> list[str]:
+        """Rule and skip patterns that match no tensor (worth a warning)."""
+        pats = [r.pattern for r in self.rules] + self.skips
+        return [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    def to_dict(self) -> dict:
+        return {"base": self.base.label(), "rules": [r.text() for r in self.rules], "skip": list(self.skips)}
