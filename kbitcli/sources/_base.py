@@ -1,0 +1,241 @@
+"""The common interface of every source reader, and small helpers they share."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from kbitcli.errors import InputError
+
+# dtype names (torch spelling, without the "torch." prefix) that `load` turns into float32.
+FLOAT_DTYPES = frozenset(
+    {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+)
+
+# Files next to the weights that belong in the converted model (tokenizer, generation settings,
+# chat template). config.json is not among them: `Source.config()` returns it.
+EXTRA_FILE_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Metadata of one tensor in a source; no data.
+
+    dtype is the dtype the source stores: "float32", "float16", "bfloat16", "float64",
+    "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "int16", "int32", "int64", "bool", ...;
+    for quantized GGUF tensors the ggml type name ("Q4_1", "Q8_0", "Q4_K", ...).
+    shape is the Hugging Face shape (for GGUF: after reversing ggml's dimension order).
+    nbytes is the size the tensor takes in the source file.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        """True when `Source.load` can return it as float32 (float or dequantizable type)."""
+        return self.dtype in FLOAT_DTYPES or self.dtype[:1].isupper()
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A checkpoint to convert from, read one tensor at a time."""
+
+    path: Path
+    kind: str  # "safetensors-dir" | "safetensors-file" | "torch-bin" | "gguf"
+    warnings: list[str]
+
+    def tensors(self) -> list[SourceTensor]:
+        """Every tensor, metadata only, in the order that reads the files front to back."""
+        ...
+
+    def tensor(self, name: str) -> SourceTensor:
+        """The metadata of one tensor (InputError if there is none of that name)."""
+        ...
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor as a new, writable, C-contiguous float32 array.
+
+        Raises InputError naming the tensor when its dtype is not a floating (or, for GGUF,
+        quantized) type: use `load_raw` to pass such tensors through unchanged.
+        """
+        ...
+
+    def load_raw(self, name: str) -> np.ndarray:
+        """One tensor as stored: numpy's own dtype where numpy has it; bfloat16 as its uint16
+        bit patterns, float8 as uint8 bit patterns, quantized GGUF tensors as their raw block bytes
+        (uint8, one row of blocks per output row)."""
+        ...
+
+    def config(self) -> dict | None:
+        """The Hugging Face config.json contents (rebuilt from metadata for GGUF), or None."""
+        ...
+
+    def extra_files(self) -> dict[str, bytes | Path]:
+        """Files to copy into the output, by output file name: a Path to copy, or bytes to write."""
+        ...
+
+    def total_bytes(self) -> int:
+        """Bytes of tensor data in the source."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class BaseSource:
+    """Shared plumbing: name lookup, context manager, the float32 check."""
+
+    kind = "?"
+
+    def __init__(self, path: Path, folder: Path | None = None) -> None:
+        self.path = path
+        self.folder = folder  # where config.json and tokenizer files are looked for
+        self.warnings: list[str] = []
+        self._infos: dict[str, SourceTensor] = {}
+
+    # -- metadata --------------------------------------------------------------------------
+    def tensors(self) -> list[SourceTensor]:
+        return list(self._infos.values())
+
+    def tensor(self, name: str) -> SourceTensor:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise InputError(f"{self.path}: there is no tensor named {name!r}") from None
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self._infos.values())
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    # -- data ------------------------------------------------------------------------------
+    def load(self, name: str) -> np.ndarray:
+        info = self.tensor(name)
+        if not info.is_float:
+            raise InputError(
+                f"{self.path}: tensor {name!r} has dtype {info.dtype}, not a floating-point type; "
+                "it cannot be quantized (pass it through unchanged with load_raw)"
+            )
+        arr = self._load_float(info)
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous or not arr.flags.writeable:
+            arr = np.array(arr, dtype=np.float32, order="C", copy=True)
+        return arr
+
+    def load_raw(self, name: str) -> np.ndarray:
+        return self._load_raw(self.tensor(name))
+
+    def _load_float(self, info: SourceTensor) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_raw(self, info: SourceTensor) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- side files ------------------------------------------------------------------------
+    def config(self) -> dict | None:
+        return folder_config(self.folder) if self.folder is not None else None
+
+    def extra_files(self) -> dict[str, bytes | Path]:
+        return folder_extra_files(self.folder) if self.folder is not None else {}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} kind={self.kind} path={str(self.path)!r} tensors={len(self._infos)}>"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file, with InputError for unreadable or invalid JSON."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not UTF-8 text") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{what} {path} does not hold a JSON object")
+    return obj
+
+
+def folder_config(folder: Path) -> dict | None:
+    p = folder / "config.json"
+    return read_json(p, "config") if p.is_file() else None
+
+
+def folder_extra_files(folder: Path) -> dict[str, bytes | Path]:
+    return {n: folder / n for n in EXTRA_FILE_NAMES if (folder / n).is_file()}
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) to float32: the bf16 bits are the high half of a float32."""
+    out = bits.astype(np.uint32)
+    out <<= 16
+    return out.view(np.float32)
+
+
+def float8_bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    import torch
+
+    tdtype = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}[dtype]
+    t = torch.from_numpy(np.ascontiguousarray(bits)).view(tdtype)
+    return t.float().numpy()
+
+
+def shard_group(files: list[Path]) -> str | None:
+    """Check that shard names "<stem>-0000i-of-0000n.<ext>" are complete; returns an error or None."""
+    import re
+
+    pat = re.compile(r"^(.*)-(\d+)-of-(\d+)(\.[^/]+)$")
+    groups: dict[tuple[str, str, int], set[int]] = {}
+    for f in files:
+        m = pat.match(f.name)
+        if m:
+            groups.setdefault((m.group(1), m.group(4), int(m.group(3))), set()).add(int(m.group(2)))
+    for (stem, ext, n), have in groups.items():
+        missing = sorted(set(range(1, n + 1)) - have)
+        if missing:
+            width = max(5, len(str(n)))
+            names = ", ".join(f"{stem}-{i:0{width}d}-of-{n:0{width}d}{ext}" for i in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            return f"shard(s) missing: {names}{more}"
+    return None
