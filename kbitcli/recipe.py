@@ -61,19 +61,19 @@ class Recipe:
         return cls(base, parsed, [s.strip() for s in skips if s.strip()])
 
     @staticmethod
-    def default_quantized(name: str, shape: tuple[int, ...], dtype: str) -> bool:
+    def default_quantized(name: str, shape: tuple[int, ...], is_float: bool) -> bool:
         return (len(shape) == 2 and name.endswith(".weight") and bool(_BLOCK.search(name))
-                and dtype in ("float32", "float16", "bfloat16", "float64") and min(shape) > 1)
+                and is_float and min(shape) > 1)
 
-    def spec_for(self, name: str, shape: tuple[int, ...], dtype: str) -> QuantSpec | None:
+    def spec_for(self, name: str, shape: tuple[int, ...], is_float: bool, dtype: str = "?") -> QuantSpec | None:
         """The spec for a tensor, or None to keep it as it is."""
         if any(fnmatch.fnmatchcase(name, p) for p in self.skips):
             return None
-        chosen = self.base if self.default_quantized(name, shape, dtype) else None
+        chosen = self.base if self.default_quantized(name, shape, is_float) else None
         for rule in self.rules:
             if fnmatch.fnmatchcase(name, rule.pattern):
                 chosen = rule.spec
-        if chosen is not None and not dtype.startswith("float"):
+        if chosen is not None and not is_float:
             raise UsageError(f"{name}: a {dtype} tensor cannot be quantized; remove the rule that selects it")
         return chosen
 

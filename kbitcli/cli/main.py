@@ -1,0 +1,82 @@
+"""`kbit`: the app, and the one place where errors become messages and exit codes."""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import EXIT_INTERRUPTED, CliError, exit_code_for
+
+app = typer.Typer(
+    name="kbit",
+    help="Turn LLM checkpoints into k-bit models (k = 2..8) and prove they still work.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kbitformat import FORMAT_VERSION_STR
+        typer.echo(f"kbit {__version__} (kbit format {FORMAT_VERSION_STR})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """kbit: k-bit quantization of LLM checkpoints, with checks that they still work."""
+
+
+def _register() -> None:
+    from . import convert_cmds  # noqa: F401  (commands register themselves on `app`)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; known errors print one line (no traceback unless KBIT_DEBUG is set)."""
+    debug = bool(os.environ.get("KBIT_DEBUG"))
+    try:
+        app(args=argv, prog_name="kbit", standalone_mode=False)
+        return 0
+    except SystemExit as e:  # typer.Exit / click exits
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("kbit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one place that reports errors
+        import click
+        if isinstance(e, click.exceptions.Exit):
+            return int(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Abort):
+            print("kbit: aborted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if debug:
+            raise
+        from kbitformat import KbitError
+        if isinstance(e, (CliError, KbitError, OSError)):
+            msg = str(e) if not isinstance(e, OSError) or not e.strerror else f"{e.filename or ''}: {e.strerror}".lstrip(": ")
+            print(f"kbit: error: {msg}", file=sys.stderr)
+            return exit_code_for(e)
+        print(f"kbit: internal error: {type(e).__name__}: {e}\n(set KBIT_DEBUG=1 for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:  # pragma: no cover - console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -1,0 +1,316 @@
+"""The streaming conversion pipeline: one tensor in memory at a time.
+
+    summary = convert("path/to/model", "out/model-kbit", Recipe(QuantSpec(4, "nf", 64)))
+
+The output is assembled in a hidden folder beside OUT (".OUT.kbit-partial") and renamed
+to OUT only when complete, so an interrupted run never leaves an OUT that looks done.
+Finished shards survive Ctrl-C and are reused by resume=True after their checksums
+are verified. Any other failure (disk full, bad input) removes the partial folder.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kbitformat import FORMAT_VERSION_STR, dequantize, quantize, relative_error
+from kbitformat.io import INDEX_NAME, KbitWriter, f32_to_bf16
+
+from . import __version__
+from .errors import InputError, OutputError, UsageError
+from .recipe import Recipe
+
+ProgressFn = Callable[..., None]
+TOOL = f"kbit {__version__}"
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]
+    source_dtype: str
+    quantized: bool
+    spec: str | None
+    stored_dtype: str
+    bits_per_weight: float
+    error: float | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Plan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    is_float: bool
+    nbytes: int
+    spec: object  # QuantSpec | None
+
+
+@dataclass
+class ConvertSummary:
+    source: str
+    out: str
+    recipe: dict
+    tensors: list[TensorReport] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    source_bytes: int = 0
+    output_bytes: int = 0
+    resumed: int = 0
+
+    @property
+    def parameters(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
+
+    @property
+    def quantized_parameters(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors if t.quantized)
+
+    @property
+    def total_bits(self) -> float:
+        return sum(t.bits_per_weight * int(np.prod(t.shape)) for t in self.tensors)
+
+    def to_dict(self) -> dict:
+        q = [t for t in self.tensors if t.quantized]
+        qbits = sum(t.bits_per_weight * int(np.prod(t.shape)) for t in q)
+        return {
+            "source": self.source, "out": self.out, "tool": TOOL, "format_version": FORMAT_VERSION_STR,
+            "recipe": self.recipe, "parameters": self.parameters,
+            "quantized_parameters": self.quantized_parameters,
+            "total_model_bits": self.total_bits,
+            "bits_per_weight": self.total_bits / max(1, self.parameters),
+            "bits_per_quantized_weight": qbits / max(1, self.quantized_parameters),
+            "source_bytes": self.source_bytes, "output_bytes": self.output_bytes,
+            "size_vs_fp16": self.output_bytes / max(1, 2 * self.parameters),
+            "seconds": round(self.seconds, 3), "resumed_tensors": self.resumed,
+            "dropped": self.dropped, "warnings": self.warnings,
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.kbit-partial"
+
+
+def _check_paths(src_path: Path, out: Path, force: bool, resume: bool) -> None:
+    src_root = src_path if src_path.is_dir() else src_path.parent
+    o, s = out.resolve(), src_root.resolve()
+    if o == s or s in o.parents:
+        raise UsageError(f"the output {out} lies inside the source {src_root}; choose another folder")
+    if o in s.parents or (src_path.resolve() == o):
+        raise UsageError(f"the output {out} would contain the source; choose another folder")
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+
+
+def plan_tensors(source, recipe: Recipe) -> tuple[list[Plan], list[str], list[str]]:
+    """(tensors to write in order, dropped names, warnings)."""
+    infos = source.tensors()
+    names = [t.name for t in infos]
+    config = source.config() or {}
+    dropped, warnings = [], []
+    tied = bool(config.get("tie_word_embeddings"))
+    for head in ("lm_head.weight",):
+        if tied and head in names and len(names) > 1:
+            dropped.append(head)
+    for p in recipe.unmatched(names):
+        warnings.append(f"the pattern {p!r} matches no tensor")
+    plans = []
+    for t in infos:
+        if t.name in dropped:
+            continue
+        plans.append(Plan(t.name, tuple(t.shape), t.dtype, t.is_float, t.nbytes,
+                          recipe.spec_for(t.name, tuple(t.shape), t.is_float, t.dtype)))
+    return plans, dropped, warnings
+
+
+def fingerprint(source, plans: list[Plan], recipe: Recipe) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([TOOL, FORMAT_VERSION_STR, recipe.to_dict()]).encode())
+    for p in plans:
+        h.update(json.dumps([p.name, list(p.shape), p.dtype, p.nbytes, None if p.spec is None else p.spec.label()]).encode())
+    return h.hexdigest()[:32]
+
+
+def _keep(writer: KbitWriter, source, p: Plan) -> tuple[str, float]:
+    """Store a tensor unquantized in its source dtype; GGUF block-quantized tensors
+    (which safetensors cannot hold) become float16. Returns (stored dtype, bits/weight)."""
+    if p.dtype == "bfloat16":
+        writer.add_tensor(p.name, source.load_raw(p.name), orig_dtype="bfloat16", st_dtype="BF16")
+        return "bfloat16", 16.0
+    if p.dtype[:1].isupper() or p.dtype.startswith("float8"):
+        arr = source.load(p.name).astype(np.float16)
+        if not np.isfinite(arr).all():
+            arr = source.load(p.name)
+        writer.add_tensor(p.name, arr, orig_dtype=p.dtype)
+        return str(arr.dtype), arr.itemsize * 8.0
+    arr = source.load_raw(p.name)
+    writer.add_tensor(p.name, arr, orig_dtype=p.dtype)
+    return str(arr.dtype), arr.dtype.itemsize * 8.0
+
+
+def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cpu",
+            shard_size: int = 2 * 1024**3, force: bool = False, resume: bool = False,
+            provenance: dict | None = None, progress: ProgressFn | None = None,
+            measure_error: bool = True) -> ConvertSummary:
+    """Convert `source` (a path or an opened kbitcli.sources Source) into a kbit folder."""
+    from .kernels import get_ops
+    from .sources import open_source
+
+    t0 = time.perf_counter()
+    progress = progress or (lambda *a, **k: None)
+    out = Path(out)
+    src = open_source(source) if isinstance(source, (str, os.PathLike)) else source
+    _check_paths(Path(src.path), out, force, resume)
+    ops = get_ops(device)
+    plans, dropped, warnings = plan_tensors(src, recipe)
+    warnings = list(getattr(src, "warnings", [])) + warnings
+    summary = ConvertSummary(str(src.path), str(out), recipe.to_dict(), dropped=dropped, warnings=warnings)
+    meta = {"source": str(provenance.get("source", src.path)) if provenance else str(src.path),
+            "source_kind": src.kind, "recipe": recipe.to_dict(), "fingerprint": fingerprint(src, plans, recipe),
+            **({k: v for k, v in provenance.items() if k != "source"} if provenance else {})}
+    work = partial_dir(out)
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        writer = KbitWriter(work, max_shard_bytes=shard_size, model_metadata=meta, tool=TOOL, resume=resume)
+        done = set(writer.resumed)
+        summary.resumed = len(done)
+        progress("start", total=len(plans), total_bytes=sum(p.nbytes for p in plans), resumed=len(done))
+        for i, p in enumerate(plans):
+            ts = time.perf_counter()
+            if p.name in done:
+                progress("tensor", index=i, name=p.name, nbytes=p.nbytes, skipped=True)
+                continue
+            if p.spec is None:
+                stored, bpw = _keep(writer, src, p)
+                rep = TensorReport(p.name, p.shape, p.dtype, False, None, stored, bpw, None, 0.0)
+            else:
+                x = src.load(p.name)
+                qt = quantize(x, p.spec, p.name, ops=ops, orig_dtype=p.dtype)
+                err = relative_error(x, dequantize(qt, ops)) if measure_error else None
+                del x
+                writer.add_quantized(p.name, qt, extra={"error": err})
+                rep = TensorReport(p.name, p.shape, p.dtype, True, p.spec.label(), "kbit",
+                                   qt.bits_per_weight, err, 0.0)
+            rep.seconds = time.perf_counter() - ts
+            summary.tensors.append(rep)
+            progress("tensor", index=i, name=p.name, nbytes=p.nbytes, report=rep)
+        writer.close()
+        if done:  # describe the resumed tensors from their stored recipes
+            summary.tensors = _reports_from_output(work, plans)
+        _write_side_files(work, src, recipe, summary, meta)
+        _publish(work, out, force)
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.abort(keep_finished=True)
+        raise
+    except BaseException as e:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {out}; the partial output was removed, "
+                              "the source is untouched") from None
+        if isinstance(e, OSError) and not isinstance(e, (InputError,)):
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
+    summary.seconds = time.perf_counter() - t0
+    summary.source_bytes = src.total_bytes()
+    summary.output_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    progress("done", summary=summary)
+    return summary
+
+
+def _reports_from_output(folder: Path, plans: list[Plan]) -> list[TensorReport]:
+    from kbitformat.io import KbitReader
+    r = KbitReader(folder, verify=False)
+    reps = []
+    for p in plans:
+        rec = r.recipe(p.name)
+        if rec.get("quantized"):
+            reps.append(TensorReport(p.name, p.shape, p.dtype, True,
+                                     f"{rec['bits']}:{rec['dtype']}:b{rec['block_size']}:{rec['scale']}",
+                                     "kbit", rec["bits_per_weight"], rec.get("error"), 0.0))
+        else:
+            st = r.stored[p.name]
+            bits = 8.0 * st.nbytes / max(1, int(np.prod(p.shape)))
+            reps.append(TensorReport(p.name, p.shape, p.dtype, False, None, st.dtype, bits, None, 0.0))
+    return reps
+
+
+def _write_side_files(work: Path, src, recipe: Recipe, summary: ConvertSummary, meta: dict) -> None:
+    config = dict(src.config() or {})
+    d = summary.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "kbit", "format_version": FORMAT_VERSION_STR, "tool": TOOL,
+        "recipe": recipe.to_dict(), "bits_per_weight": d["bits_per_weight"],
+        "bits_per_quantized_weight": d["bits_per_quantized_weight"],
+    }
+    if src.config() is not None or config:
+        (work / "config.json").write_text(json.dumps(config, indent=2))
+    for name, data in src.extra_files().items():
+        if name in ("config.json", INDEX_NAME) or name.endswith(".safetensors"):
+            continue
+        if isinstance(data, (bytes, bytearray)):
+            (work / name).write_bytes(data)
+        else:
+            shutil.copyfile(data, work / name)
+    (work / "README.md").write_text(model_card(summary, meta))
+
+
+def model_card(summary: ConvertSummary, meta: dict) -> str:
+    d = summary.to_dict()
+    q = [t for t in summary.tensors if t.quantized]
+    errs = [t.error for t in q if t.error is not None]
+    lines = [
+        "---", "tags: [kbit, quantized]", "---", "",
+        f"# {Path(summary.out).name}", "",
+        f"Converted with {TOOL} (kbit format {FORMAT_VERSION_STR}).", "",
+        "| | |", "|---|---|",
+        f"| source | `{meta.get('source')}` ({meta.get('source_kind')}) |",
+        f"| revision | {meta.get('revision', 'n/a')} |",
+        f"| recipe | `{json.dumps(summary.recipe)}` |",
+        f"| parameters | {d['parameters']:,} ({d['quantized_parameters']:,} quantized) |",
+        f"| bits per weight | {d['bits_per_weight']:.4f} overall, {d['bits_per_quantized_weight']:.4f} on quantized tensors |",
+        f"| total model bits | {d['total_model_bits']:.4g} |",
+    ]
+    if errs:
+        lines.append(f"| relative weight error | mean {np.mean(errs):.4f}, max {np.max(errs):.4f} |")
+    if summary.dropped:
+        lines.append(f"| not stored (tied to the embedding) | {', '.join(summary.dropped)} |")
+    lines += ["", "Load with `kbit generate` / `kbitcli.runner`, inspect with `kbit inspect`, "
+              "check with `kbit verify`.", ""]
+    return "\n".join(lines)
+
+
+def _publish(work: Path, out: Path, force: bool) -> None:
+    """Move the finished folder into place (atomically replacing an old OUT with --force)."""
+    old = None
+    if out.exists():
+        if not force:
+            raise OutputError(f"{out} already exists; pass --force to replace it")
+        old = out.parent / f".{out.name}.kbit-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
