@@ -180,7 +180,8 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     ops = get_ops(device)
     plans, dropped, warnings = plan_tensors(src, recipe)
     warnings = list(getattr(src, "warnings", [])) + warnings
-    summary = ConvertSummary(str(src.path), str(out), recipe.to_dict(), dropped=dropped, warnings=warnings)
+    summary = ConvertSummary(str((provenance or {}).get("source", src.path)), str(out), recipe.to_dict(),
+                             dropped=dropped, warnings=warnings)
     meta = {"source": str(provenance.get("source", src.path)) if provenance else str(src.path),
             "source_kind": src.kind, "recipe": recipe.to_dict(), "fingerprint": fingerprint(src, plans, recipe),
             **({k: v for k, v in provenance.items() if k != "source"} if provenance else {})}

