@@ -217,7 +217,7 @@ def float8_bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     import torch
 
     tdtype = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}[dtype]
-    t = torch.from_numpy(np.ascontiguousarray(bits)).view(tdtype)
+    t = torch.from_numpy(np.array(bits, copy=True, order="C")).view(tdtype)
     return t.float().numpy()
 
 

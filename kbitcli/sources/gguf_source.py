@@ -106,6 +106,16 @@ class GGUFSource(BaseSource):
         except (ValueError, IndexError, OSError, KeyError, TypeError) as e:
             raise InputError(f"{path} is not a valid GGUF file, or it is truncated ({e})") from None
         r = self.reader
+        # The reader keeps several numpy objects per metadata string (~1.5 KB per token of the
+        # vocabulary): copy the metadata out as plain Python values and let those go.
+        self._metadata: dict[str, Any] = {}
+        self._bad_meta: dict[str, str] = {}
+        for key, field in r.fields.items():
+            try:
+                self._metadata[key] = field.contents()
+            except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:
+                self._bad_meta[key] = str(e)
+        r.fields.clear()
         self.arch = self._meta_str("general.architecture")
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitectureError(
@@ -160,14 +170,10 @@ class GGUFSource(BaseSource):
 
     # -- metadata -------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        if f is None:
-            return default
-        try:
-            v = f.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
-            raise InputError(f"{self.path}: GGUF metadata {key!r} is unreadable ({e})") from None
-        return v
+        """A metadata value as a Python value (str, int, float, bool, list), or default."""
+        if key in self._bad_meta:
+            raise InputError(f"{self.path}: GGUF metadata {key!r} is unreadable ({self._bad_meta[key]})")
+        return self._metadata.get(key, default)
 
     def _meta_str(self, key: str) -> str:
         v = self.meta(key)
@@ -195,8 +201,8 @@ class GGUFSource(BaseSource):
         embd = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
         n_vocab = self.meta(f"{a}.vocab_size")
         if n_vocab is None:
-            toks = self.reader.fields.get("tokenizer.ggml.tokens")
-            n_vocab = len(toks.data) if toks is not None else (int(embd.shape[1]) if embd is not None else None)
+            toks = self.meta("tokenizer.ggml.tokens")
+            n_vocab = len(toks) if toks else (int(embd.shape[1]) if embd is not None else None)
         if n_vocab is None:
             raise InputError(f"{self.path}: cannot tell the vocabulary size")
         hp = {
@@ -247,14 +253,22 @@ class GGUFSource(BaseSource):
     # -- data -----------------------------------------------------------------------------
     def _load_float(self, info: SourceTensor) -> np.ndarray:
         t = self._by_name[info.name]
+        data = t.data
+        out = np.empty(info.shape, dtype=np.float32)
+        # Dequantize a few MB of rows at a time: dequantize's temporaries stay small, and the
+        # peak is about the output tensor itself.
+        rows = out.reshape(-1, out.shape[-1]) if out.ndim > 1 else out.reshape(1, -1)
+        src = data.reshape(rows.shape[0], -1)
+        step = max(1, (4 << 20) // max(1, rows.shape[1] * 4))
         try:
-            w = self._gguf.quants.dequantize(t.data, t.tensor_type)
+            for i in range(0, rows.shape[0], step):
+                rows[i : i + step] = self._gguf.quants.dequantize(src[i : i + step], t.tensor_type)
         except NotImplementedError:
             raise InputError(
                 f"{self.path}: tensor {info.name!r} is stored as {t.tensor_type.name}, which the installed "
                 "gguf package cannot dequantize"
             ) from None
-        w = np.asarray(w, dtype=np.float32).reshape(info.shape)
+        w = out
         n = self._permute.get(info.name)
         if n is not None:
             w = unpermute_qk(w, n)
@@ -309,10 +323,10 @@ class GGUFSource(BaseSource):
         idx = self.meta(f"tokenizer.ggml.{gkey}")
         if idx is None:
             return None
-        toks = self.reader.fields["tokenizer.ggml.tokens"]
-        if not 0 <= int(idx) < len(toks.data):
+        toks = self.meta("tokenizer.ggml.tokens") or []
+        if not 0 <= int(idx) < len(toks):
             return None
-        return toks.contents(int(idx))
+        return toks[int(idx)]
 
     def extra_files(self) -> dict[str, bytes | Path]:
         """tokenizer.json and friends, rebuilt from the metadata. InputError when the GGUF's

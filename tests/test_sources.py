@@ -1,0 +1,728 @@
+"""kbitcli.sources: every source kind yields the same tensors; every broken input is an InputError;
+the GGUF reader matches transformers' own GGUF loader tensor for tensor, config and tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kbitcli.errors import InputError, UnsupportedArchitectureError
+from kbitcli.sources import SourceTensor, embedded_model_path, open_source
+from kbitcli.sources.gguf_source import permute_qk, unpermute_qk
+
+# ---------------------------------------------------------------------------------------------
+# a small checkpoint with mixed dtypes
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e38, -3.0e38, 1e-40, float("inf"), -float("inf")])
+    gate = torch.randn(12, 8, generator=g)
+    gate.view(-1)[: special.numel()] = special
+    return {
+        "model.embed_tokens.weight": torch.randn(32, 8, generator=g).to(torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g).to(torch.float16),
+        "model.layers.0.self_attn.k_proj.weight": torch.randn(4, 8, generator=g),
+        "model.layers.0.mlp.gate_proj.weight": gate.to(torch.bfloat16),
+        "model.layers.0.input_layernorm.weight": torch.ones(8, dtype=torch.float32),
+        "model.layers.1.mlp.down_proj.weight": torch.randn(8, 12, generator=g).to(torch.float16),
+        "model.norm.weight": torch.randn(8, generator=g).to(torch.bfloat16),
+        "lm_head.weight": torch.randn(32, 8, generator=g),
+        "model.rotary.step": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "model.quant.codes": torch.tensor([[1, -2, 127], [-128, 0, 5]], dtype=torch.int8),
+    }
+
+
+STATE = _state()
+INT_NAMES = {"model.rotary.step", "model.quant.codes"}
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}
+
+
+def _expected(name: str) -> np.ndarray:
+    return STATE[name].float().numpy()
+
+
+def _side_files(d: Path) -> None:
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    (d / "tokenizer.json").write_text("{}")
+    (d / "generation_config.json").write_text("{}")
+
+
+def _split(state: dict) -> tuple[dict, dict]:
+    names = list(state)
+    return {n: state[n] for n in names[:5]}, {n: state[n] for n in names[5:]}
+
+
+def make_st_dir(tmp: Path) -> Path:
+    d = tmp / "st-dir"
+    d.mkdir()
+    save_file(STATE, str(d / "model.safetensors"))
+    _side_files(d)
+    return d
+
+
+def make_st_sharded(tmp: Path) -> Path:
+    d = tmp / "st-sharded"
+    d.mkdir()
+    a, b = _split(STATE)
+    files = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    save_file(a, str(d / files[0]))
+    save_file(b, str(d / files[1]))
+    wm = {n: files[0] for n in a} | {n: files[1] for n in b}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    _side_files(d)
+    return d
+
+
+def make_st_shards_no_index(tmp: Path) -> Path:
+    d = make_st_sharded(tmp)
+    (d / "model.safetensors.index.json").unlink()
+    return d
+
+
+def make_st_file(tmp: Path) -> Path:
+    d = tmp / "st-file"
+    d.mkdir()
+    save_file(STATE, str(d / "weights.safetensors"))
+    return d / "weights.safetensors"
+
+
+def make_bin(tmp: Path) -> Path:
+    d = tmp / "bin"
+    d.mkdir()
+    torch.save(STATE, d / "pytorch_model.bin")
+    _side_files(d)
+    return d
+
+
+def make_bin_sharded(tmp: Path) -> Path:
+    d = tmp / "bin-sharded"
+    d.mkdir()
+    a, b = _split(STATE)
+    files = ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin")
+    torch.save(a, d / files[0])
+    torch.save(b, d / files[1])
+    wm = {n: files[0] for n in a} | {n: files[1] for n in b}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    _side_files(d)
+    return d
+
+
+def make_bin_legacy(tmp: Path) -> Path:
+    d = tmp / "bin-legacy"
+    d.mkdir()
+    torch.save(STATE, d / "model.pt", _use_new_zipfile_serialization=False)
+    return d / "model.pt"
+
+
+MAKERS = {
+    "safetensors-dir": (make_st_dir, "safetensors-dir"),
+    "safetensors-sharded": (make_st_sharded, "safetensors-dir"),
+    "safetensors-shards-no-index": (make_st_shards_no_index, "safetensors-dir"),
+    "safetensors-file": (make_st_file, "safetensors-file"),
+    "bin": (make_bin, "torch-bin"),
+    "bin-sharded": (make_bin_sharded, "torch-bin"),
+    "bin-legacy-format": (make_bin_legacy, "torch-bin"),
+}
+
+
+@pytest.mark.parametrize("maker", list(MAKERS))
+def test_every_kind_gives_identical_tensors(tmp_path, maker):
+    make, kind = MAKERS[maker]
+    with open_source(make(tmp_path)) as src:
+        assert src.kind == kind
+        infos = {t.name: t for t in src.tensors()}
+        assert set(infos) == set(STATE)
+        for name, t in STATE.items():
+            info = infos[name]
+            assert isinstance(info, SourceTensor)
+            assert info.shape == tuple(t.shape)
+            assert info.dtype == str(t.dtype).removeprefix("torch.")
+            assert info.nbytes == t.numel() * t.element_size()
+            assert info.is_float == (name not in INT_NAMES)
+            if name in INT_NAMES:
+                with pytest.raises(InputError, match=name.replace(".", r"\.")):
+                    src.load(name)
+                raw = src.load_raw(name)
+                assert raw.dtype == t.numpy().dtype
+                np.testing.assert_array_equal(raw, t.numpy())
+                continue
+            got = src.load(name)
+            assert got.dtype == np.float32 and got.flags.c_contiguous and got.flags.writeable
+            np.testing.assert_array_equal(got, _expected(name))  # bit-exact, inf included
+            raw = src.load_raw(name)
+            if t.dtype == torch.bfloat16:
+                assert raw.dtype == np.uint16
+                np.testing.assert_array_equal(raw, t.view(torch.int16).numpy().view(np.uint16))
+            else:
+                np.testing.assert_array_equal(raw, t.numpy())
+        assert src.total_bytes() == sum(t.numel() * t.element_size() for t in STATE.values())
+        with pytest.raises(InputError, match="no tensor named"):
+            src.load("model.nope")
+
+
+@pytest.mark.parametrize("maker", ["safetensors-dir", "safetensors-sharded", "bin", "bin-sharded"])
+def test_folder_config_and_extra_files(tmp_path, maker):
+    d = MAKERS[maker][0](tmp_path)
+    src = open_source(d)
+    assert src.config() == CONFIG
+    extra = src.extra_files()
+    assert set(extra) == {"tokenizer.json", "generation_config.json"}
+    assert all(isinstance(p, Path) and p.parent == d for p in extra.values())
+
+
+def test_single_file_config_only_when_beside(tmp_path):
+    f = make_st_file(tmp_path)
+    assert open_source(f).config() is None
+    assert open_source(f).extra_files() == {}
+    (f.parent / "config.json").write_text(json.dumps(CONFIG))
+    assert open_source(f).config() == CONFIG
+
+
+def test_tensor_order_follows_the_file(tmp_path):
+    from kbitcli.sources.safetensors_source import parse_header
+
+    f = make_st_file(tmp_path)
+    _, entries = parse_header(f)
+    assert [t.name for t in open_source(f).tensors()] == [e[0] for e in entries]
+    begins = [e[3] for e in entries]
+    assert begins == sorted(begins)
+
+
+def test_matches_safetensors_library(tmp_path):
+    from safetensors import safe_open
+
+    d = make_st_sharded(tmp_path)
+    src = open_source(d)
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as so:
+            for name in so.keys():
+                t = so.get_tensor(name)
+                if t.is_floating_point():
+                    np.testing.assert_array_equal(src.load(name), t.float().numpy())
+
+
+def test_float8_tensors(tmp_path):
+    st = {"a": torch.randn(4, 4).to(torch.float8_e4m3fn), "b": torch.randn(3).to(torch.float8_e5m2)}
+    save_file(st, str(tmp_path / "m.safetensors"))
+    src = open_source(tmp_path / "m.safetensors")
+    assert [t.dtype for t in src.tensors()] == ["float8_e4m3fn", "float8_e5m2"]
+    for n, t in st.items():
+        np.testing.assert_array_equal(src.load(n), t.float().numpy())
+        assert src.load_raw(n).dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------------------
+# refused and broken inputs
+
+
+class _Evil:
+    """Unpickling this would create a file: proof that no code ran."""
+
+    marker: str = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_bin_with_python_objects_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = str(marker)
+    torch.save({"w": torch.ones(2), "obj": evil}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(InputError, match="arbitrary Python objects") as e:
+        open_source(tmp_path)
+    assert "refuses to unpickle" in str(e.value)
+    assert not marker.exists()
+
+
+class Custom:
+    def __init__(self):
+        self.x = 1
+
+
+def test_bin_with_custom_class_is_refused(tmp_path):
+    torch.save({"w": torch.ones(2), "cfg": Custom()}, tmp_path / "model.bin")
+    with pytest.raises(InputError, match="arbitrary Python objects"):
+        open_source(tmp_path / "model.bin")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_plain_pickle_is_refused(tmp_path):
+    with open(tmp_path / "model.pt", "wb") as f:
+        pickle.dump({"w": Custom()}, f)
+    with pytest.raises(InputError, match="arbitrary Python objects"):
+        open_source(tmp_path / "model.pt")
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of numpy/Python allocations while fn runs (memory-mapped file pages are not counted)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    del out
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_safetensors_memory_is_one_tensor(tmp_path, dtype):
+    n = 1 << 21  # 8 MB as float32
+    st = {f"t{i}": torch.full((n // 1024, 1024), float(i), dtype=dtype) for i in range(6)}
+    save_file(st, str(tmp_path / "model.safetensors"))
+    src = _peak_bytes(lambda: open_source(tmp_path))
+    assert src < 1 << 20  # opening reads headers only
+    s = open_source(tmp_path)
+    assert _peak_bytes(lambda: s.load("t3")) < 1.3 * n * 4
+    assert s.load("t3")[0, 0] == 3.0
+
+
+def test_truncated_bin(tmp_path):
+    d = make_bin(tmp_path)
+    f = d / "pytorch_model.bin"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        open_source(d)
+
+
+def test_bin_index_names_missing_shard(tmp_path):
+    d = make_bin_sharded(tmp_path)
+    (d / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(InputError, match="pytorch_model-00002-of-00002.bin"):
+        open_source(d)
+
+
+def test_truncated_safetensors_shard(tmp_path):
+    d = make_st_sharded(tmp_path)
+    f = d / "model-00002-of-00002.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(InputError, match="truncated") as e:
+        open_source(d)
+    assert f.name in str(e.value)
+
+
+def test_safetensors_cut_inside_header(tmp_path):
+    f = make_st_file(tmp_path)
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(InputError, match="corrupt safetensors header"):
+        open_source(f)
+    f.write_bytes(b"\x01\x02")
+    with pytest.raises(InputError, match="truncated"):
+        open_source(f)
+
+
+def test_index_names_missing_shard(tmp_path):
+    d = make_st_sharded(tmp_path)
+    (d / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(InputError, match="model-00001-of-00002.safetensors"):
+        open_source(d)
+
+
+def test_missing_shard_without_index(tmp_path):
+    d = make_st_shards_no_index(tmp_path)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(InputError, match=r"missing: model-00002-of-00002\.safetensors"):
+        open_source(d)
+
+
+def test_index_names_tensor_the_shard_lacks(tmp_path):
+    d = make_st_sharded(tmp_path)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.ghost.weight"] = "model-00001-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(InputError, match="model.ghost.weight"):
+        open_source(d)
+
+
+def test_bad_index_json(tmp_path):
+    d = make_st_sharded(tmp_path)
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        open_source(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": []}))
+    with pytest.raises(InputError, match="weight_map"):
+        open_source(d)
+
+
+def _write_st(path: Path, header: bytes, data: bytes = b"", length: int | None = None) -> Path:
+    n = len(header) if length is None else length
+    path.write_bytes(n.to_bytes(8, "little") + header + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header,data,length,message",
+    [
+        (b"{}", b"", 1 << 40, "claims a"),
+        (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]', b"\0" * 8, None, "not valid JSON"),
+        (b"[1, 2]", b"", None, "not a JSON object"),
+        (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', b"\0" * 8, None, "truncated"),
+        (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}', b"\0" * 8, None, "needs 16 bytes"),
+        (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}', b"\0" * 8, None, "bad offsets"),
+        (b'{"a": {"dtype": "F32", "shape": "x", "data_offsets": [0, 8]}}', b"\0" * 8, None, "bad entry"),
+        (b'{"a": {"shape": [2], "data_offsets": [0, 8]}}', b"\0" * 8, None, "bad entry"),
+        (b"\xff\xfe{}", b"", None, "not valid JSON"),
+    ],
+)
+def test_corrupt_safetensors_header(tmp_path, header, data, length, message):
+    f = _write_st(tmp_path / "m.safetensors", header, data, length)
+    with pytest.raises(InputError, match=message):
+        open_source(f)
+
+
+def test_unknown_safetensors_dtype(tmp_path):
+    f = _write_st(tmp_path / "m.safetensors", b'{"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}', b"\0")
+    src = open_source(f)
+    assert src.tensor("a").dtype == "F4"
+    with pytest.raises(InputError, match="'a'"):
+        src.load_raw("a")
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(InputError, match="no model weights"):
+        open_source(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no model weights"):
+        open_source(empty)
+
+
+def test_missing_path_and_unknown_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        open_source(tmp_path / "nope")
+    (tmp_path / "weights.dat").write_bytes(os.urandom(64))
+    with pytest.raises(InputError, match="unknown checkpoint format"):
+        open_source(tmp_path / "weights.dat")
+
+
+def test_bad_config_json(tmp_path):
+    d = make_st_dir(tmp_path)
+    (d / "config.json").write_text("{oops")
+    with pytest.raises(InputError, match="config"):
+        open_source(d).config()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF, synthetic: written here with gguf.GGUFWriter the way llama.cpp's converter does
+
+
+def test_permute_roundtrip():
+    w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
+    for n in (1, 2, 3, 6, 12):
+        p = permute_qk(w, n)
+        assert not np.array_equal(p, w) or n == 12
+        np.testing.assert_array_equal(unpermute_qk(p, n), w)
+    b = np.arange(24, dtype=np.float32)
+    np.testing.assert_array_equal(unpermute_qk(permute_qk(b, 3), 3), b)
+
+
+def _tiny_llama_gguf(path: Path, arch: str = "llama", tied: bool = False, n_layer: int = 2) -> dict[str, np.ndarray]:
+    import gguf
+
+    rng = np.random.default_rng(1)
+    hidden, heads, kv_heads, ffn, vocab = 16, 4, 2, 24, 40
+    hd = hidden // heads
+    hf: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden), dtype=np.float32)}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", n_layer)
+    w.add_uint32(f"{arch}.context_length", 256)
+    w.add_uint32(f"{arch}.embedding_length", hidden)
+    w.add_uint32(f"{arch}.feed_forward_length", ffn)
+    w.add_uint32(f"{arch}.attention.head_count", heads)
+    w.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{arch}.rope.freq_base", 500000.0)
+    w.add_uint32(f"{arch}.rope.dimension_count", hd)
+    w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        parts = {
+            "attn_q": ("self_attn.q_proj", (heads * hd, hidden)),
+            "attn_k": ("self_attn.k_proj", (kv_heads * hd, hidden)),
+            "attn_v": ("self_attn.v_proj", (kv_heads * hd, hidden)),
+            "attn_output": ("self_attn.o_proj", (hidden, heads * hd)),
+            "ffn_gate": ("mlp.gate_proj", (ffn, hidden)),
+            "ffn_up": ("mlp.up_proj", (ffn, hidden)),
+            "ffn_down": ("mlp.down_proj", (hidden, ffn)),
+            "attn_norm": ("input_layernorm", (hidden,)),
+            "ffn_norm": ("post_attention_layernorm", (hidden,)),
+        }
+        for g, (h, shape) in parts.items():
+            t = rng.standard_normal(shape, dtype=np.float32)
+            hf[p + h + ".weight"] = t
+            if g == "attn_q":
+                t = permute_qk(t, heads)
+            elif g == "attn_k":
+                t = permute_qk(t, kv_heads)
+            if g == "ffn_up":  # store one tensor as F16 to cover that path
+                hf[p + h + ".weight"] = t.astype(np.float16).astype(np.float32)
+                t = t.astype(np.float16)
+            w.add_tensor(f"blk.{i}.{g}.weight", t)
+    hf["model.norm.weight"] = rng.standard_normal(hidden, dtype=np.float32)
+    w.add_tensor("output_norm.weight", hf["model.norm.weight"])
+    if not tied:
+        hf["lm_head.weight"] = rng.standard_normal((vocab, hidden), dtype=np.float32)
+        w.add_tensor("output.weight", hf["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_synthetic_gguf_roundtrip(tmp_path, tied):
+    hf = _tiny_llama_gguf(tmp_path / "tiny.gguf", tied=tied)
+    src = open_source(tmp_path / "tiny.gguf")
+    assert src.kind == "gguf"
+    assert {t.name for t in src.tensors()} == set(hf)
+    for t in src.tensors():
+        assert t.shape == hf[t.name].shape
+        np.testing.assert_array_equal(src.load(t.name), hf[t.name])
+    cfg = src.config()
+    assert cfg["tie_word_embeddings"] is tied
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (4, 2, 4)
+    assert cfg["rope_theta"] == 500000.0 and cfg["rms_norm_eps"] == 1e-6
+    assert cfg["max_position_embeddings"] == 256 and cfg["vocab_size"] == 40
+    # no tokenizer in this file: a clear error, not a traceback
+    with pytest.raises(InputError, match="no tokenizer"):
+        src.extra_files()
+    # a folder holding one GGUF opens it
+    assert open_source(tmp_path).kind == "gguf"
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    _tiny_llama_gguf(tmp_path / "x.gguf", arch="gpt2", n_layer=1)
+    with pytest.raises(UnsupportedArchitectureError, match="supported: llama"):
+        open_source(tmp_path / "x.gguf")
+
+
+def test_gguf_truncated(tmp_path):
+    _tiny_llama_gguf(tmp_path / "t.gguf")
+    data = (tmp_path / "t.gguf").read_bytes()
+    for cut in (3, 40, len(data) - 100):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(InputError):
+            open_source(tmp_path / "cut.gguf")
+
+
+def test_embedded_model_path(monkeypatch):
+    import importlib.util
+
+    p = embedded_model_path()
+    assert p.is_file() and p.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(InputError, match="scripts/setup.sh"):
+        embedded_model_path()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF, real: SmolLM2-135M-Instruct (Q4_1 linears, Q8_0 embedding) against transformers
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return open_source(embedded_model_path())
+
+
+def _reference_model(path: Path):
+    """transformers' own GGUF loading. from_pretrained needs `accelerate` for GGUF; without it the
+    same transformers code (load_gguf_checkpoint) fills a model built from the GGUF config."""
+    import importlib.util
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if importlib.util.find_spec("accelerate") is not None:
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys
+    assert set(result.missing_keys) <= {"lm_head.weight"}
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    transformers = pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    path = embedded_model_path()
+    model = _reference_model(path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_every_tensor_matches_transformers(smol, reference):
+    model, _ = reference
+    sd = model.state_dict()
+    ours = {t.name: t for t in smol.tensors()}
+    assert smol.warnings == []
+    assert set(ours) | {"lm_head.weight"} == set(sd)
+    assert "lm_head.weight" not in ours  # tied
+    dtypes = {}
+    for name, info in ours.items():
+        got = smol.load(name)
+        want = sd[name].float().numpy()
+        assert got.shape == want.shape == info.shape, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
+        dtypes.setdefault(info.dtype, []).append(name)
+    assert set(dtypes) == {"Q4_1", "Q8_0", "float32"}
+    assert dtypes["Q8_0"] == ["model.embed_tokens.weight"]
+    assert all(n.endswith("norm.weight") for n in dtypes["float32"])
+    np.testing.assert_array_equal(sd["lm_head.weight"].numpy(), smol.load("model.embed_tokens.weight"))
+
+
+@pytest.mark.slow
+def test_smollm2_config_matches_transformers(smol, reference):
+    model, _ = reference
+    ref = model.config
+    cfg = smol.config()
+    assert cfg["model_type"] == ref.model_type == "llama"
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "vocab_size", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "pad_token_id", "head_dim"):
+        assert cfg[key] == getattr(ref, key), key
+    assert np.float32(cfg["rms_norm_eps"]) == np.float32(ref.rms_norm_eps)
+    ref_theta = getattr(ref, "rope_theta", None) or ref.rope_parameters["rope_theta"]
+    assert cfg["rope_theta"] == ref_theta
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["intermediate_size"], cfg["vocab_size"]) == (576, 30, 9, 3, 1536, 49152)
+    assert cfg["tie_word_embeddings"] is True and cfg["torch_dtype"] == "float32"
+    assert cfg["rms_norm_eps"] == 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_rebuilt_model_gives_same_logits(smol, reference):
+    """Our config + our tensors, loaded into a fresh transformers model, compute what the reference does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, tokenizer = reference
+    cfg = smol.config()
+    mine = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    state = {t.name: torch.from_numpy(smol.load(t.name)) for t in smol.tensors()}
+    result = mine.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
+    mine.tie_weights()
+    ids = torch.tensor([tokenizer("The capital of France is", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        a = mine(ids).logits
+        b = model(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+TEXTS = [
+    "Hello world! How are you today?",
+    "The quick brown fox jumps over the lazy dog. 1234567890 3.14159 -42",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "naïve café, Zürich, Ελληνικά, русский текст, 日本語のテキスト, 한국어, emoji 🤖🚀👍🏽",
+    "   leading spaces, trailing spaces   \n\n\n\ttabs\t\tand   runs      of     whitespace  \r\n",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "I'm sure they'll say it's fine; we've done it, hadn't we? DON'T SHOUT",
+    "x=[1,2,3];y={'a':b}//comment /* c */ <html><body>&amp;</body></html>",
+    "",
+    " ",
+    "\u00a0non-breaking\u2003em-space\u200bzero-width",
+]
+
+
+@pytest.fixture(scope="module")
+def rebuilt(smol, tmp_path_factory):
+    d = tmp_path_factory.mktemp("smol-tok")
+    for name, content in smol.extra_files().items():
+        assert isinstance(content, bytes)
+        (d / name).write_bytes(content)
+    return d
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_encodes_like_transformers(rebuilt, reference):
+    from tokenizers import Tokenizer
+
+    _, ref = reference
+    tok = Tokenizer.from_file(str(rebuilt / "tokenizer.json"))
+    assert tok.get_vocab_size(with_added_tokens=True) == 49152
+    for text in TEXTS:
+        want = ref(text, add_special_tokens=False).input_ids
+        assert tok.encode(text, add_special_tokens=False).ids == want, text
+        assert tok.encode(text).ids == ref(text).input_ids, text
+        assert tok.decode(want, skip_special_tokens=False) == ref.decode(want), text
+    # special tokens stay whole
+    assert tok.encode("<|im_start|><|im_end|><|endoftext|>").ids == [1, 2, 0]
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_files_load_in_transformers(rebuilt, reference):
+    from transformers import AutoTokenizer
+
+    _, ref = reference
+    cfg = json.loads((rebuilt / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"].startswith("{% for message in messages %}")
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"], cfg["unk_token"]) == (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    assert json.loads((rebuilt / "generation_config.json").read_text())["eos_token_id"] == 2
+    mine = AutoTokenizer.from_pretrained(rebuilt)
+    for text in TEXTS:
+        assert mine(text).input_ids == ref(text).input_ids, text
+    assert (mine.bos_token_id, mine.eos_token_id, mine.pad_token_id) == (1, 2, 2)
+    chat = [{"role": "user", "content": "Hi there! 2+2=?"}]
+    a = mine.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    b = ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert a == b
+    assert mine(a, add_special_tokens=False).input_ids == ref(b, add_special_tokens=False).input_ids
+
+
+def test_smollm2_metadata_is_cheap(smol):
+    infos = smol.tensors()
+    assert len(infos) == 272
+    assert smol.total_bytes() == sum(t.nbytes for t in infos)
+    assert smol.total_bytes() < embedded_model_path().stat().st_size
+    q = smol.tensor("model.layers.0.self_attn.q_proj.weight")
+    assert (q.shape, q.dtype) == ((576, 576), "Q4_1")
+    k = smol.tensor("model.layers.0.self_attn.k_proj.weight")
+    assert k.shape == (192, 576)
+    assert smol.tensor("model.layers.0.mlp.gate_proj.weight").shape == (1536, 576)
+    assert smol.tensor("model.layers.0.mlp.down_proj.weight").shape == (576, 1536)
+    assert smol.tensor("model.embed_tokens.weight").shape == (49152, 576)
+    raw = smol.load_raw("model.layers.0.self_attn.q_proj.weight")
+    assert raw.dtype == np.uint8 and raw.shape == (576, 576 // 32 * 20)
+
+
+def test_smollm2_memory_is_one_tensor(smol):
+    shape = smol.tensor("model.embed_tokens.weight").shape
+    assert _peak_bytes(lambda: smol.load("model.embed_tokens.weight")) < 1.3 * shape[0] * shape[1] * 4
+
+
+def test_gguf_copy_in_folder(tmp_path):
+    """A folder holding only the GGUF opens as GGUF; two GGUFs are ambiguous."""
+    src = embedded_model_path()
+    d = tmp_path / "m"
+    d.mkdir()
+    os.symlink(src, d / "a.gguf")
+    assert open_source(d).kind == "gguf"
+    os.symlink(src, d / "b.gguf")
+    with pytest.raises(InputError, match="several GGUF"):
+        open_source(d)
