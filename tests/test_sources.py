@@ -387,7 +387,9 @@ def test_corrupt_safetensors_header(tmp_path, header, data, length, message):
 def test_unknown_safetensors_dtype(tmp_path):
     f = _write_st(tmp_path / "m.safetensors", b'{"a": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}', b"\0")
     src = open_source(f)
-    assert src.tensor("a").dtype == "F4"
+    assert src.tensor("a").dtype == "F4" and not src.tensor("a").is_float
+    with pytest.raises(InputError, match="'a'"):
+        src.load("a")
     with pytest.raises(InputError, match="'a'"):
         src.load_raw("a")
 
@@ -401,6 +403,16 @@ def test_folder_without_weights(tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no model weights"):
         open_source(empty)
+
+
+def test_folder_with_other_torch_file(tmp_path):
+    torch.save({"w": torch.ones(2, 2)}, tmp_path / "model.pt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "optimizer.pt")
+    src = open_source(tmp_path)
+    assert src.kind == "torch-bin" and [t.name for t in src.tensors()] == ["w"]
+    torch.save({"w": torch.ones(1)}, tmp_path / "other.pth")
+    with pytest.raises(InputError, match="several PyTorch files"):
+        open_source(tmp_path)
 
 
 def test_missing_path_and_unknown_file(tmp_path):

@@ -41,6 +41,7 @@ EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _TORCH_INDEX = "pytorch_model.bin.index.json"
+_TRAINER_FILES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.pt"}
 
 
 def embedded_model_path() -> Path:
@@ -129,6 +130,17 @@ def _open_dir(d: Path) -> Source:
     bins = [f for f in files if f.name.startswith("pytorch_model") and f.name.endswith(".bin")]
     if bins:
         return open_torch_dir(d, None, bins)
+    # any other single PyTorch file, leaving out what Trainer saves next to a model
+    other = [
+        f for f in files
+        if f.suffix in (".bin", ".pt", ".pth") and f.name not in _TRAINER_FILES and not f.name.startswith("rng_state")
+    ]
+    if len(other) == 1:
+        return open_torch_dir(d, None, other)
+    if len(other) > 1:
+        raise InputError(
+            f"{d} holds several PyTorch files ({', '.join(f.name for f in other[:5])}); pass the one to convert"
+        )
     # 3. a single GGUF
     ggufs = [f for f in files if f.name.lower().endswith(".gguf")]
     if len(ggufs) == 1:

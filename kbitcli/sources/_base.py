@@ -31,6 +31,23 @@ EXTRA_FILE_NAMES = (
 )
 
 
+_GGUF_QUANT: frozenset[str] | None = None
+
+
+def gguf_quant_types() -> frozenset[str]:
+    """Names of ggml's quantized tensor types ("Q4_1", "Q8_0", "Q4_K", "IQ2_XS", ...)."""
+    global _GGUF_QUANT
+    if _GGUF_QUANT is None:
+        try:
+            from gguf import GGMLQuantizationType
+        except ImportError:  # pragma: no cover - a dependency
+            _GGUF_QUANT = frozenset()
+        else:
+            plain = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
+            _GGUF_QUANT = frozenset(t.name for t in GGMLQuantizationType if t.name not in plain)
+    return _GGUF_QUANT
+
+
 @dataclass(frozen=True)
 class SourceTensor:
     """Metadata of one tensor in a source; no data.
@@ -56,8 +73,8 @@ class SourceTensor:
 
     @property
     def is_float(self) -> bool:
-        """True when `Source.load` can return it as float32 (float or dequantizable type)."""
-        return self.dtype in FLOAT_DTYPES or self.dtype[:1].isupper()
+        """True when `Source.load` can return it as float32 (a float or a GGUF quantized type)."""
+        return self.dtype in FLOAT_DTYPES or self.dtype in gguf_quant_types()
 
 
 @runtime_checkable
