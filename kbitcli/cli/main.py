@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; known errors print one line (no traceback unless KBIT_DEBUG is set)."""
     debug = bool(os.environ.get("KBIT_DEBUG"))
     try:
-        app(args=argv, prog_name="kbit", standalone_mode=False)
-        return 0
+        # Without standalone mode Typer returns the code of a typer.Exit (130 for Ctrl-C).
+        rv = app(args=argv, prog_name="kbit", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
     except SystemExit as e:  # typer.Exit / click exits
         return int(e.code or 0)
     except KeyboardInterrupt:
@@ -53,16 +54,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("kbit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - the one place that reports errors
-        import click
-        if isinstance(e, click.exceptions.Exit):
-            return int(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            return 2
-        if isinstance(e, click.exceptions.Abort):
+    except (typer.Exit, typer.Abort) as e:
+        if isinstance(e, typer.Abort):
             print("kbit: aborted", file=sys.stderr)
             return EXIT_INTERRUPTED
+        return int(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the one place that reports errors
+        # Typer's own usage errors (bad option, missing argument): they know how to show themselves.
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int) and not isinstance(e, CliError):
+            e.show()
+            return e.exit_code
         if debug:
             raise
         from kbitformat import KbitError
