@@ -217,8 +217,9 @@ def translate(e: BaseException, *, repo_id: str, revision: str | None, endpoint:
                             f"{cache_dir}: run `kbit pull {where}` once with network access, or unset "
                             "HF_HUB_OFFLINE")
         if isinstance(x, httpx.ConnectError):
-            return HubError(f"cannot connect to the Hub at {endpoint} ({_short(x) or 'connection failed'}) and "
-                            f"{where} is not in the cache: check the network, proxy or HF_ENDPOINT")
+            cached = f" and {where} is not in the cache" if action == "download" else ""
+            return HubError(f"cannot connect to the Hub at {endpoint} ({_short(x) or 'connection failed'}){cached}: "
+                            "check the network, proxy or HF_ENDPOINT")
         if isinstance(x, httpx.TimeoutException):
             return HubError(f"the Hub at {endpoint} did not answer in time ({type(x).__name__}); try again later")
         if isinstance(x, he.HfHubHTTPError):

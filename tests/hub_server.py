@@ -19,7 +19,9 @@ Routes (what huggingface_hub 2.x uses for downloads and uploads):
   POST /api/models/{ns}/{name}/branch/{branch}         create a branch (for push --revision)
 Misses answer 404 with X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound; a gated
 repo answers 401 (no token) or 403 (a token without access) with X-Error-Code GatedRepo. No Xet
-header is ever sent, so the client uses plain HTTP.
+header is ever sent, so the client uses plain HTTP. Every request is logged (hub.requests,
+hub.requested_files()) so tests can assert what was, or was not, fetched; hub.drop(path, at)
+cuts the next download of a file mid-body to exercise resumed downloads.
 
 Since every preupload answer is "regular", file contents arrive base64 in the commit body and no
 LFS (or Xet) transfer is needed; an "lfsFile" commit entry is answered 400.
@@ -110,7 +112,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.write_tokens: set[str] | None = None  # None: any (or no) token may create and commit
-        self.drop_once: dict[str, int] = {}        # repo file -> byte offset where one GET is cut
+        self.drops: dict[str, list[int]] = {}      # repo file -> [byte offset, times left]; see drop()
         self.dropped: list[str] = []
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -143,6 +145,22 @@ class HubServer:
             repo.commit(files, message="initial commit")
         self.repos[repo_id] = repo
         return repo
+
+    def drop(self, path: str, at: int, times: int = 1) -> None:
+        """Cut the next `times` GETs of repo file `path` after `at` bytes of the body: the
+        server sends the full Content-Length, `at` bytes, then closes the connection."""
+        self.drops[path] = [at, times]
+
+    def _take_drop(self, path: str) -> int | None:
+        with self._lock:
+            d = self.drops.get(path)
+            if not d:
+                return None
+            d[1] -= 1
+            if d[1] <= 0:
+                del self.drops[path]
+            self.dropped.append(path)
+            return d[0]
 
     # -- what the client did
     def log(self, req: Request) -> None:
@@ -346,9 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = data[start: end + 1]
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
-        if req.method == "GET" and path in self.hub.drop_once:
-            cut = self.hub.drop_once.pop(path)
-            self.hub.dropped.append(path)
+        cut = self.hub._take_drop(path) if req.method == "GET" else None
+        if cut is not None:
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
