@@ -6,34 +6,43 @@ Parallel decomposition
 Every operation works block by block, and blocks are independent. The (rows,
 blocks_per_row) grid of blocks is flattened into one linear block index and cut into
 chunks of consecutive blocks (about CHUNK_WEIGHTS weights each); ``prange`` runs over
-the chunks and each chunk runs a plain serial loop over its blocks. A prange over
-single weights costs several times more (scheduling and poor locality). Nothing is
-shared between chunks: each block writes its own outputs (its stats, its search index,
-its B/32 groups of k packed words, its B decoded values), so the order in which the
-threads run cannot change any result.
+the chunks and each chunk runs a plain serial loop over its blocks, with its own small
+scratch buffers. (A prange over single weights costs several times more.) Nothing is
+shared between chunks: each block writes only its own outputs (its stats, its search
+index, its B/32 groups of k packed words, its decoded values), so the number of threads
+and the order in which they run cannot change any result.
 
-There is no padded copy of the input: the weights of the last, partial block of a row
-past ``cols`` are read as 0.0, exactly the value the reference pads with.
+Inside a block the work is split into short passes over the block's B values (normalise,
+find codes, pack or decode) so that LLVM vectorises each pass; indices are unsigned or
+counted from 0 so that no negative-index wraparound test blocks the vectoriser.
+
+There is no padded copy of the input: weights of the last, partial block of a row past
+``cols`` are taken as 0.0, exactly the value the reference pads with.
 
 Why the bits are identical
 --------------------------
 * Every float operation is the reference's, in the same precision and order: float32
   ``y = x / s`` or ``y = (x - o) / s`` (two roundings), ``y = 0`` when ``s == 0``,
-  ``v = cb[c] * s`` then ``v + o`` (each rounded to float32), all constants typed
+  ``v = cb[c] * s`` then ``v + o`` (each rounded to float32); constants are typed
   ``np.float32`` so that nothing is promoted to float64 by a Python literal. Numba
   compiles without fast-math, so LLVM neither contracts a*b+c into an FMA nor
-  reassociates. Division is a true IEEE division, never a multiplication by 1/s.
-* The code of y is ``#{i : mids[i] < y}`` = ``np.searchsorted(mids, y, 'left')``. A
-  table over ``LUT_BUCKETS`` equal buckets of [mids[0], mids[-1]] gives a first guess
-  only; the walk then moves down while ``y <= mids[g-1]`` and up while ``y > mids[g]``,
-  which stops exactly at #{i : mids[i] < y} whatever the guess (mids is sorted). NaN
-  gets 2**k - 1, as numpy's searchsorted sorts NaN last.
-* Stats: absmax (or min/max against 0) has one correct value whatever the order of
-  the comparisons. Signed zeros follow numpy: ``np.minimum(m, 0)``/``np.maximum(m, 0)``
-  return +0.0 on a tie and ``abs`` clears the sign; NaN propagates.
-* The search error is accumulated sequentially over the block in float64, padding
-  zeros included, and the first candidate with the least error wins (strict <), as in
-  the reference.
+  reassociates, and a division stays an IEEE division (never a multiplication by 1/s).
+* The code of y is ``#{i : mids[i] < y}`` = ``np.searchsorted(mids, y, 'left')``,
+  computed by one of three exact methods, whichever is cheapest for the codebook:
+  counting (``sum(mids[i] < y)``, few midpoints), a branchless binary search (k halving
+  steps, exact for sorted mids), or a guess table: ``LUT_BUCKETS`` equal buckets over
+  [mids[0], mids[-1]] with a monotone float32 bucket function ``bkt``; the table holds
+  ``#{i : bkt(mids[i]) < b}``, which never exceeds the code of any y in bucket b (as
+  ``bkt`` is monotone) and falls short of it by at most M = the most midpoints one bucket
+  holds, so M steps of ``g += mids[g] < y`` end exactly on the code. The table is built
+  with the same compiled ``bkt``. NaN gets 2**k - 1, as numpy's searchsorted sorts NaN last.
+* Stats compare the float bits as integers (vectorisable, and order-free): absmax is the
+  largest ``bits & 0x7fffffff``; min/max use the usual order-preserving integer key. The
+  results equal numpy's, signed zeros included (``np.minimum(m, 0)`` and
+  ``np.maximum(m, 0)`` give +0.0 on a tie, ``abs`` clears the sign); any NaN gives NaN.
+* The search error of each candidate is accumulated over the block in float64, element
+  by element in order, padding included; candidates are kept in separate accumulators,
+  and the first candidate with the least error wins (strict <), as in the reference.
 """
 from __future__ import annotations
 
@@ -46,68 +55,179 @@ CHUNK_WEIGHTS = 1 << 14
 #: buckets of the code-search guess table
 LUT_BUCKETS = 2048
 
+METHOD_COUNT, METHOD_BSEARCH, METHOD_LUT = 0, 1, 2
 
-# ----------------------------------------------------------------------------- helpers
-def _chunking(nblocks: int, B: int) -> tuple[int, int]:
-    per = max(1, CHUNK_WEIGHTS // B)
-    return per, -(-nblocks // per)
-
-
-def make_lut(mids: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
-    """Guess table for the code search: (lut int32 (LUT_BUCKETS,), lo, scale).
-
-    Bucket b = clip(int((y - lo) * scale), 0, LUT_BUCKETS - 1) and lut[b] is the code
-    of the bucket's lower edge. Only a starting point: the walk in `_code` is exact."""
-    mids = np.ascontiguousarray(mids, dtype=F32)
-    lo = float(mids[0])
-    hi = float(mids[-1])
-    if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
-        scale = LUT_BUCKETS / (hi - lo)
-        edges = (lo + np.arange(LUT_BUCKETS, dtype=np.float64) / scale).astype(F32)
-        lut = np.searchsorted(mids, edges, side="left").astype(np.int32)
-    else:
-        lo, scale = 0.0, 0.0
-        lut = np.zeros(LUT_BUCKETS, dtype=np.int32)
-    return lut, F32(lo), F32(scale)
+_ABS = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+_NAN_BITS = np.uint32(0x7FC00000)
 
 
+def _per_chunk(B: int) -> int:
+    return max(1, CHUNK_WEIGHTS // B)
+
+
+# ----------------------------------------------------------------------------- code search
 @njit(cache=True, inline="always")
-def _code(y, mids, lut, lut_lo, lut_scale):
-    """#{i : mids[i] < y}, exactly (NaN -> len(mids))."""
-    n = mids.shape[0]
-    if y != y:
-        return n
-    t = (y - lut_lo) * lut_scale
-    nbk = lut.shape[0]
-    if t >= np.float32(0.0):
-        if t < np.float32(nbk):
-            g = lut[int(t)]
+def _bkt(y, lo, sc, nbm1):
+    """Monotone bucket of y in 0..nbm1 (NaN -> 0)."""
+    t = (y - lo) * sc
+    t = t if t > np.float32(0.0) else np.float32(0.0)
+    t = t if t < nbm1 else nbm1
+    return np.uint32(t)
+
+
+@njit(cache=True)
+def _build_lut(mids, lo, sc, nbk):
+    lut = np.zeros(nbk, np.uint32)
+    cnt = np.zeros(nbk, np.int64)
+    nbm1 = np.float32(nbk - 1)
+    for m in mids:
+        cnt[_bkt(m, lo, sc, nbm1)] += 1
+    acc = 0
+    most = 0
+    for b in range(nbk):
+        lut[b] = acc
+        acc += cnt[b]
+        most = max(most, cnt[b])
+    return lut, most
+
+
+class CodeSearch:
+    """Precomputed tables of the exact code search for one codebook's midpoints."""
+
+    #: force one method (METHOD_COUNT, METHOD_BSEARCH, METHOD_LUT) for every codebook;
+    #: for tests and benchmarks only (all three give the same codes)
+    force_method: int | None = None
+
+    def __init__(self, mids: np.ndarray):
+        mids = np.ascontiguousarray(mids, dtype=F32)
+        n = mids.size
+        self.mids = mids
+        self.mext = np.append(mids, F32(np.inf)).astype(F32)  # mext[n] = +inf: walks stop at n
+        self.steps = int(max(1, int(n + 1).bit_length() - 1))  # halving steps: n + 1 = 2**k
+        lo, hi = float(mids[0]), float(mids[-1])
+        if np.isfinite(lo) and np.isfinite(hi) and hi > lo and n + 1 == 1 << self.steps:
+            self.lo, self.sc = F32(lo), F32(LUT_BUCKETS / (hi - lo))
+            self.lut, most = _build_lut(mids, self.lo, self.sc, LUT_BUCKETS)
         else:
-            g = lut[nbk - 1]
-    else:
-        g = lut[0]
-    while g < n and y > mids[g]:
-        g += 1
-    while g > 0 and y <= mids[g - 1]:
-        g -= 1
-    return g
+            self.lo, self.sc = F32(0), F32(0)
+            self.lut, most = np.zeros(1, np.uint32), n
+        self.lut_steps = int(most)
+        # rough costs (per value) of the three methods, measured on AVX-512
+        if n + 1 != 1 << self.steps:
+            self.method = METHOD_COUNT  # not 2**k codes: counting is always exact
+        else:
+            costs = {METHOD_COUNT: 0.3 * n + 1, METHOD_BSEARCH: 2.0 * self.steps + 1,
+                     METHOD_LUT: 5.0 + 2.0 * self.lut_steps}
+            self.method = min(costs, key=costs.get)
+            if self.force_method is not None:
+                self.method = int(self.force_method)
+
+    def args(self):
+        return (self.method, self.mids, self.mext, self.steps, self.lut, self.lo, self.sc, self.lut_steps)
 
 
 @njit(cache=True, inline="always")
-def _normalize(xv, s, o, affine):
-    if s == np.float32(0.0):
-        return np.float32(0.0)
+def _codes(ybuf, n, c32, c8, method, mids, mext, steps, lut, lo, sc, lut_steps):
+    """c8[i] = #{j : mids[j] < ybuf[i]} for i < n, exactly (NaN -> len(mids)).
+    c32 is uint32 scratch (the gathers of the table methods are much faster on 32-bit lanes)."""
+    nn = np.uint8(mids.size)
+    if method == 0:
+        for i in range(n):
+            c8[i] = 0
+        for m in mids:
+            for i in range(n):
+                c8[i] += m < ybuf[i]
+        for i in range(n):
+            y = ybuf[i]
+            c8[i] = nn if y != y else c8[i]
+        return
+    if method == 1:
+        for i in range(n):
+            c32[i] = 0
+        for b in range(steps - 1, -1, -1):
+            h = np.uint32(1 << b)
+            hm1 = np.uint32(h - np.uint32(1))
+            for i in range(n):
+                g = c32[i]
+                c32[i] = g + h if mids[g + hm1] < ybuf[i] else g
+    else:
+        nbm1 = np.float32(lut.size - 1)
+        for i in range(n):
+            c32[i] = lut[_bkt(ybuf[i], lo, sc, nbm1)]
+        for _ in range(lut_steps):
+            for i in range(n):
+                g = c32[i]
+                c32[i] = g + np.uint32(mext[g] < ybuf[i])
+    for i in range(n):
+        y = ybuf[i]
+        c8[i] = nn if y != y else np.uint8(c32[i])
+
+
+@njit(cache=True, inline="always")
+def _normalize_block(xs, nv, B, sv, ov, affine, ybuf):
+    """ybuf[:B] = normalised values of the block's nv weights xs, then the padding."""
+    if sv == np.float32(0.0):
+        for i in range(B):
+            ybuf[i] = np.float32(0.0)
+        return
     if affine:
-        return np.float32(np.float32(xv - o) / s)
-    return np.float32(xv / s)
+        for i in range(nv):
+            ybuf[i] = np.float32(xs[i] - ov) / sv
+        pad = np.float32(np.float32(0.0) - ov) / sv
+    else:
+        for i in range(nv):
+            ybuf[i] = xs[i] / sv
+        pad = np.float32(0.0) / sv
+    for i in range(nv, B):
+        ybuf[i] = pad
+
+
+# ----------------------------------------------------------------------------- bit planes
+_ONES = np.uint64(0x0101010101010101)
+_GATHER = np.uint64(0x0102040810204080)  # sum of 2**(56 - 7t): bit 8t -> bit 56 + t
+
+
+@njit(cache=True, inline="always")
+def _pack_plane(c64, gi, j):
+    """Word j of group gi: bit t = bit j of code t, codes as bytes of c64[4gi:4gi+4]."""
+    ju = np.uint64(j)
+    w = np.uint64(0)
+    for q in range(4):
+        C = c64[gi * 4 + q]
+        w |= ((((C >> ju) & _ONES) * _GATHER) >> np.uint64(56)) << np.uint64(8 * q)
+    return np.uint32(w)
+
+
+def _spread_table() -> np.ndarray:
+    """T[byte] = uint64 whose byte t is bit t of byte (the inverse of _pack_plane's gather)."""
+    b = np.arange(256, dtype=np.uint64)
+    t = np.zeros(256, dtype=np.uint64)
+    for i in range(8):
+        t |= ((b >> np.uint64(i)) & np.uint64(1)) << np.uint64(8 * i)
+    return t
+
+
+SPREAD = _spread_table()
+
+
+@njit(cache=True, inline="always")
+def _unpack_group(wrow, gi, k, spread, c64):
+    """Codes of group gi (k words at wrow[gi*k:]) as bytes of c64[4gi:4gi+4]."""
+    for q in range(4):
+        C = np.uint64(0)
+        for j in range(k):
+            byte = (wrow[gi * k + j] >> np.uint32(8 * q)) & np.uint32(0xFF)
+            C |= spread[byte] << np.uint64(j)
+        c64[gi * 4 + q] = C
 
 
 # ----------------------------------------------------------------------------- stats
 @njit(parallel=True, cache=True)
-def _stats_kernel(x, B, nb, affine, out_a, out_b):
-    rows, cols = x.shape
+def _stats_sym_kernel(xi, B, nb, per, out):
+    """absmax bits of each block: xi is x viewed as uint32."""
+    rows, cols = xi.shape
     nblocks = rows * nb
-    per = max(1, 16384 // B)
     nchunks = (nblocks + per - 1) // per
     for ch in prange(nchunks):
         L0 = ch * per
@@ -116,159 +236,168 @@ def _stats_kernel(x, B, nb, affine, out_a, out_b):
             r = L // nb
             b = L - r * nb
             c0 = b * B
-            c1 = min(cols, c0 + B)
-            nan = False
-            if affine:
-                lo = np.float32(0.0)
-                hi = np.float32(0.0)
-                for c in range(c0, c1):
-                    v = x[r, c]
-                    nan |= v != v
-                    lo = min(lo, v)
-                    hi = max(hi, v)
-                if nan:
-                    lo = np.float32(np.nan)
-                    hi = np.float32(np.nan)
-                # numpy: minimum(+-0, +0) -> +0 (and the padding zeros are +0)
-                if lo == np.float32(0.0):
-                    lo = np.float32(0.0)
-                if hi == np.float32(0.0):
-                    hi = np.float32(0.0)
-                out_a[r, b] = lo
-                out_b[r, b] = hi
-            else:
-                m = np.float32(0.0)
-                for c in range(c0, c1):
-                    v = x[r, c]
-                    nan |= v != v
-                    m = max(m, abs(v))
-                if nan:
-                    m = np.float32(np.nan)
-                out_a[r, b] = m
-
-
-# ----------------------------------------------------------------------------- quantize
-@njit(cache=True, inline="always")
-def _pack_group(codes, k, words, r, w0):
-    for j in range(k):
-        w = np.uint32(0)
-        for t in range(32):
-            w |= np.uint32((codes[t] >> j) & 1) << np.uint32(t)
-        words[r, w0 + j] = w
+            xs = xi[r, c0:min(cols, c0 + B)]
+            m = np.uint32(0)
+            for i in range(xs.size):
+                a = np.uint32(xs[i] & _ABS)
+                m = a if a > m else m
+            out[r, b] = _NAN_BITS if m > _INF_BITS else m
 
 
 @njit(parallel=True, cache=True)
-def _quantize_pack_kernel(x, B, k, s, o, affine, mids, lut, lut_lo, lut_scale, words):
+def _stats_affine_kernel(xi, B, nb, per, lo_out, hi_out):
+    """(min(min, 0), max(max, 0)) bits of each block: xi is x viewed as int32."""
+    rows, cols = xi.shape
+    nblocks = rows * nb
+    nchunks = (nblocks + per - 1) // per
+    mask = np.int32(0x7FFFFFFF)
+    for ch in prange(nchunks):
+        L0 = ch * per
+        L1 = min(nblocks, L0 + per)
+        for L in range(L0, L1):
+            r = L // nb
+            b = L - r * nb
+            c0 = b * B
+            xs = xi[r, c0:min(cols, c0 + B)]
+            lo = np.int32(0)   # the key of +0.0 (and the padding zeros)
+            hi = np.int32(0)
+            am = np.int32(0)
+            for i in range(xs.size):
+                v = xs[i]
+                key = np.int32(v ^ np.int32((v >> np.int32(31)) & mask))
+                lo = key if key < lo else lo
+                hi = key if key > hi else hi
+                a = np.int32(v & mask)
+                am = a if a > am else am
+            if am > np.int32(0x7F800000):  # a NaN
+                lo_out[r, b] = np.int32(0x7FC00000)
+                hi_out[r, b] = np.int32(0x7FC00000)
+            else:
+                if lo == np.int32(-1):  # -0.0: numpy's minimum(-0, +0) gives +0
+                    lo = np.int32(0)
+                lo_out[r, b] = np.int32(lo ^ np.int32((lo >> np.int32(31)) & mask))
+                hi_out[r, b] = hi
+
+
+# ----------------------------------------------------------------------------- quantize
+@njit(parallel=True, cache=True)
+def _quantize_pack_kernel(x, B, k, s, o, affine, per, method, mids, mext, steps, lut, lo, sc,
+                          lut_steps, words):
     rows, cols = x.shape
     nb = s.shape[1]
     gpb = B // 32  # groups per block
     nblocks = rows * nb
-    per = max(1, 16384 // B)
     nchunks = (nblocks + per - 1) // per
     for ch in prange(nchunks):
-        codes = np.empty(32, dtype=np.int32)
-        ybuf = np.empty(32, dtype=np.float32)
-        L0 = ch * per
-        L1 = min(nblocks, L0 + per)
-        for L in range(L0, L1):
-            r = L // nb
-            b = L - r * nb
-            sv = s[r, b]
-            ov = o[r, b] if affine else np.float32(0.0)
-            for gi in range(gpb):
-                c0 = b * B + gi * 32
-                if c0 + 32 <= cols:
-                    if sv == np.float32(0.0):
-                        for t in range(32):
-                            ybuf[t] = np.float32(0.0)
-                    elif affine:
-                        for t in range(32):
-                            ybuf[t] = np.float32(x[r, c0 + t] - ov) / sv
-                    else:
-                        for t in range(32):
-                            ybuf[t] = x[r, c0 + t] / sv
-                else:
-                    for t in range(32):
-                        xv = x[r, c0 + t] if c0 + t < cols else np.float32(0.0)
-                        ybuf[t] = _normalize(xv, sv, ov, affine)
-                for t in range(32):
-                    codes[t] = _code(ybuf[t], mids, lut, lut_lo, lut_scale)
-                _pack_group(codes, k, words, r, (b * gpb + gi) * k)
-
-
-# ----------------------------------------------------------------------------- search
-@njit(parallel=True, cache=True)
-def _search_kernel(x, B, cand_s, cand_o, affine, cb, mids, lut, lut_lo, lut_scale, best):
-    rows, cols = x.shape
-    ncand = cand_s.shape[0]
-    nb = cand_s.shape[2]
-    nblocks = rows * nb
-    per = max(1, 16384 // B)
-    nchunks = (nblocks + per - 1) // per
-    for ch in prange(nchunks):
+        ybuf = np.empty(B, dtype=np.float32)
+        c32 = np.empty(B, dtype=np.uint32)
+        cbuf = np.empty(B, dtype=np.uint8)
+        c64 = cbuf.view(np.uint64)  # 8 codes per uint64, code t in byte t
         L0 = ch * per
         L1 = min(nblocks, L0 + per)
         for L in range(L0, L1):
             r = L // nb
             b = L - r * nb
             c0 = b * B
-            bi = 0
-            best_err = np.inf
+            xs = x[r, c0:min(cols, c0 + B)]
+            sv = s[r, b]
+            ov = o[r, b] if affine else np.float32(0.0)
+            _normalize_block(xs, xs.size, B, sv, ov, affine, ybuf)
+            _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps)
+            wrow = words[r, b * gpb * k:(b + 1) * gpb * k]
+            for gi in range(gpb):
+                for j in range(k):
+                    wrow[gi * k + j] = _pack_plane(c64, gi, j)
+
+
+# ----------------------------------------------------------------------------- search
+@njit(parallel=True, cache=True)
+def _search_kernel(x, B, cand_s, cand_o, affine, cb, per, method, mids, mext, steps, lut, lo,
+                   sc, lut_steps, best):
+    rows, cols = x.shape
+    ncand = cand_s.shape[0]
+    nb = cand_s.shape[2]
+    nblocks = rows * nb
+    nchunks = (nblocks + per - 1) // per
+    for ch in prange(nchunks):
+        xbuf = np.empty(B, dtype=np.float32)
+        ybuf = np.empty(B, dtype=np.float32)
+        c32 = np.empty(B, dtype=np.uint32)
+        cbuf = np.empty(B, dtype=np.uint8)
+        d2 = np.empty((B, ncand), dtype=np.float64)
+        err = np.empty(ncand, dtype=np.float64)
+        L0 = ch * per
+        L1 = min(nblocks, L0 + per)
+        for L in range(L0, L1):
+            r = L // nb
+            b = L - r * nb
+            c0 = b * B
+            xs = x[r, c0:min(cols, c0 + B)]
+            nv = xs.size
+            for e in range(nv):
+                xbuf[e] = xs[e]
+            for e in range(nv, B):
+                xbuf[e] = np.float32(0.0)
             for i in range(ncand):
                 sv = cand_s[i, r, b]
                 ov = cand_o[i, r, b] if affine else np.float32(0.0)
-                err = 0.0
-                for e in range(B):
-                    c = c0 + e
-                    xv = x[r, c] if c < cols else np.float32(0.0)
-                    y = _normalize(xv, sv, ov, affine)
-                    v = np.float32(cb[_code(y, mids, lut, lut_lo, lut_scale)] * sv)
-                    if affine:
-                        v = np.float32(v + ov)
-                    d = np.float64(xv) - np.float64(v)
-                    err += d * d
-                if err < best_err:
-                    best_err = err
+                _normalize_block(xbuf, B, B, sv, ov, affine, ybuf)
+                _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps)
+                if affine:
+                    for e in range(B):
+                        v = np.float32(np.float32(cb[cbuf[e]] * sv) + ov)
+                        d = np.float64(xbuf[e]) - np.float64(v)
+                        d2[e, i] = d * d
+                else:
+                    for e in range(B):
+                        v = np.float32(cb[cbuf[e]] * sv)
+                        d = np.float64(xbuf[e]) - np.float64(v)
+                        d2[e, i] = d * d
+            # per candidate, the sum in element order (candidates side by side)
+            for i in range(ncand):
+                err[i] = 0.0
+            for e in range(B):
+                for i in range(ncand):
+                    err[i] += d2[e, i]
+            bi = 0
+            best_err = np.inf
+            for i in range(ncand):
+                if err[i] < best_err:
+                    best_err = err[i]
                     bi = i
             best[r, b] = bi
 
 
 # ----------------------------------------------------------------------------- dequantize
 @njit(parallel=True, cache=True)
-def _dequantize_kernel(words, k, B, cols, s, o, affine, cb, out):
+def _dequantize_kernel(words, k, B, cols, s, o, affine, cb, spread, per, out):
     rows = words.shape[0]
     nb = s.shape[1]
     gpb = B // 32
     nblocks = rows * nb
-    per = max(1, 16384 // B)
     nchunks = (nblocks + per - 1) // per
     for ch in prange(nchunks):
-        codes = np.empty(32, dtype=np.int32)
+        cbuf = np.empty(B, dtype=np.uint8)
+        c64 = cbuf.view(np.uint64)
         L0 = ch * per
         L1 = min(nblocks, L0 + per)
         for L in range(L0, L1):
             r = L // nb
             b = L - r * nb
+            c0 = b * B
+            orow = out[r, c0:min(cols, c0 + B)]
+            nv = orow.size
+            wrow = words[r, b * gpb * k:(b + 1) * gpb * k]
+            for gi in range((nv + 31) // 32):
+                _unpack_group(wrow, gi, k, spread, c64)
             sv = s[r, b]
-            ov = o[r, b] if affine else np.float32(0.0)
-            for gi in range(gpb):
-                c0 = b * B + gi * 32
-                if c0 >= cols:
-                    break
-                w0 = (b * gpb + gi) * k
-                for t in range(32):
-                    codes[t] = 0
-                for j in range(k):
-                    w = words[r, w0 + j]
-                    for t in range(32):
-                        codes[t] |= np.int32((w >> np.uint32(t)) & np.uint32(1)) << j
-                n = min(32, cols - c0)
-                if affine:
-                    for t in range(n):
-                        out[r, c0 + t] = np.float32(np.float32(cb[codes[t]] * sv) + ov)
-                else:
-                    for t in range(n):
-                        out[r, c0 + t] = np.float32(cb[codes[t]] * sv)
+            if affine:
+                ov = o[r, b]
+                for t in range(nv):
+                    orow[t] = np.float32(np.float32(cb[cbuf[t]] * sv) + ov)
+            else:
+                for t in range(nv):
+                    orow[t] = np.float32(cb[cbuf[t]] * sv)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -285,13 +414,14 @@ class CpuOps:
     def stats(x: np.ndarray, B: int, affine: bool):
         x = _f32(x)
         rows, cols = x.shape
+        B = int(B)
         nb = -(-cols // B)
         a = np.empty((rows, nb), dtype=F32)
         if affine:
             hi = np.empty((rows, nb), dtype=F32)
-            _stats_kernel(x, B, nb, True, a, hi)
+            _stats_affine_kernel(x.view(np.int32), B, nb, _per_chunk(B), a.view(np.int32), hi.view(np.int32))
             return a, hi
-        _stats_kernel(x, B, nb, False, a, a)
+        _stats_sym_kernel(x.view(np.uint32), B, nb, _per_chunk(B), a.view(np.uint32))
         return a
 
     @staticmethod
@@ -299,13 +429,13 @@ class CpuOps:
         x = _f32(x)
         cand_s = _f32(cand_s)
         rows, cols = x.shape
+        B = int(B)
         nb = cand_s.shape[2]
         affine = cand_o is not None
         co = _f32(cand_o) if affine else cand_s
-        mids = _f32(mids)
-        lut, lo, sc = make_lut(mids)
+        cs = CodeSearch(mids)
         best = np.empty((rows, nb), dtype=np.int32)
-        _search_kernel(x, int(B), cand_s, co, affine, _f32(cb), mids, lut, lo, sc, best)
+        _search_kernel(x, B, cand_s, co, affine, _f32(cb), _per_chunk(B), *cs.args(), best)
         return best
 
     @staticmethod
@@ -313,21 +443,22 @@ class CpuOps:
         x = _f32(x)
         s = _f32(s)
         rows, cols = x.shape
+        B, k = int(B), int(k)
         nb = s.shape[1]
         affine = o is not None
         ov = _f32(o) if affine else s
-        mids = _f32(mids)
-        lut, lo, sc = make_lut(mids)
+        cs = CodeSearch(mids)
         words = np.empty((rows, nb * (B // 32) * k), dtype=np.uint32)
-        _quantize_pack_kernel(x, int(B), int(k), s, ov, affine, mids, lut, lo, sc, words)
+        _quantize_pack_kernel(x, B, k, s, ov, affine, _per_chunk(B), *cs.args(), words)
         return words
 
     @staticmethod
     def dequantize(words, k, B, cols, s, o, cb) -> np.ndarray:
         words = np.ascontiguousarray(words, dtype=np.uint32)
         s = _f32(s)
+        B = int(B)
         affine = o is not None
         ov = _f32(o) if affine else s
         out = np.empty((words.shape[0], int(cols)), dtype=F32)
-        _dequantize_kernel(words, int(k), int(B), int(cols), s, ov, affine, _f32(cb), out)
+        _dequantize_kernel(words, int(k), B, int(cols), s, ov, affine, _f32(cb), SPREAD, _per_chunk(B), out)
         return out
