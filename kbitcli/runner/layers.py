@@ -1,0 +1,134 @@
+"""KbitLinear: a linear layer that keeps its weight packed (k-bit codes in bit planes,
+block scales, optional offsets, the codebook) on the device and dequantizes it inside
+forward, with the exact float32 values of kbitformat's numpy reference
+(v = cb[code] * s, + o for affine; each operation rounded to float32).
+
+The dequantization is plain torch, so it runs on the CPU and on CUDA alike:
+  1. unpack: each uint32 word of plane j holds bit j of 32 consecutive codes. A byte of a
+     plane is looked up in a 256-entry table of int64 whose 8 bytes are the 8 bits it holds,
+     shifted to position j; summing the k planes' lookups gives 8 codes per int64 (no carries:
+     every byte stays below 2**k <= 256), i.e. the codes as bytes, in order.
+  2. decode: cb[code] * s (+ o), per block, in float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _plane_tables() -> torch.Tensor:
+    """(8, 256) int64: table[j, b] has, in its byte i, bit i of b shifted left by j."""
+    b = np.arange(256, dtype=np.uint64)
+    out = np.zeros((8, 256), dtype=np.uint64)
+    for j in range(8):
+        for i in range(8):
+            out[j] |= ((b >> np.uint64(i)) & np.uint64(1)) << np.uint64(8 * i + j)
+    return torch.from_numpy(out.view(np.int64).copy())
+
+
+_TABLES = _plane_tables()
+_TABLES_BY_DEVICE: dict[torch.device, torch.Tensor] = {}
+
+
+def plane_tables(device: torch.device) -> torch.Tensor:
+    t = _TABLES_BY_DEVICE.get(device)
+    if t is None:
+        t = _TABLES_BY_DEVICE[device] = _TABLES.to(device)
+    return t
+
+
+def unpack_codes(words: torch.Tensor, k: int) -> torch.Tensor:
+    """words: int32 (or uint32 viewed as int32) (rows, G*k) -> codes uint8 (rows, G*32).
+    The inverse of kbitformat.reference.pack (little-endian byte order, as on every platform
+    torch supports)."""
+    rows = words.shape[0]
+    by = words.contiguous().view(torch.uint8).view(rows, -1, k, 4)       # byte q of plane j: codes 8q..8q+7
+    tables = plane_tables(words.device)
+    acc = tables[0][by[:, :, 0].long()]
+    for j in range(1, k):
+        acc += tables[j][by[:, :, j].long()]
+    return acc.view(torch.uint8).view(rows, -1)                          # (rows, G, 4) int64 -> (rows, G*32) bytes
+
+
+def dequantize_torch(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
+                     offsets: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:
+    """float32 (rows, cols), identical to kbitformat.reference.NumpyOps.dequantize.
+    scales/offsets: float32 (rows, blocks) (decoded); codebook: float32 (2**k,)."""
+    rows = words.shape[0]
+    codes = unpack_codes(words, k)
+    nb = scales.shape[1]
+    v = codebook[codes[:, :nb * block].long()].view(rows, nb, block)
+    v = v * scales[..., None]
+    if offsets is not None:
+        v = v + offsets[..., None]
+    v = v.view(rows, nb * block)
+    return v if nb * block == cols else v[:, :cols]
+
+
+class KbitLinear(nn.Module):
+    """Linear layer over a packed kbit weight.
+
+    layout "out_in": the stored tensor is nn.Linear's weight (out, in): y = x W^T + b.
+    layout "in_out": the stored tensor is (in, out) (GPT-2's Conv1D):   y = x W + b.
+    Buffers: codes (int32 view of the uint32 words), scales and offsets (decoded float32),
+    codebook (float32). The dequantized weight is built in forward and dropped after use;
+    dtype is the compute dtype it is cast to (float32 keeps the reference values exactly).
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 codebook: torch.Tensor, bits: int, block_size: int, shape: tuple[int, int],
+                 bias: torch.Tensor | None = None, layout: str = "out_in", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if layout not in ("out_in", "in_out"):
+            raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+        self.bits, self.block_size, self.shape, self.layout, self.dtype = int(bits), int(block_size), tuple(shape), layout, dtype
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("codebook", codebook)
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        if layout == "out_in":
+            self.out_features, self.in_features = self.shape
+        else:
+            self.in_features, self.out_features = self.shape
+
+    @classmethod
+    def from_quantized(cls, qt, bias: np.ndarray | None = None, layout: str = "out_in",
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "KbitLinear":
+        """From a kbitformat QuantizedTensor (2-D)."""
+        if len(qt.shape) != 2:
+            raise ValueError(f"KbitLinear needs a 2-D weight, got shape {list(qt.shape)}")
+        s = qt.decoded_scales()
+        o = qt.decoded_offsets(s)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        codes = torch.from_numpy(np.ascontiguousarray(qt.codes).view(np.int32)).to(device)
+        return cls(codes, t(s.astype(np.float32)), None if o is None else t(o.astype(np.float32)),
+                   t(qt.codebook.astype(np.float32)), qt.spec.bits, qt.block_size, tuple(qt.shape),
+                   None if bias is None else t(np.asarray(bias, np.float32)), layout, dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight in its stored layout, float32 reference values cast to self.dtype."""
+        w = dequantize_torch(self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets,
+                             self.codebook)
+        return w if self.dtype == torch.float32 else w.to(self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that inspects .weight (e.g. a tied head)
+        return self.dequantized() if self.layout == "out_in" else self.dequantized().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized()
+        if self.layout == "out_in":
+            return F.linear(x, w, self.bias)
+        y = x.matmul(w)
+        return y if self.bias is None else y + self.bias
+
+    def packed_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.codes, self.scales, self.offsets, self.codebook)
+                   if b is not None) + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"block_size={self.block_size}, layout={self.layout}, bias={self.bias is not None}")

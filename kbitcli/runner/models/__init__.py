@@ -1,0 +1,59 @@
+"""One module per architecture; a config.json finds its module through MODEL_MODULES
+(mlx-lm style: the name map plus importlib).
+
+Every supported model_type of kbitcli.architectures.SUPPORTED_ARCHITECTURES must appear
+here; tests check the two tables agree.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Mapping
+
+from kbitcli.architectures import SUPPORTED_ARCHITECTURES, config_architecture, describe_supported
+from kbitcli.errors import UnsupportedArchitectureError
+
+#: model_type -> module of kbitcli.runner.models
+MODEL_MODULES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "opt": "opt",
+    "bloom": "bloom",
+}
+
+_CLASS_TO_TYPE = {cls: mt for mt, classes in SUPPORTED_ARCHITECTURES.items() for cls in classes}
+
+
+def model_type_of(config: Mapping[str, Any]) -> str:
+    """The supported model_type of a config (by its architectures class, else model_type);
+    UnsupportedArchitectureError listing the supported ones otherwise."""
+    archs = config.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    for a in archs:
+        if a in _CLASS_TO_TYPE and _CLASS_TO_TYPE[a] in MODEL_MODULES:
+            return _CLASS_TO_TYPE[a]
+    mt = str(config.get("model_type") or "")
+    if not archs and mt in MODEL_MODULES and mt in SUPPORTED_ARCHITECTURES:
+        return mt
+    raise UnsupportedArchitectureError(
+        f"the architecture {config_architecture(config)} is not supported by kbit's runner; "
+        f"supported: {describe_supported()}")
+
+
+def get_module(config: Mapping[str, Any]) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{MODEL_MODULES[model_type_of(config)]}")
+
+
+def build_args(config: Mapping[str, Any]):
+    """(module, ModelArgs) for a config.json."""
+    module = get_module(config)
+    cfg = dict(config)
+    cfg.setdefault("model_type", model_type_of(config))
+    return module, module.ModelArgs.from_config(cfg)
+
+
+__all__ = ["MODEL_MODULES", "build_args", "get_module", "model_type_of"]

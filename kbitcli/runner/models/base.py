@@ -1,0 +1,274 @@
+"""Pieces every architecture shares: config parsing, the KV cache, masks, attention,
+rotary embeddings, norms and activations.
+
+Conventions of every model module (see docs/adding-an-architecture.md):
+  * ``ModelArgs.from_config(cfg)`` builds the arguments from config.json (unknown keys are
+    ignored; a missing required field raises InputError naming it);
+  * ``Model(args)`` is an ``nn.Module`` whose parameter names are the Hugging Face checkpoint
+    names, so loading is name for name; ``Model.checkpoint_name(name)`` maps a stored name to
+    a parameter name (or None to ignore the tensor);
+  * ``Model.forward(input_ids [B,S], attention_mask [B,T] or None, positions [B,S] or None,
+    cache) -> logits [B,S,V]`` with T = cache.length + S.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kbitcli.errors import InputError
+
+
+# ----------------------------------------------------------------------------- config
+def args_from_config(cls, cfg: Mapping[str, Any], aliases: Mapping[str, str] | None = None,
+                     arch: str = "model"):
+    """Instantiate the dataclass `cls` from config.json: keys are taken by field name (or by
+    an alias: aliases maps config key -> field), everything else is ignored. A required
+    field (no default) that is absent or null raises InputError naming it."""
+    aliases = dict(aliases or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kw: dict[str, Any] = {}
+    for key, field_name in aliases.items():  # aliases first, so a canonical key wins
+        if key in cfg and cfg[key] is not None and field_name in names:
+            kw[field_name] = cfg[key]
+    for key, value in cfg.items():
+        if key in names and value is not None:
+            kw[key] = value
+    for f in names.values():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if required and f.name not in kw:
+            alt = [k for k, v in aliases.items() if v == f.name]
+            also = f" (or {', '.join(repr(a) for a in alt)})" if alt else ""
+            raise InputError(f"config.json lacks the field {f.name!r}{also}, which a {arch} model needs")
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"config.json: invalid {arch} configuration ({e})") from None
+
+
+def positive(args, *fields_: str, arch: str = "model") -> None:
+    for name in fields_:
+        v = getattr(args, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise InputError(f"config.json: {name} must be a positive integer for a {arch} model, got {v!r}")
+
+
+# ----------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys and values of every layer, preallocated for `capacity` positions (grown when
+    exceeded). `length` is the number of positions already stored; a model's forward writes
+    the new positions of every layer with `update` and then calls `advance`."""
+
+    def __init__(self, num_layers: int, capacity: int = 0) -> None:
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.capacity = int(capacity)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [B, H, S, D] for the new positions -> all keys/values [B, H, length+S, D]."""
+        end = self.length + k.shape[2]
+        buf = self.k[layer]
+        if buf is None or end > buf.shape[2]:
+            cap = max(end, self.capacity, 0 if buf is None else 2 * buf.shape[2])
+            nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if buf is not None:
+                nk[:, :, :self.length] = buf[:, :, :self.length]
+                nv[:, :, :self.length] = self.v[layer][:, :, :self.length]  # type: ignore[index]
+            self.k[layer], self.v[layer] = nk, nv
+        kb, vb = self.k[layer], self.v[layer]
+        kb[:, :, self.length:end] = k  # type: ignore[index]
+        vb[:, :, self.length:end] = v  # type: ignore[index]
+        return kb[:, :, :end], vb[:, :, :end]  # type: ignore[index]
+
+    def advance(self, n: int) -> None:
+        self.length += int(n)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+# ----------------------------------------------------------------------------- masks
+@dataclasses.dataclass
+class Step:
+    """What the attention layers of one forward call need."""
+
+    positions: torch.Tensor        # [B, S] position ids of the new tokens
+    key_mask: torch.Tensor         # [B, T] bool, True for real (non-padding) tokens
+    past: int                      # positions already in the cache
+    q_index: torch.Tensor          # [S] absolute indices of the new tokens
+    k_index: torch.Tensor          # [T]
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """[B, 1, S, T] bool: True where a query may attend a key (causal, not padding,
+        inside the sliding window). Every query also sees itself, so that padding rows
+        never become all-masked (their outputs are never used)."""
+        q, k = self.q_index[:, None], self.k_index[None, :]
+        allowed = k <= q
+        if window:
+            allowed = allowed & (k > q - window)
+        m = allowed[None, None] & self.key_mask[:, None, None, :]
+        return m | (k == q)[None, None]
+
+
+def prepare_step(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | None, cache: KVCache | None) -> Step:
+    B, S = input_ids.shape
+    past = cache.length if cache is not None else 0
+    T = past + S
+    dev = input_ids.device
+    if attention_mask is None:
+        key_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+    else:
+        key_mask = attention_mask.to(device=dev).bool()
+        if tuple(key_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must be [batch, past + new] = [{B}, {T}], got {list(key_mask.shape)}")
+    if positions is None:
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    idx = torch.arange(T, device=dev)
+    return Step(positions=positions.to(dev), key_mask=key_mask, past=past, q_index=idx[past:], k_index=idx)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B,H,S,D], k/v [B,Hkv,T,D] (grouped-query when Hkv < H), mask [B,1,S,T] bool,
+    optional additive bias [B,H,S,T] -> [B,S,H*D]."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:
+        rep = H // Hkv
+        k = k[:, :, None].expand(k.shape[0], Hkv, rep, k.shape[2], k.shape[3]).reshape(k.shape[0], H, k.shape[2], k.shape[3])
+        v = v[:, :, None].expand(v.shape[0], Hkv, rep, v.shape[2], v.shape[3]).reshape(v.shape[0], H, v.shape[2], v.shape[3])
+    if bias is None:
+        attn_mask = mask
+    else:
+        attn_mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    B, _, S, D = out.shape
+    return out.transpose(1, 2).reshape(B, S, H * D)
+
+
+# ----------------------------------------------------------------------------- rotary
+def rope_settings(cfg: Mapping[str, Any], default_theta: float = 10000.0,
+                  default_partial: float = 1.0) -> dict[str, Any]:
+    """The RoPE parameters of a config in either spelling (transformers 5 `rope_parameters`,
+    or the older `rope_theta` + `rope_scaling` / GPT-NeoX's `rotary_emb_base` + `rotary_pct`)."""
+    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if rp and all(isinstance(v, dict) for v in rp.values()):
+        raise InputError("config.json: per-layer RoPE parameters are not supported by kbit's runner")
+    theta = rp.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", default_theta)))
+    partial = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", default_partial)))
+    rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
+    out = dict(rp)
+    out.update(rope_type=rtype, rope_theta=float(theta), partial_rotary_factor=float(partial))
+    if rtype in ("llama3",):
+        out.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    return out
+
+
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
+    """float32 inverse frequencies, computed exactly as transformers does (on the CPU)."""
+    rtype = settings["rope_type"]
+    if rtype not in SUPPORTED_ROPE:
+        raise InputError(f"config.json: RoPE type {rtype!r} is not supported by kbit's runner "
+                         f"(supported: {', '.join(SUPPORTED_ROPE)})")
+    base = settings["rope_theta"]
+    dim = int(head_dim * settings["partial_rotary_factor"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / dim))
+    try:
+        if rtype == "linear":
+            inv_freq = inv_freq / settings["factor"]
+        elif rtype == "llama3":
+            factor = settings["factor"]
+            low, high = settings["low_freq_factor"], settings["high_freq_factor"]
+            old = settings["original_max_position_embeddings"]
+            low_wl, high_wl = old / low, old / high
+            wavelen = 2 * math.pi / inv_freq
+            f = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+            smooth = (old / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * f / factor + smooth * f
+            medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+            inv_freq = torch.where(medium, smoothed, f)
+    except KeyError as e:
+        raise InputError(f"config.json: the {rtype} RoPE scaling lacks the field {e.args[0]!r}") from None
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for position ids; inv_freq is a non-persistent buffer."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.to(device="cpu"), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self.inv_freq
+        if inv.device != positions.device:
+            inv = inv.to(positions.device)
+        freqs = positions.float()[..., None] * inv.float()        # [B, S, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, S, dim]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B,H,S,D]; rotates the first cos.shape[-1] features (partial rotary) and keeps the rest."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :rd], x[..., rd:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+# ----------------------------------------------------------------------------- norms, activations
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "tanh": torch.tanh,
+}
+
+
+def activation(name: str, arch: str = "model"):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise InputError(f"config.json: activation {name!r} of this {arch} model is not supported "
+                         f"(supported: {', '.join(sorted(ACTIVATIONS))})") from None
+
+
+def linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=bias)

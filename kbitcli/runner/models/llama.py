@@ -1,0 +1,158 @@
+"""Llama 2/3, Mistral, Qwen2 and SmolLM2 (the Llama family): RMSNorm, rotary embeddings
+(default, linear and llama3 scaling), grouped-query attention, SwiGLU, optional tied
+embeddings; Qwen2 adds q/k/v biases, Mistral (and Qwen2 when enabled) a sliding window."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (KVCache, RMSNorm, Rotary, activation, apply_rotary, args_from_config, attention, positive,
+                   prepare_step, rope_inv_freq, rope_settings)
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    model_type: str = "llama"
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = False
+    max_window_layers: int | None = None
+    layer_types: list[str] | None = None
+    rope: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
+        a = args_from_config(cls, cfg, arch=str(cfg.get("model_type") or "llama"))
+        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
+        positive(a, "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", arch=a.model_type)
+        a.head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        if a.num_attention_heads % a.num_key_value_heads:
+            from kbitcli.errors import InputError
+            raise InputError(f"config.json: num_attention_heads ({a.num_attention_heads}) is not a multiple of "
+                             f"num_key_value_heads ({a.num_key_value_heads})")
+        a.rope = rope_settings(cfg)
+        return a
+
+    # per-architecture details
+    @property
+    def qkv_bias(self) -> bool:
+        return True if self.model_type == "qwen2" else bool(self.attention_bias)
+
+    @property
+    def o_bias(self) -> bool:
+        return False if self.model_type == "qwen2" else bool(self.attention_bias)
+
+    def window(self, layer: int) -> int | None:
+        if self.layer_types is not None and layer < len(self.layer_types):
+            return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+        if self.model_type == "mistral":
+            return self.sliding_window
+        if self.model_type == "qwen2" and self.use_sliding_window and self.sliding_window:
+            return self.sliding_window if layer >= (self.max_window_layers or 0) else None
+        return None
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.scale = a.head_dim ** -0.5
+        self.window = a.window(layer)
+        self.q_proj = nn.Linear(a.hidden_size, self.nh * self.hd, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=a.o_bias)
+
+    def forward(self, x, cos, sin, step, cache: KVCache | None):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        return self.o_proj(attention(q, k, v, step.mask(self.window), self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.act = activation(a.hidden_act, a.model_type)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(a, layer)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, step, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.num_layers = args.num_hidden_layers
+        self.context_length = args.max_position_embeddings
+        self.model = Body(args)
+        self.rotary = Rotary(rope_inv_freq(args.rope, args.head_dim))
+        self.tied = bool(args.tie_word_embeddings)
+        self.lm_head = None if self.tied else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    #: checkpoint name of the tied head -> the tensor it shares
+    def tied_weights(self) -> dict[str, str]:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.tied else {}
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str | None:
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        return name
+
+    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+                last_only: bool = False):
+        step = prepare_step(input_ids, attention_mask, positions, cache)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(step.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, step, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        x = self.model.norm(x[:, -1:] if last_only else x)
+        return F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
