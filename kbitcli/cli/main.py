@@ -35,6 +35,7 @@ def _root(version: bool = typer.Option(False, "--version", "-V", callback=_versi
 def _register() -> None:
     from . import convert_cmds  # noqa: F401  (commands register themselves on `app`)
     from . import hub_cmds  # noqa: F401  (kbit pull / kbit push)
+    from . import generate_cmd  # noqa: F401  (kbit generate)
 
 
 _register()
