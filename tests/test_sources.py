@@ -738,3 +738,109 @@ def test_gguf_copy_in_folder(tmp_path):
     os.symlink(src, d / "b.gguf")
     with pytest.raises(InputError, match="several GGUF"):
         open_source(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF tokenizers, synthetic: train a small byte-level BPE the way each model family builds its
+# tokenizer.json, store it in a GGUF as llama.cpp does, and check the rebuilt one encodes alike
+
+
+_CORPUS = [
+    "The year 2024 had 366 days; 1234567 + 89 = 1234656. Prices: $3.99, €12,50.",
+    "def add(a, b):\n    return a + b  # 42\n\nclass Foo:\n    pass\n",
+    "naïve café Zürich Ελληνικά русский 日本語 한국어 🤖🚀 I'm we'll they've DON'T",
+    "   spaces   and\ttabs\n\n\nnewlines\r\n end",
+] * 20
+
+
+def _original_tokenizer(family: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from kbitcli.sources.gguf_tokenizer import _LLAMA3_SPLIT
+
+    tok = Tokenizer(models.BPE())
+    if family == "llama3":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif family == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|begin|>", "<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    if family == "llama3":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin|> $A", pair="<|begin|> $A <|begin|>:1 $B:1", special_tokens=[("<|begin|>", 0)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _gguf_with_tokenizer(path: Path, tok, pre: str, add_bos: bool) -> None:
+    import gguf
+
+    model = json.loads(tok.to_str())["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8),
+                 ("feed_forward_length", 8), ("attention.head_count", 2)):
+        w.add_uint32(f"llama.{k}", v)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t.startswith("<|") else 1 for t, _ in vocab])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(add_bos)
+    n = len(vocab)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((n, 8), dtype=np.float32))
+    for g, shape in (("attn_q", (8, 8)), ("attn_k", (8, 8)), ("attn_v", (8, 8)), ("attn_output", (8, 8)),
+                     ("ffn_gate", (8, 8)), ("ffn_up", (8, 8)), ("ffn_down", (8, 8)),
+                     ("attn_norm", (8,)), ("ffn_norm", (8,))):
+        w.add_tensor(f"blk.0.{g}.weight", rng.standard_normal(shape, dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family,pre,add_bos", [
+    ("llama3", "llama-bpe", True), ("digits", "smollm", False), ("gpt2", "gpt-2", False),
+])
+def test_rebuilt_tokenizer_matches_original(tmp_path, family, pre, add_bos):
+    from tokenizers import Tokenizer
+
+    original = _original_tokenizer(family)
+    _gguf_with_tokenizer(tmp_path / "m.gguf", original, pre, add_bos)
+    src = open_source(tmp_path / "m.gguf")
+    rebuilt = Tokenizer.from_str(src.extra_files()["tokenizer.json"].decode())
+    assert src.warnings == []
+    texts = _CORPUS[:4] + ["Numbers 1 22 333 4444 55555 and 3.14159", "<|begin|>x<|end|>", "", "  "]
+    for text in texts:
+        for special in (False, True):
+            assert rebuilt.encode(text, add_special_tokens=special).ids == \
+                original.encode(text, add_special_tokens=special).ids, (text, special)
+        ids = original.encode(text).ids
+        assert rebuilt.decode(ids) == original.decode(ids)
+    cfg = json.loads(src.extra_files()["tokenizer_config.json"])
+    assert cfg["add_bos_token"] is add_bos and cfg["bos_token"] == "<|begin|>" and cfg["eos_token"] == "<|end|>"
+
+
+def test_unknown_pre_tokenizer_warns(tmp_path):
+    _gguf_with_tokenizer(tmp_path / "m.gguf", _original_tokenizer("gpt2"), "some-future-model", False)
+    src = open_source(tmp_path / "m.gguf")
+    src.extra_files()
+    assert any("some-future-model" in w for w in src.warnings)

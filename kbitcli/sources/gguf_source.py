@@ -252,7 +252,7 @@ class GGUFSource(BaseSource):
 
     # -- data -----------------------------------------------------------------------------
     def _load_float(self, info: SourceTensor) -> np.ndarray:
-        t = self._by_name[info.name]
+        t = self._tensor(info)
         data = t.data
         out = np.empty(info.shape, dtype=np.float32)
         # Dequantize a few MB of rows at a time: dequantize's temporaries stay small, and the
@@ -275,7 +275,7 @@ class GGUFSource(BaseSource):
         return np.ascontiguousarray(w)
 
     def _load_raw(self, info: SourceTensor) -> np.ndarray:
-        t = self._by_name[info.name]
+        t = self._tensor(info)
         data = np.array(t.data)  # copy out of the memory map
         if info.dtype == "bfloat16":
             data = data.view(np.uint16).reshape(info.shape)
@@ -375,3 +375,9 @@ class GGUFSource(BaseSource):
     def close(self) -> None:
         # the reader holds a read-only memory map; dropping it unmaps the file once unreferenced
         self._by_name.clear()
+
+    def _tensor(self, info: SourceTensor):
+        t = self._by_name.get(info.name)
+        if t is None:
+            raise InputError(f"{self.path}: the source was closed; cannot read {info.name!r}")
+        return t
