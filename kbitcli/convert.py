@@ -178,6 +178,7 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     src = open_source(source) if isinstance(source, (str, os.PathLike)) else source
     _check_paths(Path(src.path), out, force, resume)
     ops = get_ops(device)
+    extra_files = src.extra_files()  # fails now, not after an hour of conversion
     plans, dropped, warnings = plan_tensors(src, recipe)
     warnings = list(getattr(src, "warnings", [])) + warnings
     summary = ConvertSummary(str((provenance or {}).get("source", src.path)), str(out), recipe.to_dict(),
@@ -217,7 +218,7 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
         writer.close()
         if done:  # describe the resumed tensors from their stored recipes
             summary.tensors = _reports_from_output(work, plans)
-        _write_side_files(work, src, recipe, summary, meta)
+        _write_side_files(work, src, recipe, summary, meta, extra_files)
         _publish(work, out, force)
     except KeyboardInterrupt:
         if writer is not None:
@@ -257,7 +258,8 @@ def _reports_from_output(folder: Path, plans: list[Plan]) -> list[TensorReport]:
     return reps
 
 
-def _write_side_files(work: Path, src, recipe: Recipe, summary: ConvertSummary, meta: dict) -> None:
+def _write_side_files(work: Path, src, recipe: Recipe, summary: ConvertSummary, meta: dict,
+                      extra_files: dict) -> None:
     config = dict(src.config() or {})
     d = summary.to_dict()
     config["quantization_config"] = {
@@ -267,7 +269,7 @@ def _write_side_files(work: Path, src, recipe: Recipe, summary: ConvertSummary, 
     }
     if src.config() is not None or config:
         (work / "config.json").write_text(json.dumps(config, indent=2))
-    for name, data in src.extra_files().items():
+    for name, data in extra_files.items():
         if name in ("config.json", INDEX_NAME) or name.endswith(".safetensors"):
             continue
         if isinstance(data, (bytes, bytearray)):
