@@ -37,6 +37,14 @@ def hub_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # huggingface_hub logs through a StreamHandler bound to the sys.stderr of whichever test imported it
+    # first (a capture stream that is closed by now): point it at this test's stderr.
+    import logging
+
+    import huggingface_hub  # noqa: F401  (configures its logger)
+    for h in logging.getLogger("huggingface_hub").handlers:
+        if isinstance(h, logging.StreamHandler):
+            monkeypatch.setattr(h, "stream", sys.stderr)
     return tmp_path / "hf-home"
 
 
