@@ -71,8 +71,8 @@ class Reporter:
         print(text, file=sys.stderr, flush=True)
 
 
-def resolve_source(text: str | None):
-    """A local path, or the embedded default model when no source is given."""
+def resolve_source(text: str | None, quiet: bool = False):
+    """A local path, a Hub id (pulled into the cache), or the embedded default model."""
     from ..sources import embedded_model_path
     if text is None or text == "embedded":
         return embedded_model_path(), {"source": EMBEDDED}
@@ -84,7 +84,7 @@ def resolve_source(text: str | None):
             from ..hub import pull  # the Hub issue adds this module
         except ImportError:
             raise InputError(f"{text}: no such file or folder (Hub ids are not supported by this kbit yet)") from None
-        path, prov = pull(text)
+        path, prov = pull(text, quiet=quiet)
         return path, prov
     raise InputError(f"{text}: no such file or folder")
 
@@ -125,7 +125,7 @@ def quantize(
         raise UsageError(str(e)) from None
     recipe = Recipe.build(spec, rule, skip)
     size = parse_size(shard_size)
-    path, prov = resolve_source(source)
+    path, prov = resolve_source(source, quiet=quiet or json_out)
     out = out or Path(DEFAULT_OUT)
     reporter = Reporter(quiet or False)
     try:
@@ -241,7 +241,7 @@ def verify(path: Annotated[Path, typer.Argument(help="A kbit model folder or fil
     errors = {}
     if against is not None and not problems:
         from ..sources import open_source
-        src_path, _ = resolve_source(against)
+        src_path, _ = resolve_source(against, quiet=quiet or json_out)
         src = open_source(src_path)
         ops = get_ops(device)
         names = set(src_name.name for src_name in src.tensors())
