@@ -1,0 +1,423 @@
+#!/usr/bin/env python
+"""Conversion benchmark: peak memory and throughput of `kbit quantize` on synthetic
+Llama-shaped safetensors checkpoints, against loading the whole checkpoint, and the
+time to convert the embedded SmolLM2-135M.
+
+    .venv/bin/python benchmarks/bench_convert.py                      # 2 GB and 6 GB, ~5 min
+    .venv/bin/python benchmarks/bench_convert.py --sizes 2 --markdown out.md
+    .venv/bin/python benchmarks/bench_convert.py --quick              # one 1 GB checkpoint
+
+For every size: write a checkpoint (bfloat16, Llama-2-13B layer shapes: 141.6 MB MLP
+weights, 52 MB attention weights, 327.7 MB embedding and LM head; 3+ shards with
+model.safetensors.index.json and config.json) under --workdir, then
+  1. `cat` the shards to /dev/null twice: first after evicting them from the page cache
+     with posix_fadvise(DONTNEED) (cold-ish), then again (warm);
+  2. run `kbit quantize SRC OUT --bits 4 --dtype int --block-size 64 --quiet --json` as
+     a subprocess (warm page cache) and record its wall time and peak RSS (the kernel's
+     the max RSS reported by /usr/bin/time, plus RssAnon / RssFile polled from /proc);
+  3. run the naive baseline: a subprocess that loads every shard with
+     safetensors.torch.load_file and keeps them all.
+Peak RSS includes file-backed pages of memory-mapped shards that the process touched
+(RssFile); the private memory (RssAnon) is reported beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, Report, machine, versions  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+GB = 1e9
+MB = 1e6
+KBIT = Path(sys.executable).parent / "kbit"
+SPEC_ARGS = ["--bits", "4", "--dtype", "int", "--block-size", "64"]
+POOL_VALUES = 1 << 25  # bf16 values of random data reused (rotated) across tensors
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def llama_tensors(layers: int, hidden: int, inter: int, vocab: int, kv: int) -> list[tuple[str, tuple[int, ...]]]:
+    t = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t += [(p + "input_layernorm.weight", (hidden,)),
+              (p + "self_attn.q_proj.weight", (hidden, hidden)),
+              (p + "self_attn.k_proj.weight", (kv, hidden)),
+              (p + "self_attn.v_proj.weight", (kv, hidden)),
+              (p + "self_attn.o_proj.weight", (hidden, hidden)),
+              (p + "post_attention_layernorm.weight", (hidden,)),
+              (p + "mlp.gate_proj.weight", (inter, hidden)),
+              (p + "mlp.up_proj.weight", (inter, hidden)),
+              (p + "mlp.down_proj.weight", (hidden, inter))]
+    t += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return t
+
+
+def layers_for(size_bytes: float, hidden: int, inter: int, vocab: int, kv: int) -> int:
+    per_layer = 2 * (2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * inter + 2 * hidden)
+    fixed = 2 * (2 * vocab * hidden + hidden)
+    return max(1, round((size_bytes - fixed) / per_layer))
+
+
+def bf16_pool(seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(POOL_VALUES, dtype=np.float32) * np.float32(0.02)
+    u = x.view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def write_checkpoint(folder: Path, tensors, n_shards: int, config: dict) -> dict:
+    """Write bf16 safetensors shards tensor by tensor (never a whole shard in memory)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = bf16_pool()
+    ones = np.full(max(int(np.prod(s)) for _, s in tensors if len(s) == 1), 0x3F80, dtype=np.uint16)
+    sizes = [2 * int(np.prod(s)) for _, s in tensors]
+    total = sum(sizes)
+    target = total / n_shards
+    shards, cur, acc = [], [], 0
+    for (name, shape), nb in zip(tensors, sizes):
+        if cur and acc + nb > target * 1.02 and len(shards) < n_shards - 1:
+            shards.append(cur)
+            cur, acc = [], 0
+        cur.append((name, shape, nb))
+        acc += nb
+    shards.append(cur)
+    weight_map, files = {}, []
+    rot = 0
+    for si, shard in enumerate(shards):
+        fname = f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, nb in shard:
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+            weight_map[name] = fname
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        path = folder / fname
+        with open(path, "wb") as f:
+            f.write(len(hb).to_bytes(8, "little"))
+            f.write(hb)
+            for name, shape, nb in shard:
+                n = nb // 2
+                if len(shape) == 1:
+                    f.write(ones[:n].tobytes())
+                    continue
+                done = 0
+                rot = (rot + 7_919_993) % POOL_VALUES
+                start = rot
+                while done < n:
+                    m = min(n - done, POOL_VALUES - start)
+                    f.write(pool[start:start + m].tobytes())
+                    done += m
+                    start = 0
+            f.flush()
+            os.fsync(f.fileno())
+        files.append(path)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return {"files": files, "total": total, "largest": max(sizes), "shards": len(shards),
+            "tensors": len(tensors)}
+
+
+# ----------------------------------------------------------------------------- measuring
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[k] = int(v.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+TIME = Path("/usr/bin/time")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run cmd; return wall s, rc, stdout, stderr, its peak RSS in bytes and the peaks of
+    RssAnon / RssFile / VmRSS polled every 20 ms from /proc.
+
+    The peak RSS comes from /usr/bin/time (%M) when present: a child forked straight from
+    this (large) Python process would report this process's RSS at fork time as its
+    ru_maxrss, since Linux carries the high-water mark across exec. Without
+    /usr/bin/time it is the largest polled VmRSS."""
+    use_time = TIME.is_file() and os.access(TIME, os.X_OK)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        full = [str(TIME), "-f", "%M", "-o", tf.name, *cmd] if use_time else cmd
+        t0 = time.perf_counter()
+        p = subprocess.Popen(full, stdout=out, stderr=err, env=env)
+        peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        stop = threading.Event()
+
+        def poll():
+            target = None
+            while not stop.is_set():
+                if target is None:
+                    kids = _children(p.pid) if use_time else [p.pid]
+                    target = kids[0] if kids else None
+                if target is not None:
+                    st = _status(target)
+                    for k in peaks:
+                        peaks[k] = max(peaks[k], st.get(k, 0))
+                stop.wait(0.02)
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        try:
+            p.wait()
+        finally:
+            stop.set()
+            th.join()
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        maxrss = peaks["VmRSS"]
+        if use_time:
+            try:
+                maxrss = int(Path(tf.name).read_text().split()[-1]) * 1024
+            except (ValueError, IndexError):
+                pass
+        return {"wall": wall, "rc": p.returncode, "stdout": out.read().decode(errors="replace"),
+                "stderr": err.read().decode(errors="replace"), "maxrss": maxrss,
+                "rss_source": "/usr/bin/time %M" if use_time else "polled VmRSS",
+                "anon": peaks["RssAnon"], "file": peaks["RssFile"], "polled_rss": peaks["VmRSS"]}
+
+
+def evict(files) -> bool:
+    """Drop the files' clean pages from the page cache (no root needed)."""
+    ok = True
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            ok = False
+    return ok
+
+
+def cat_rate(files, total: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    return total / (time.perf_counter() - t)
+
+
+NAIVE = r"""
+import glob, sys, torch
+torch.set_num_threads(2)
+from safetensors.torch import load_file
+kept = [load_file(f) for f in sorted(glob.glob(sys.argv[1] + "/*.safetensors"))]
+print(sum(t.numel() * t.element_size() for d in kept for t in d.values()))
+"""
+
+
+def env2() -> dict:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+    return e
+
+
+def one_size(size_gb: float, a, rep: Report, results: list) -> None:
+    work = Path(a.workdir)
+    kv = a.hidden if a.kv is None else a.kv
+    layers = layers_for(size_gb * GB, a.hidden, a.intermediate, a.vocab, kv)
+    tensors = llama_tensors(layers, a.hidden, a.intermediate, a.vocab, kv)
+    total = sum(2 * int(np.prod(s)) for _, s in tensors)
+    need = total * 1.5 + 0.5 * GB
+    free = shutil.disk_usage(work).free
+    if free < need:
+        rep.note(f"{size_gb:g} GB: skipped, {free / GB:.1f} GB free under {work} and about {need / GB:.1f} GB needed")
+        return
+    src = Path(tempfile.mkdtemp(prefix=f"ckpt-{size_gb:g}gb-", dir=work))
+    out = src.parent / (src.name + "-kbit")
+    try:
+        t = time.perf_counter()
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.hidden,
+                  "intermediate_size": a.intermediate, "num_hidden_layers": layers,
+                  "num_attention_heads": a.hidden // 128, "num_key_value_heads": kv // 128,
+                  "vocab_size": a.vocab, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+                  "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
+        n_shards = max(3, math.ceil(total / (2 * GB)))
+        ck = write_checkpoint(src, tensors, n_shards, config)
+        gen = time.perf_counter() - t
+        print(f"[{size_gb:g} GB] wrote {ck['tensors']} tensors, {ck['total'] / GB:.2f} GB in {ck['shards']} shards "
+              f"({gen:.0f} s)", flush=True)
+        evicted = evict(ck["files"])
+        cold = cat_rate(ck["files"], ck["total"])
+        warm = cat_rate(ck["files"], ck["total"])
+        print(f"[{size_gb:g} GB] cat: cold-ish {cold / MB:.0f} MB/s, warm {warm / MB:.0f} MB/s", flush=True)
+        cmd = [str(KBIT), "quantize", str(src), str(out), *SPEC_ARGS, "--quiet", "--json", "--force"]
+        r = run_measured(cmd, env=env2())
+        if r["rc"] != 0:
+            rep.note(f"{size_gb:g} GB: kbit quantize failed (exit {r['rc']}): {r['stderr'][-2000:]}")
+            return
+        summ = json.loads(r["stdout"])
+        print(f"[{size_gb:g} GB] kbit quantize: {r['wall']:.1f} s, peak RSS {r['maxrss'] / GB:.2f} GB", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        naive = None
+        if not a.no_naive:
+            naive = run_measured([sys.executable, "-c", NAIVE, str(src)], env=env2())
+            print(f"[{size_gb:g} GB] naive load_file: {naive['wall']:.1f} s, peak RSS {naive['maxrss'] / GB:.2f} GB",
+                  flush=True)
+        largest_q = max(2 * int(np.prod(s)) for n, s in tensors if len(s) == 2 and ".layers." in n)
+        results.append({"size": size_gb, "ck": ck, "cold": cold, "warm": warm, "evicted": evicted, "kbit": r,
+                        "summary": summ, "naive": naive, "largest_q": largest_q, "layers": layers,
+                        "cmd": " ".join(["kbit", "quantize", "SRC", "OUT", *SPEC_ARGS, "--quiet", "--json", "--force"])})
+    finally:
+        if not a.keep:
+            shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def report_sizes(results: list, rep: Report) -> None:
+    if not results:
+        return
+    rep.section("Conversion: peak memory")
+    rows = []
+    for x in results:
+        r, n, ck = x["kbit"], x["naive"], x["ck"]
+        goal = 1.5 * GB + 3 * ck["largest"]
+        rows.append([f"{ck['total'] / GB:.2f} GB ({x['layers']} layers, {ck['shards']} shards, {ck['tensors']} tensors)",
+                     f"{ck['largest'] / MB:.0f} MB", f"{r['maxrss'] / GB:.2f} GB", f"{r['anon'] / GB:.2f} GB",
+                     f"{r['file'] / GB:.2f} GB", f"{goal / GB:.2f} GB",
+                     f"{n['maxrss'] / GB:.2f} GB" if n else "-"])
+    rep.table(["checkpoint (bf16)", "largest tensor", "kbit peak RSS", "of which anon (polled)",
+               "file-backed (polled)", "goal: 1.5 GB + 3x largest", "naive load_file peak RSS"], rows)
+    rep.note(f"peak RSS = {results[0]['kbit']['rss_source']} of the process; anon / file-backed = peaks of RssAnon / RssFile "
+             "polled from /proc every 20 ms (file-backed pages are the memory-mapped shards, which the "
+             "kernel can drop under pressure). GB = 1e9 bytes.")
+    for x in results:
+        goal = 1.5 * GB + 3 * x["ck"]["largest"]
+        rep.check(f"{x['ck']['total'] / GB:.1f} GB checkpoint: kbit peak RSS below 1.5 GB + 3x largest tensor",
+                  x["kbit"]["maxrss"] < goal,
+                  f"{x['kbit']['maxrss'] / GB:.2f} GB vs {goal / GB:.2f} GB (anon {x['kbit']['anon'] / GB:.2f} GB; "
+                  f"naive {x['naive']['maxrss'] / GB:.2f} GB)" if x["naive"] else
+                  f"{x['kbit']['maxrss'] / GB:.2f} GB vs {goal / GB:.2f} GB")
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        d = b["kbit"]["maxrss"] - a["kbit"]["maxrss"]
+        rep.check(f"peak RSS flat from {a['ck']['total'] / GB:.1f} GB to {b['ck']['total'] / GB:.1f} GB (growth < 10%)",
+                  d < 0.1 * a["kbit"]["maxrss"],
+                  f"{a['kbit']['maxrss'] / GB:.2f} GB -> {b['kbit']['maxrss'] / GB:.2f} GB ({d / MB:+.0f} MB; "
+                  f"anon {a['kbit']['anon'] / GB:.2f} -> {b['kbit']['anon'] / GB:.2f} GB)")
+
+    rep.section("Conversion: throughput")
+    rows = []
+    for x in results:
+        s, r, ck = x["summary"], x["kbit"], x["ck"]
+        rate_wall = ck["total"] / r["wall"]
+        rate_in = ck["total"] / s["seconds"]
+        rows.append([f"{ck['total'] / GB:.2f} GB", f"{x['cold'] / MB:.0f}", f"{x['warm'] / MB:.0f}",
+                     f"{r['wall']:.1f}", f"{s['seconds']:.1f}", f"{rate_wall / MB:.0f}", f"{rate_in / MB:.0f}",
+                     f"{rate_wall / x['warm'] * 100:.1f}%", f"{rate_wall / x['cold'] * 100:.1f}%",
+                     f"{s['output_bytes'] / GB:.2f} GB", f"{s['bits_per_quantized_weight']:.3f}",
+                     f"{s['bits_per_weight']:.3f}"])
+    rep.table(["checkpoint", "cat cold-ish MB/s", "cat warm MB/s", "kbit wall s", "kbit convert s (in-process)",
+               "kbit MB/s (wall)", "kbit MB/s (in-process)", "vs warm cat", "vs cold-ish cat", "output",
+               "bits/quantized weight", "bits/weight overall"], rows)
+    rep.note("MB/s = source bytes read / seconds. The first cat runs after evicting the shards from the page "
+             "cache with posix_fadvise(DONTNEED)" + ("" if all(x["evicted"] for x in results) else
+                                                     " (eviction FAILED on some file: not really cold)") +
+             "; the second cat and the conversion run with the shards in the page cache (warm). "
+             "kbit wall includes the interpreter start and imports; 'in-process' is the summary's own time. "
+             f"Command: `{results[0]['cmd']}`.")
+    for x in results:
+        rate = x["ck"]["total"] / x["kbit"]["wall"]
+        rep.check(f"{x['ck']['total'] / GB:.1f} GB: conversion >= 50% of warm cat read rate", rate >= 0.5 * x["warm"],
+                  f"{rate / MB:.0f} MB/s vs {x['warm'] / MB:.0f} MB/s ({rate / x['warm'] * 100:.1f}%)")
+        rep.check(f"{x['ck']['total'] / GB:.1f} GB: conversion >= 50% of cold-ish cat read rate", rate >= 0.5 * x["cold"],
+                  f"{rate / MB:.0f} MB/s vs {x['cold'] / MB:.0f} MB/s ({rate / x['cold'] * 100:.1f}%)")
+
+
+def embedded(a, rep: Report) -> None:
+    rep.section("Conversion: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF source)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kbit-smollm-", dir=a.workdir) as tmp:
+        for extra in ([], SPEC_ARGS):
+            out = Path(tmp) / "out"
+            cmd = [str(KBIT), "quantize", "embedded", str(out), *extra, "--quiet", "--json", "--force"]
+            r = run_measured(cmd, env=env2())
+            if r["rc"] != 0:
+                rep.note(f"kbit quantize embedded failed (exit {r['rc']}): {r['stderr'][-1500:]}")
+                return
+            s = json.loads(r["stdout"])
+            errs = [t["error"] for t in s["tensors"] if t.get("error") is not None]
+            rows.append([" ".join(["kbit quantize embedded OUT", *extra, "--quiet --json"]), s["recipe"]["base"],
+                         f"{r['wall']:.1f}", f"{s['seconds']:.1f}", f"{s['source_bytes'] / MB:.1f} MB",
+                         f"{s['output_bytes'] / MB:.1f} MB", f"{s['bits_per_quantized_weight']:.4f}",
+                         f"{s['bits_per_weight']:.3f}", f"{np.mean(errs):.4f}" if errs else "-",
+                         f"{r['maxrss'] / GB:.2f} GB"])
+            shutil.rmtree(out, ignore_errors=True)
+    rep.table(["command", "spec", "wall s", "convert s", "source", "output", "bits/quantized weight",
+               "bits/weight overall", "mean rel. error", "peak RSS"], rows)
+    rep.note("134.5M parameters; the embedding (tied LM head) and norms stay unquantized by default, so the "
+             "overall bits per weight include a 16-bit 28M-parameter embedding.")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default=None, help="checkpoint sizes in GB, comma-separated (default 2,6; --quick 1)")
+    ap.add_argument("--workdir", default="/tmp/kbit-bench", help="where the checkpoints are written (and removed)")
+    ap.add_argument("--hidden", type=int, default=5120)
+    ap.add_argument("--intermediate", type=int, default=13824)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--kv", type=int, default=None, help="rows of k_proj / v_proj (default: hidden)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the load-everything baseline")
+    ap.add_argument("--no-embedded", action="store_true", help="skip the SmolLM2-135M conversion")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    ap.add_argument("--quick", action="store_true", help="one ~1 GB checkpoint")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
+    a = ap.parse_args(argv)
+    sizes = [float(s) for s in (a.sizes or ("1" if a.quick else "2,6")).split(",") if s.strip()]
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    if not KBIT.exists():
+        print(f"{KBIT} not found: install kbit into this interpreter's environment (scripts/setup.sh)")
+        return 2
+    t0 = time.perf_counter()
+    rep = Report()
+    rep.note(f"machine: {machine()}")
+    rep.note(f"versions: {versions('numpy', 'numba', 'torch', 'safetensors')}; kbit subprocess with "
+             "OMP_NUM_THREADS=NUMBA_NUM_THREADS=2")
+    rep.note(f"synthetic checkpoints: hidden {a.hidden}, intermediate {a.intermediate}, vocab {a.vocab}, bfloat16, "
+             f"under {a.workdir} (free: {shutil.disk_usage(a.workdir).free / GB:.0f} GB)")
+    results: list = []
+    for s in sizes:
+        one_size(s, a, rep, results)
+    report_sizes(results, rep)
+    if not a.no_embedded:
+        embedded(a, rep)
+    rep.checks_table()
+    took = time.perf_counter() - t0
+    rep.note(f"bench_convert took {took:.0f} s (sizes {', '.join(f'{s:g}' for s in sizes)} GB)")
+    if a.markdown:
+        cmd = "python benchmarks/bench_convert.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        rep.write(a.markdown, f"<!-- {cmd.strip()} -->")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
