@@ -9,6 +9,11 @@ The dequantization is plain torch, so it runs on the CPU and on CUDA alike:
      shifted to position j; summing the k planes' lookups gives 8 codes per int64 (no carries:
      every byte stays below 2**k <= 256), i.e. the codes as bytes, in order.
   2. decode: cb[code] * s (+ o), per block, in float32.
+
+On the CPU the same values come faster from kbit's Numba CPU kernel (kbitcli.kernels.cpu,
+bit-identical by the kernel contract and tested against this module): KbitLinear's kernel
+"auto" uses it for CPU tensors when it can be imported, else the torch code; "torch" forces
+the torch code. CUDA tensors always use the torch code (no Numba CUDA code is imported).
 """
 from __future__ import annotations
 
@@ -67,6 +72,33 @@ def dequantize_torch(words: torch.Tensor, k: int, block: int, cols: int, scales:
     return v if nb * block == cols else v[:, :cols]
 
 
+KERNELS = ("auto", "torch", "numba")
+_numba_ops = None
+
+
+def numba_dequantize():
+    """kbitcli.kernels.cpu.CpuOps.dequantize, or None when Numba's CPU kernels are unavailable."""
+    global _numba_ops
+    if _numba_ops is None:
+        try:
+            from kbitcli.kernels.cpu import CpuOps
+            _numba_ops = CpuOps.dequantize
+        except Exception:  # noqa: BLE001 - any import problem: use the torch code
+            _numba_ops = False
+    return _numba_ops or None
+
+
+def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
+                     offsets: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:
+    """The same as dequantize_torch for CPU tensors, with the Numba CPU kernel."""
+    fn = numba_dequantize()
+    if fn is None:
+        raise RuntimeError("the Numba CPU kernels (kbitcli.kernels.cpu) cannot be imported")
+    out = fn(words.numpy().view(np.uint32), k, block, cols, scales.numpy(),
+             None if offsets is None else offsets.numpy(), codebook.numpy())
+    return torch.from_numpy(out)
+
+
 class KbitLinear(nn.Module):
     """Linear layer over a packed kbit weight.
 
@@ -79,10 +111,14 @@ class KbitLinear(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                  codebook: torch.Tensor, bits: int, block_size: int, shape: tuple[int, int],
-                 bias: torch.Tensor | None = None, layout: str = "out_in", dtype: torch.dtype = torch.float32) -> None:
+                 bias: torch.Tensor | None = None, layout: str = "out_in", dtype: torch.dtype = torch.float32,
+                 kernel: str = "auto") -> None:
         super().__init__()
         if layout not in ("out_in", "in_out"):
             raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
         self.bits, self.block_size, self.shape, self.layout, self.dtype = int(bits), int(block_size), tuple(shape), layout, dtype
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
@@ -96,22 +132,25 @@ class KbitLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qt, bias: np.ndarray | None = None, layout: str = "out_in",
-                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "KbitLinear":
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       kernel: str = "auto") -> "KbitLinear":
         """From a kbitformat QuantizedTensor (2-D)."""
         if len(qt.shape) != 2:
             raise ValueError(f"KbitLinear needs a 2-D weight, got shape {list(qt.shape)}")
         s = qt.decoded_scales()
         o = qt.decoded_offsets(s)
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        codes = torch.from_numpy(np.ascontiguousarray(qt.codes).view(np.int32)).to(device)
+        t = lambda a: torch.from_numpy(np.array(a, order="C")).to(device)  # noqa: E731
+        codes = torch.from_numpy(np.array(qt.codes, dtype=np.uint32, order="C").view(np.int32)).to(device)
         return cls(codes, t(s.astype(np.float32)), None if o is None else t(o.astype(np.float32)),
                    t(qt.codebook.astype(np.float32)), qt.spec.bits, qt.block_size, tuple(qt.shape),
-                   None if bias is None else t(np.asarray(bias, np.float32)), layout, dtype)
+                   None if bias is None else t(np.asarray(bias, np.float32)), layout, dtype, kernel)
 
     def dequantized(self) -> torch.Tensor:
         """The weight in its stored layout, float32 reference values cast to self.dtype."""
-        w = dequantize_torch(self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets,
-                             self.codebook)
+        fn = dequantize_torch
+        if self.codes.device.type == "cpu" and self.kernel != "torch" and (self.kernel == "numba" or numba_dequantize()):
+            fn = dequantize_numba
+        w = fn(self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets, self.codebook)
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
     @property
@@ -122,8 +161,10 @@ class KbitLinear(nn.Module):
         w = self.dequantized()
         if self.layout == "out_in":
             return F.linear(x, w, self.bias)
-        y = x.matmul(w)
-        return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return x.matmul(w)
+        # exactly what GPT-2's Conv1D does, so packed and dequantized-on-load models agree bit for bit
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
 
     def packed_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.codes, self.scales, self.offsets, self.codebook)
@@ -131,4 +172,5 @@ class KbitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"block_size={self.block_size}, layout={self.layout}, bias={self.bias is not None}")
+                f"block_size={self.block_size}, layout={self.layout}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")

@@ -189,7 +189,7 @@ def _linear_modules(model: nn.Module) -> dict[str, str]:
 
 
 def load_weights(model: nn.Module, weights, device: torch.device, dtype: torch.dtype, where: str,
-                 arch: str, packed: bool) -> dict[str, int]:
+                 arch: str, packed: bool, kernel: str = "auto") -> dict[str, int]:
     """Fill the (meta) model from `weights`; returns counts. Errors name the tensor."""
     params = dict(model.named_parameters())
     tied = model.tied_weights()
@@ -233,7 +233,8 @@ def load_weights(model: nn.Module, weights, device: torch.device, dtype: torch.d
         if getattr(mod, "bias", None) is not None:
             bias = weights.load(mapping[bname])
             done.add(bname)
-        kl = KbitLinear.from_quantized(weights.quantized(name), bias=bias, layout=layout, device=device, dtype=dtype)
+        kl = KbitLinear.from_quantized(weights.quantized(name), bias=bias, layout=layout, device=device, dtype=dtype,
+                                       kernel=kernel)
         parent_name, _, child = mod_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, kl)
         done.add(wname)
@@ -242,20 +243,22 @@ def load_weights(model: nn.Module, weights, device: torch.device, dtype: torch.d
         if pname in done:
             continue
         arr = weights.load(mapping[pname])
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device=device, dtype=dtype)
+        t = torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).to(device=device, dtype=dtype)
         _set_param(model, pname, t)
         counts["dense"] += 1
     return counts
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         dequantize_on_load: bool = False, verify: bool = True) -> tuple[nn.Module, Tokenizer, dict]:
+         dequantize_on_load: bool = False, verify: bool = True,
+         kernel: str = "auto") -> tuple[nn.Module, Tokenizer, dict]:
     """(model, tokenizer, config) for a kbit model or a checkpoint.
 
     device: "auto", "cpu" or "cuda"; dtype: compute dtype (default float32 on the CPU, float16
     on CUDA). A kbit model keeps its quantized linear layers packed (KbitLinear, dequantized
     in forward) unless dequantize_on_load, which builds plain weights once at load time.
-    verify checks every kbit tensor's CRC-32 as it is read."""
+    verify checks every kbit tensor's CRC-32 as it is read. kernel picks KbitLinear's CPU
+    dequantizer: "auto" (Numba when importable), "torch" or "numba"; all give the same bits."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     p = Path(path).expanduser()
@@ -268,7 +271,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     with torch.device("meta"):
         model = module.Model(args)
     try:
-        counts = load_weights(model, weights, dev, dt, where, arch, packed=(kind == "kbit" and not dequantize_on_load))
+        counts = load_weights(model, weights, dev, dt, where, arch, packed=(kind == "kbit" and not dequantize_on_load),
+                              kernel=kernel)
     finally:
         if src is not None:
             src.close()

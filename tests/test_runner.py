@@ -1,0 +1,416 @@
+"""kbit's runner against transformers (the reference), the kbit packed path against
+dequantize-on-load, the torch dequantizer against the numpy reference, and kbit generate's
+errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kbitformat import QuantSpec, dequantize, quantize
+from kbitformat.reference import NumpyOps
+
+from kbitcli.cli.main import main
+from kbitcli.runner import KbitLinear, dequantize_torch, generate, generate_ids, load, parameter_bytes
+from kbitcli.runner.models import MODEL_MODULES
+from kbitcli.runner.models.base import KVCache
+
+torch.set_num_threads(2)
+VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
+VOCAB = 100
+TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _configs():
+    import transformers as tf
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    return {
+        "llama": lambda: (tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         rope_parameters=llama3, **common), tf.LlamaForCausalLM),
+        "llama-tied-bias": lambda: (tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                                                   mlp_bias=True, tie_word_embeddings=True,
+                                                   max_position_embeddings=128, **common), tf.LlamaForCausalLM),
+        "mistral": lambda: (tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=1, sliding_window=5,
+                                             max_position_embeddings=128, **common), tf.MistralForCausalLM),
+        "qwen2": lambda: (tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                         max_position_embeddings=128, **common), tf.Qwen2ForCausalLM),
+        "gpt2": lambda: (tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common), tf.GPT2LMHeadModel),
+        "gpt_neox": lambda: (tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=128, max_position_embeddings=64,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.25}, **common),
+                             tf.GPTNeoXForCausalLM),
+        "gpt_neox-seq": lambda: (tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                  intermediate_size=128, max_position_embeddings=64,
+                                                  use_parallel_residual=False, **common), tf.GPTNeoXForCausalLM),
+        "opt": lambda: (tf.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                     max_position_embeddings=64, word_embed_proj_dim=32, **common),
+                        tf.OPTForCausalLM),
+        "opt-postln": lambda: (tf.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                            max_position_embeddings=64, do_layer_norm_before=False, **common),
+                               tf.OPTForCausalLM),
+        "bloom": lambda: (tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common), tf.BloomForCausalLM),
+    }
+
+
+ARCHS = list(_configs())
+
+
+def _write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t2", "pad_token": "t0", "bos_token": "t1"}))
+
+
+def make_tiny(arch: str, folder: Path):
+    """A random transformers model of `arch`, saved (safetensors) in folder; returns it."""
+    cfg, cls = _configs()[arch]()
+    torch.manual_seed(0)
+    m = cls(cfg).eval()
+    with torch.no_grad():  # weights large enough that every part of the model matters
+        for name, p in m.named_parameters():
+            if p.dim() == 1 and ("norm" in name or "ln" in name):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    m.save_pretrained(folder)
+    _write_tokenizer(folder)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            d = tmp_path_factory.mktemp(arch.replace("-", "_"))
+            cache[arch] = (d, make_tiny(arch, d))
+        return cache[arch]
+    return get
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float()
+
+
+def test_module_table_matches_supported_architectures():
+    from kbitcli.architectures import SUPPORTED_ARCHITECTURES
+    assert set(MODEL_MODULES) == set(SUPPORTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(arch, tiny):
+    folder, hf = tiny(arch)
+    model, tok, _ = load(folder)
+    assert model.kbit_info["kind"] == "safetensors-dir"
+    ids = _ids(12, 1)
+    ref = _hf_logits(hf, ids)
+    with torch.no_grad():
+        # full forward
+        full = model(torch.tensor([ids]))[0]
+        assert (full - ref).abs().max().item() < TOL
+        # incremental decode with the KV cache: prefill 5, then one token at a time
+        cache = KVCache(model.num_layers)
+        parts = [model(torch.tensor([ids[:5]]), cache=cache)[0]]
+        for t in ids[5:]:
+            parts.append(model(torch.tensor([[t]]), cache=cache)[0])
+        inc = torch.cat(parts)
+        assert (inc - ref).abs().max().item() < TOL
+        # a left-padded batch: prompts of 12 and 7 tokens, then 3 decode steps
+        short = _ids(7, 2)
+        extra = [_ids(3, 3), _ids(3, 4)]
+        batch = torch.full((2, 12), 0, dtype=torch.long)
+        batch[0] = torch.tensor(ids)
+        batch[1, 5:] = torch.tensor(short)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :5] = 0
+        cache = KVCache(model.num_layers, capacity=15)
+        out = [model(batch, attention_mask=mask, cache=cache)]
+        for j in range(3):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            out.append(model(torch.tensor([[extra[0][j]], [extra[1][j]]]), attention_mask=mask, cache=cache))
+        got = torch.cat(out, dim=1)
+    ref0 = _hf_logits(hf, ids + extra[0])
+    ref1 = _hf_logits(hf, short + extra[1])
+    assert (got[0] - ref0).abs().max().item() < TOL
+    assert (got[1, 5:] - ref1).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom"])
+def test_greedy_generation_matches_transformers(arch, tiny):
+    folder, hf = tiny(arch)
+    model, tok, _ = load(folder)
+    prompts = [_ids(6, 5), _ids(3, 6)]
+    new, reasons, _ = generate_ids(model, prompts, 6, eos_token_ids=[], pad_token_id=0)
+    for p, got in zip(prompts, new):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+        assert got == ref
+    assert reasons == ["length", "length"]
+
+
+# ----------------------------------------------------------------------------- kbit folders
+def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> Path:
+    from kbitcli.convert import convert
+    from kbitcli.recipe import Recipe
+    convert(src, out, Recipe.build(spec), measure_error=False)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
+    folder, _ = tiny(arch)
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
+    packed, _, _ = load(out)
+    dense, _, _ = load(out, dequantize_on_load=True)
+    assert packed.kbit_info["packed"] > 0 and dense.kbit_info["packed"] == 0
+    assert any(isinstance(m, KbitLinear) for m in packed.modules())
+    ids = torch.tensor([_ids(10, 7)])
+    with torch.no_grad():
+        a, b = packed(ids), dense(ids)
+    assert torch.equal(a, b)
+    assert parameter_bytes(packed) < parameter_bytes(dense)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, "nf", 64), QuantSpec(3, "int", 32, scale="dq"),
+                                  QuantSpec(5, "affine", 32), QuantSpec(8, "fp", 128, scale="e8"),
+                                  QuantSpec(2, "nf", 0, scale="fp32"), QuantSpec(6, "quantile", 64)])
+def test_torch_dequantization_is_bit_exact(spec):
+    rng = np.random.default_rng(spec.bits)
+    x = (rng.standard_normal((37, 150)) * rng.uniform(0.01, 3, (37, 1))).astype(np.float32)
+    qt = quantize(x, spec)
+    ref = dequantize(qt, NumpyOps)
+    for layout in ("out_in", "in_out"):
+        for kernel in ("torch", "numba"):
+            got = KbitLinear.from_quantized(qt, layout=layout, kernel=kernel).dequantized().numpy()
+            assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (layout, kernel)
+
+
+def test_torch_dequantization_golden_vectors():
+    from kbitformat.io import KbitReader
+    names = sorted(p.name[: -len(".safetensors")] for p in VECTORS.glob("*.safetensors"))
+    assert names
+    for name in names:
+        qt = KbitReader(VECTORS / f"{name}.safetensors").quantized(name)
+        s = qt.decoded_scales()
+        o = qt.decoded_offsets(s)
+        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
+        got = dequantize_torch(torch.from_numpy(np.array(qt.codes).view(np.int32)), qt.spec.bits, qt.block_size, qt.cols,
+                               t(s), t(o), t(qt.codebook)).numpy().reshape(qt.shape)
+        expected = np.load(VECTORS / f"{name}.expected.npy")
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), name
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M
+@pytest.fixture(scope="module")
+def smol():
+    from kbitcli.sources import embedded_model_path
+    path = embedded_model_path()
+    model, tok, cfg = load(path)
+    return path, model, tok
+
+
+def _reference_model(path: Path):
+    """transformers' own GGUF loading (from_pretrained needs `accelerate` for GGUF; without it the
+    same transformers code, load_gguf_checkpoint, fills a model built from the GGUF config)."""
+    import importlib.util
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if importlib.util.find_spec("accelerate") is not None:
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smol):
+    path, model, tok = smol
+    hf = _reference_model(path)
+    ids = tok.encode("The quick brown fox jumps over the lazy dog because")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        got = model(torch.tensor([ids]))[0]
+    assert (got - ref).abs().max().item() < TOL
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_paris(smol):
+    _, model, tok = smol
+    res = generate(model, tok, "The capital of France is", max_new_tokens=6)
+    assert "Paris" in res.completions[0].text
+    assert res.generated_tokens > 0 and res.tokens_per_second > 0
+
+
+@pytest.mark.slow
+def test_smollm2_kbit_4bit_packed_equals_dequantized(smol, tmp_path_factory):
+    path, _, tok = smol
+    out = _convert(path, tmp_path_factory.mktemp("smol") / "kbit")
+    packed, tok2, _ = load(out)
+    dense, _, _ = load(out, dequantize_on_load=True)
+    assert packed.kbit_info["packed"] == 30 * 7
+    ids = torch.tensor([tok2.encode("The capital of France is")])
+    with torch.no_grad():
+        a, b = packed(ids), dense(ids)
+    assert torch.equal(a, b)
+    assert parameter_bytes(packed) < 0.5 * parameter_bytes(dense)
+    res = generate(packed, tok2, "The capital of France is", max_new_tokens=2)
+    assert res.generated_tokens > 0
+
+
+# ----------------------------------------------------------------------------- generation details
+def test_stop_strings_sampling_and_batch(tiny):
+    folder, _ = tiny("llama")
+    model, tok, _ = load(folder)
+    greedy = generate(model, tok, ["t5 t6 t7", "t9"], max_new_tokens=8)
+    assert len(greedy.completions) == 2
+    first = greedy.completions[0]
+    assert first.finish_reason in ("length", "eos")
+    if first.finish_reason == "length" and len(first.token_ids) >= 3:
+        words = first.text.split()
+        stop = words[2]
+        stopped = generate(model, tok, "t5 t6 t7", max_new_tokens=8, stop=[stop])
+        c = stopped.completions[0]
+        assert c.finish_reason == "stop" and stop not in c.text
+    a = generate(model, tok, "t5 t6", max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    b = generate(model, tok, "t5 t6", max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert a.completions[0].token_ids == b.completions[0].token_ids
+    streamed = []
+    generate(model, tok, "t5 t6 t7", max_new_tokens=8, on_text=lambda i, t: streamed.append(t))
+    assert "".join(streamed) == first.text
+
+
+def test_chat_template(tiny, tmp_path):
+    folder, _ = tiny("llama")
+    d = tmp_path / "chat"
+    shutil.copytree(folder, d)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["chat_template"] = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                           "{% if add_generation_prompt %}t4{% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    model, tok, _ = load(d)
+    assert tok.apply_chat_template([{"role": "t7", "content": "t8"}]) == "t7 t8 t4"
+    res = generate(model, tok, "t9", max_new_tokens=2, chat=True)
+    assert res.prompt_tokens == 3
+
+
+def test_context_window(tiny):
+    folder, _ = tiny("gpt2")  # n_positions = 64
+    model, tok, _ = load(folder)
+    res = generate(model, tok, " ".join(["t5"] * 60), max_new_tokens=10)
+    assert len(res.completions[0].token_ids) <= 4
+    assert res.completions[0].finish_reason in ("context", "eos")
+
+
+# ----------------------------------------------------------------------------- the CLI
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_generate_json(tiny, capsys):
+    folder, _ = tiny("qwen2")
+    rc = main(["generate", str(folder), "--prompt", "t5 t6", "--prompt", "t7", "-n", "3", "--device", "cpu", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    doc = json.loads(out)
+    assert len(doc["completions"]) == 2 and doc["model_type"] == "qwen2"
+
+
+def test_cli_stream_single_prompt(tiny, capsys):
+    folder, _ = tiny("gpt_neox")
+    rc = main(["generate", str(folder), "-p", "t5 t6", "-n", "3", "--temperature", "0.7", "--seed", "1", "-q"])
+    assert rc == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_cli_unsupported_architecture(tiny, tmp_path, capsys):
+    folder, _ = tiny("llama")
+    d = tmp_path / "foo"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["FooForCausalLM"], model_type="foo")
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(d), "-p", "t5"]) == 3
+    err = _one_line_error(capsys)
+    assert "FooForCausalLM" in err and "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err
+
+
+def test_cli_missing_config_field(tiny, tmp_path, capsys):
+    folder, _ = tiny("gpt2")
+    d = tmp_path / "nofield"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["n_head"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(d), "-p", "t5"]) == 3
+    assert "n_head" in _one_line_error(capsys)
+
+
+def test_cli_no_tokenizer(tiny, tmp_path, capsys):
+    folder, _ = tiny("opt")
+    d = tmp_path / "notok"
+    shutil.copytree(folder, d)
+    (d / "tokenizer.json").unlink()
+    assert main(["generate", str(d), "-p", "t5"]) == 3
+    assert "tokenizer.json" in _one_line_error(capsys)
+
+
+def test_cli_kbit_tensors_do_not_fit(tiny, tmp_path, capsys):
+    folder, _ = tiny("llama")
+    out = _convert(folder, tmp_path / "kbit")
+    cfg = json.loads((out / "config.json").read_text())
+    bad = dict(cfg, intermediate_size=96)
+    (out / "config.json").write_text(json.dumps(bad))
+    assert main(["generate", str(out), "-p", "t5"]) == 3
+    err = _one_line_error(capsys)
+    assert "model.layers.0.mlp" in err and "shape" in err
+    bad = dict(cfg, num_hidden_layers=3)
+    (out / "config.json").write_text(json.dumps(bad))
+    assert main(["generate", str(out), "-p", "t5"]) == 3
+    err = _one_line_error(capsys)
+    assert "model.layers.2." in err and "missing" in err
+
+
+def test_cli_cuda_unavailable(tiny, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    folder, _ = tiny("llama")
+    assert main(["generate", str(folder), "-p", "t5", "--device", "cuda"]) == 2
+    assert "--device cpu" in _one_line_error(capsys)
+
+
+def test_cli_prompt_too_long_and_no_chat_template(tiny, capsys):
+    folder, _ = tiny("gpt2")
+    assert main(["generate", str(folder), "-p", " ".join(["t5"] * 80)]) == 3
+    assert "context window" in _one_line_error(capsys)
+    assert main(["generate", str(folder), "-p", "t5", "--chat"]) == 3
+    assert "chat template" in _one_line_error(capsys)
