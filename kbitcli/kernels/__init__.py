@@ -15,22 +15,30 @@ from kbitformat import KbitValueError, NumpyOps
 DEVICES = ("numpy", "cpu", "cuda")
 
 
-def cuda_usable() -> tuple[bool, str]:
-    """(usable, why not). True on a machine with a working CUDA GPU, or under Numba's
-    CUDA simulator (NUMBA_ENABLE_CUDASIM=1)."""
+def cuda_usable(allow_simulator: bool = True) -> tuple[bool, str]:
+    """(usable, why not). True on a machine with a working CUDA GPU, or (when
+    allow_simulator) under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, which the
+    test suite sets: it is exact but thousands of times slower than the CPU kernels)."""
     try:
         from numba import config
         from numba import cuda
     except Exception as e:  # pragma: no cover - numba is a dependency
         return False, f"numba's CUDA support could not be imported ({e})"
     if getattr(config, "ENABLE_CUDASIM", False):
-        return True, ""
+        if allow_simulator:
+            return True, ""
+        return False, "only Numba's CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1)"
     try:
         if cuda.is_available():
             return True, ""
     except Exception as e:  # pragma: no cover - depends on the machine
         return False, f"the CUDA driver could not be loaded ({e})"
     return False, "no CUDA GPU (or no usable CUDA driver) was found"
+
+
+def default_device() -> str:
+    """"cuda" when a real CUDA GPU is usable (never the simulator), else "cpu"."""
+    return "cuda" if cuda_usable(allow_simulator=False)[0] else "cpu"
 
 
 def get_ops(device: str = "cpu"):
@@ -50,4 +58,4 @@ def get_ops(device: str = "cpu"):
     raise KbitValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
 
 
-__all__ = ["DEVICES", "cuda_usable", "get_ops"]
+__all__ = ["DEVICES", "cuda_usable", "default_device", "get_ops"]

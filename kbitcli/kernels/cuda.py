@@ -1,0 +1,366 @@
+"""Numba CUDA kernels for the four kernel operations of kbitformat (see
+kbitformat/reference.py, the specification), bit for bit equal to NumpyOps.
+
+Parallel decomposition
+----------------------
+  stats          one thread per block of B weights (absmax, or min/max against 0).
+  search         one thread per block: every candidate in order, the block's error
+                 summed element by element in float64 (the order is part of the spec,
+                 so the sum is never split across threads).
+  quantize_pack  one thread per weight of the padded grid, 256 threads = 8 groups of 32
+                 weights: each thread finds the code of its weight and puts it in shared
+                 memory; after a barrier, thread (group, j) of the first 8k threads
+                 gathers bit j of the group's 32 codes into word j. Loads of x and
+                 stores of the words are coalesced (a group's k words are contiguous and
+                 so are consecutive groups': word (r, g*k+j) is flat index (r*G+g)*k+j).
+  dequantize     one thread per weight: the 32 lanes of a warp cover one group, lane t
+                 reads the group's k words (the same addresses across the warp, one
+                 broadcast transaction) and takes bit t of each; stores are coalesced.
+Weights past ``cols`` in the last block of a row are read as 0.0 (the reference's
+padding) and never written back. No warp intrinsics are used, so every kernel also runs
+in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which the tests use.
+
+Why the bits are identical
+--------------------------
+* Each float operation is the reference's, rounded as the reference rounds it:
+  y = x / s or y = (x - o) / s (IEEE division, two roundings), y = 0 when s == 0,
+  v = cb[c] * s then v + o, each rounded to float32. On a real GPU NVVM may contract
+  a multiply feeding an add into one FMA (one rounding instead of two); the kernels
+  therefore call libdevice's explicitly rounded intrinsics (__nv_fmul_rn, __nv_fadd_rn,
+  __nv_fsub_rn, __nv_fdiv_rn, and __nv_dmul_rn / __nv_dadd_rn for the float64 error
+  sum), which are never contracted. Kernels are compiled without fastmath (no
+  flush-to-zero, IEEE division). In the simulator, where libdevice does not exist, the
+  same operations are numpy float32/float64 scalar operations (rounded the same way).
+* The code of y is #{i : mids[i] < y}, found by a lower-bound binary search over the
+  sorted midpoints (exact); NaN gets 2**k - 1 like numpy's searchsorted.
+* Stats: absmax / min / max have one correct value whatever the order; signed zeros and
+  NaN follow numpy (an all-zero block gives +0.0, any NaN gives NaN).
+* The search error sum runs in the reference's order in one thread; the first candidate
+  with the least error wins (strict <).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import config, cuda
+
+F32 = np.float32
+SIMULATOR = bool(getattr(config, "ENABLE_CUDASIM", False))
+#: threads per CUDA block (a multiple of 32); the simulator runs every thread as a
+#: Python thread, so it gets small blocks (less idle work on tiny test tensors)
+TPB = 64 if SIMULATOR else 256
+GROUPS_PER_CTA = TPB // 32
+
+# ----------------------------------------------------------------------------- arithmetic
+if SIMULATOR:
+    @cuda.jit(device=True)
+    def _fmul(a, b):
+        with np.errstate(all="ignore"):
+            return np.float32(np.float32(a) * np.float32(b))
+
+    @cuda.jit(device=True)
+    def _fadd(a, b):
+        return np.float32(np.float32(a) + np.float32(b))
+
+    @cuda.jit(device=True)
+    def _fsub(a, b):
+        return np.float32(np.float32(a) - np.float32(b))
+
+    @cuda.jit(device=True)
+    def _fdiv(a, b):
+        with np.errstate(all="ignore"):
+            return np.float32(np.float32(a) / np.float32(b))
+
+    @cuda.jit(device=True)
+    def _dmul(a, b):
+        return np.float64(np.float64(a) * np.float64(b))
+
+    @cuda.jit(device=True)
+    def _dadd(a, b):
+        return np.float64(np.float64(a) + np.float64(b))
+else:  # pragma: no cover - needs a GPU
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _fmul(a, b):
+        return libdevice.fmul_rn(a, b)
+
+    @cuda.jit(device=True, inline=True)
+    def _fadd(a, b):
+        return libdevice.fadd_rn(a, b)
+
+    @cuda.jit(device=True, inline=True)
+    def _fsub(a, b):
+        return libdevice.fsub_rn(a, b)
+
+    @cuda.jit(device=True, inline=True)
+    def _fdiv(a, b):
+        return libdevice.fdiv_rn(a, b)
+
+    @cuda.jit(device=True, inline=True)
+    def _dmul(a, b):
+        return libdevice.dmul_rn(a, b)
+
+    @cuda.jit(device=True, inline=True)
+    def _dadd(a, b):
+        return libdevice.dadd_rn(a, b)
+
+
+@cuda.jit(device=True)
+def _normalize(xv, sv, ov, affine):
+    if sv == np.float32(0.0):
+        return np.float32(0.0)
+    if affine:
+        return _fdiv(_fsub(xv, ov), sv)
+    return _fdiv(xv, sv)
+
+
+@cuda.jit(device=True)
+def _code(y, mids):
+    """#{i : mids[i] < y} (lower bound; NaN -> len(mids))."""
+    n = mids.shape[0]
+    if y != y:
+        return n
+    lo = 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mids[mid] < y:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@cuda.jit(device=True)
+def _decode(cbv, sv, ov, affine):
+    v = _fmul(cbv, sv)
+    if affine:
+        v = _fadd(v, ov)
+    return v
+
+
+# ----------------------------------------------------------------------------- kernels
+@cuda.jit
+def _stats_kernel(x, B, nb, affine, out_a, out_b):
+    L = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    rows = x.shape[0]
+    cols = x.shape[1]
+    if L >= rows * nb:
+        return
+    r = L // nb
+    b = L - r * nb
+    c0 = b * B
+    c1 = min(cols, c0 + B)
+    nan = False
+    if affine:
+        lo = np.float32(0.0)
+        hi = np.float32(0.0)
+        for c in range(c0, c1):
+            v = x[r, c]
+            if v != v:
+                nan = True
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+        if nan:
+            lo = np.float32(math.nan)
+            hi = np.float32(math.nan)
+        out_a[r, b] = lo
+        out_b[r, b] = hi
+    else:
+        m = np.float32(0.0)
+        for c in range(c0, c1):
+            v = x[r, c]
+            if v != v:
+                nan = True
+            a = abs(v)
+            if a > m:
+                m = a
+        if nan:
+            m = np.float32(math.nan)
+        out_a[r, b] = m
+
+
+@cuda.jit
+def _quantize_pack_kernel(x, B, k, s, o, affine, mids, G, words):
+    """words: flat uint32 (rows*G*k,)."""
+    tid = cuda.threadIdx.x
+    codes = cuda.shared.array(GROUPS_PER_CTA * 33, dtype=np.int32)
+    rows = x.shape[0]
+    cols = x.shape[1]
+    ngroups = rows * G
+    lg = tid // 32
+    t = tid - lg * 32
+    grp = cuda.blockIdx.x * GROUPS_PER_CTA + lg
+    if grp < ngroups:
+        r = grp // G
+        col = (grp - r * G) * 32 + t
+        b = col // B
+        xv = x[r, col] if col < cols else np.float32(0.0)
+        ov = o[r, b] if affine else np.float32(0.0)
+        codes[lg * 33 + t] = _code(_normalize(xv, s[r, b], ov, affine), mids)
+    cuda.syncthreads()
+    if tid < GROUPS_PER_CTA * k:
+        lg2 = tid // k
+        j = tid - lg2 * k
+        grp2 = cuda.blockIdx.x * GROUPS_PER_CTA + lg2
+        if grp2 < ngroups:
+            w = 0
+            for tt in range(32):
+                w |= ((codes[lg2 * 33 + tt] >> j) & 1) << tt
+            words[grp2 * k + j] = w
+
+
+@cuda.jit
+def _search_kernel(x, B, cand_s, cand_o, affine, cb, mids, best):
+    L = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    rows = x.shape[0]
+    cols = x.shape[1]
+    ncand = cand_s.shape[0]
+    nb = cand_s.shape[2]
+    if L >= rows * nb:
+        return
+    r = L // nb
+    b = L - r * nb
+    c0 = b * B
+    bi = 0
+    best_err = math.inf
+    for i in range(ncand):
+        sv = cand_s[i, r, b]
+        ov = cand_o[i, r, b] if affine else np.float32(0.0)
+        err = 0.0
+        for e in range(B):
+            c = c0 + e
+            xv = x[r, c] if c < cols else np.float32(0.0)
+            v = _decode(cb[_code(_normalize(xv, sv, ov, affine), mids)], sv, ov, affine)
+            d = np.float64(xv) - np.float64(v)
+            err = _dadd(err, _dmul(d, d))
+        if err < best_err:
+            best_err = err
+            bi = i
+    best[r, b] = bi
+
+
+@cuda.jit
+def _dequantize_kernel(words, k, B, G, s, o, affine, cb, out):
+    """words: flat uint32 (rows*G*k,); out (rows, cols)."""
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    rows = out.shape[0]
+    cols = out.shape[1]
+    grp = idx // 32
+    if grp >= rows * G:
+        return
+    t = idx - grp * 32
+    r = grp // G
+    col = (grp - r * G) * 32 + t
+    if col >= cols:
+        return
+    c = 0
+    for j in range(k):
+        c |= ((words[grp * k + j] >> t) & 1) << j
+    b = col // B
+    ov = o[r, b] if affine else np.float32(0.0)
+    out[r, col] = _decode(cb[c], s[r, b], ov, affine)
+
+
+# ----------------------------------------------------------------------------- host side
+def _on_device(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def _dev(a, dtype):
+    """A contiguous device array of `dtype` (device inputs are used in place)."""
+    if _on_device(a):
+        d = cuda.as_cuda_array(a)
+        if d.dtype != np.dtype(dtype):
+            raise TypeError(f"device array of dtype {d.dtype}, expected {np.dtype(dtype)}")
+        if not d.is_c_contiguous():
+            raise ValueError("device arrays must be C-contiguous")
+        return d
+    return cuda.to_device(np.ascontiguousarray(a, dtype=dtype))
+
+
+def _launch(n: int) -> tuple[int, int]:
+    """(blocks, threads per block) for n independent threads."""
+    threads = min(TPB, max(32, -(-n // 32) * 32))
+    return max(1, -(-n // threads)), threads
+
+
+class CudaOps:
+    """Numba CUDA implementation of the four kernel operations (see module docstring).
+
+    Inputs are numpy arrays (copied to the GPU and results copied back), except that
+    `dequantize` also takes device arrays (anything with __cuda_array_interface__, such
+    as a torch CUDA tensor) and then returns a device array."""
+
+    name = "cuda"
+
+    @staticmethod
+    def stats(x: np.ndarray, B: int, affine: bool):
+        rows, cols = x.shape
+        B = int(B)
+        nb = -(-cols // B)
+        dx = _dev(x, F32)
+        da = cuda.device_array((rows, nb), dtype=F32)
+        db = cuda.device_array((rows, nb), dtype=F32) if affine else da
+        _stats_kernel[_launch(rows * nb)](dx, B, nb, bool(affine), da, db)
+        if affine:
+            return da.copy_to_host(), db.copy_to_host()
+        return da.copy_to_host()
+
+    @staticmethod
+    def search(x, B, cand_s, cand_o, cb, mids) -> np.ndarray:
+        rows, cols = x.shape
+        B = int(B)
+        nb = cand_s.shape[2]
+        affine = cand_o is not None
+        dcs = _dev(cand_s, F32)
+        dco = _dev(cand_o, F32) if affine else dcs
+        best = cuda.device_array((rows, nb), dtype=np.int32)
+        _search_kernel[_launch(rows * nb)](_dev(x, F32), B, dcs, dco, affine, _dev(cb, F32),
+                                               _dev(mids, F32), best)
+        return best.copy_to_host()
+
+    @staticmethod
+    def quantize_pack_device(x, B, k, s, o, cb, mids):
+        """quantize_pack on device arrays (or host arrays, copied): a device array back."""
+        rows, cols = x.shape
+        B, k = int(B), int(k)
+        nb = s.shape[1]
+        G = nb * B // 32
+        affine = o is not None
+        ds = _dev(s, F32)
+        do = _dev(o, F32) if affine else ds
+        words = cuda.device_array(rows * G * k, dtype=np.uint32)
+        ngroups = rows * G
+        _quantize_pack_kernel[max(1, -(-ngroups // GROUPS_PER_CTA)), TPB](
+            _dev(x, F32), B, k, ds, do, affine, _dev(mids, F32), G, words)
+        return words.reshape(rows, G * k)
+
+    @staticmethod
+    def quantize_pack(x, B, k, s, o, cb, mids) -> np.ndarray:
+        return CudaOps.quantize_pack_device(x, B, k, s, o, cb, mids).copy_to_host()
+
+    @staticmethod
+    def dequantize_device(words, k, B, cols, s, o, cb):
+        """dequantize on device arrays (or host arrays, copied): a device array back."""
+        rows = words.shape[0]
+        k, B, cols = int(k), int(B), int(cols)
+        G = words.shape[1] // k
+        affine = o is not None
+        dw = _dev(words, np.uint32).reshape(rows * G * k)
+        ds = _dev(s, F32)
+        do = _dev(o, F32) if affine else ds
+        out = cuda.device_array((rows, cols), dtype=F32)
+        _dequantize_kernel[_launch(rows * G * 32)](dw, k, B, G, ds, do, affine, _dev(cb, F32), out)
+        return out
+
+    @staticmethod
+    def dequantize(words, k, B, cols, s, o, cb):
+        out = CudaOps.dequantize_device(words, k, B, cols, s, o, cb)
+        if _on_device(words):
+            return out
+        return out.copy_to_host()
