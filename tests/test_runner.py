@@ -207,6 +207,28 @@ def test_torch_dequantization_is_bit_exact(spec):
             assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (layout, kernel)
 
 
+def test_numba_cuda_dequantizer_under_the_simulator():
+    """The CUDA plumbing of KbitLinear (dtypes, argument order, the way back to torch), with the
+    Numba CUDA kernel run by Numba's simulator at a tiny size."""
+    import os
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("Numba's CUDA simulator is not enabled (tests/conftest.py sets it)")
+    try:
+        import kbitcli.kernels.cuda  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"kbitcli.kernels.cuda is not available ({e})")
+    from kbitcli.runner.layers import dequantize_numba_cuda
+    rng = np.random.default_rng(5)
+    for spec in (QuantSpec(4, "nf", 32), QuantSpec(3, "affine", 32)):
+        x = rng.standard_normal((3, 40)).astype(np.float32)
+        qt = quantize(x, spec)
+        layer = KbitLinear.from_quantized(qt, kernel="torch")
+        got = dequantize_numba_cuda(layer.codes, layer.bits, layer.block_size, layer.shape[1], layer.scales,
+                                    layer.offsets, layer.codebook).numpy()
+        ref = dequantize(qt, NumpyOps)
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 def test_torch_dequantization_golden_vectors():
     from kbitformat.io import KbitReader
     names = sorted(p.name[: -len(".safetensors")] for p in VECTORS.glob("*.safetensors"))

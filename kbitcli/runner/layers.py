@@ -10,10 +10,12 @@ The dequantization is plain torch, so it runs on the CPU and on CUDA alike:
      every byte stays below 2**k <= 256), i.e. the codes as bytes, in order.
   2. decode: cb[code] * s (+ o), per block, in float32.
 
-On the CPU the same values come faster from kbit's Numba CPU kernel (kbitcli.kernels.cpu,
-bit-identical by the kernel contract and tested against this module): KbitLinear's kernel
-"auto" uses it for CPU tensors when it can be imported, else the torch code; "torch" forces
-the torch code. CUDA tensors always use the torch code (no Numba CUDA code is imported).
+The same values come faster from kbit's Numba kernels (bit-identical by the kernel contract,
+and tested against this module): kbitcli.kernels.cpu for CPU tensors, kbitcli.kernels.cuda
+for CUDA tensors (handed over through __cuda_array_interface__, no copies). KbitLinear's
+kernel "auto" uses them when they can be imported (the CUDA one is imported only when a CUDA
+tensor is dequantized; if it fails, the layer falls back to the torch code for good, with a
+warning); "torch" forces the torch code, "numba" the Numba kernels.
 """
 from __future__ import annotations
 
@@ -99,6 +101,21 @@ def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales:
     return torch.from_numpy(out)
 
 
+def dequantize_numba_cuda(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
+                          offsets: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:
+    """dequantize_torch with kbitcli.kernels.cuda (imported here, on first use). CUDA tensors go
+    to the kernel in place and the result stays on the GPU; CPU tensors (Numba's CUDA simulator
+    in the tests) are copied over and back."""
+    from kbitcli.kernels.cuda import CudaOps
+    if words.is_cuda:
+        out = CudaOps.dequantize_device(words.contiguous().view(torch.uint32), k, block, cols, scales.contiguous(),
+                                        None if offsets is None else offsets.contiguous(), codebook.contiguous())
+        return torch.as_tensor(out, device=words.device)
+    out = CudaOps.dequantize_device(words.numpy().view(np.uint32), k, block, cols, scales.numpy(),
+                                    None if offsets is None else offsets.numpy(), codebook.numpy())
+    return torch.from_numpy(np.asarray(out.copy_to_host(), dtype=np.float32))
+
+
 class KbitLinear(nn.Module):
     """Linear layer over a packed kbit weight.
 
@@ -147,10 +164,22 @@ class KbitLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight in its stored layout, float32 reference values cast to self.dtype."""
-        fn = dequantize_torch
-        if self.codes.device.type == "cpu" and self.kernel != "torch" and (self.kernel == "numba" or numba_dequantize()):
-            fn = dequantize_numba
-        w = fn(self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets, self.codebook)
+        args = (self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets, self.codebook)
+        if self.kernel == "torch":
+            w = dequantize_torch(*args)
+        elif self.codes.device.type == "cpu":
+            w = dequantize_numba(*args) if self.kernel == "numba" or numba_dequantize() else dequantize_torch(*args)
+        elif self.kernel == "numba":
+            w = dequantize_numba_cuda(*args)
+        else:  # auto on a GPU: the Numba CUDA kernel, or the torch code if it cannot run
+            try:
+                w = dequantize_numba_cuda(*args)
+            except Exception as e:  # noqa: BLE001 - any failure: the torch code gives the same values
+                import warnings
+                warnings.warn(f"kbit: the Numba CUDA dequantizer failed ({type(e).__name__}: {e}); "
+                              "using the torch code", RuntimeWarning, stacklevel=2)
+                self.kernel = "torch"
+                w = dequantize_torch(*args)
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
     @property
