@@ -415,3 +415,56 @@ def test_kernels_take_non_contiguous_and_float64_inputs(impl):
     spec = QuantSpec(4, "int", 32, "fp32")
     assert_same_quantization(ops, x, spec)
     assert_same_quantization(ops, x.astype(np.float64), spec)
+
+
+# ----------------------------------------------------------------------------- real CUDA codegen
+PTX_CHECK = r'''
+import re, sys, types
+try:
+    from numba.cuda.cudadrv import nvvm
+    if not nvvm.is_available():
+        sys.exit(77)
+    nvvm.NVVM()
+except Exception:
+    sys.exit(77)
+import numba.cuda.dispatcher as disp
+if hasattr(disp, "get_current_device"):  # device functions ask the GPU's compute capability
+    disp.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+from numba import cuda, float32, int32, int64, uint32, boolean
+import kbitcli.kernels.cuda as K
+assert not K.SIMULATOR
+f1, f2, f3 = float32[::1], float32[:, ::1], float32[:, :, ::1]
+kernels = {
+    "stats": (K._stats_kernel, (f2, int64, int64, boolean, f2, f2)),
+    "quantize_pack": (K._quantize_pack_kernel, (f2, int64, int64, f2, f2, boolean, f1, int64, uint32[::1])),
+    "search": (K._search_kernel, (f2, int64, f3, f3, boolean, f1, f1, int32[:, ::1])),
+    "dequantize": (K._dequantize_kernel, (uint32[::1], int64, int64, int64, f2, f2, boolean, f1, f2)),
+}
+for name, (kern, sig) in kernels.items():
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+    ops = set(re.findall(r"^\s*((?:fma|mad|div|mul|add|sub|rcp)\.[a-z0-9.]+)", ptx, re.M))
+    fops = {o for o in ops if o.endswith(("f32", "f64"))}
+    bad = {o for o in fops if o.startswith(("fma", "mad", "rcp")) or ".ftz" in o or ".approx" in o or ".full" in o
+           or (o.startswith(("mul", "add")) and ".rn" not in o)
+           or (o.startswith("div") and ".rn" not in o)}
+    print(name, sorted(fops))
+    if bad:
+        print("contracted/approximate float ops in", name, sorted(bad))
+        sys.exit(1)
+print("ok")
+'''
+
+
+def test_cuda_kernels_compile_to_exact_ptx():
+    """Without a GPU: compile the CUDA kernels for sm_90 with the real NVVM (when a CUDA
+    toolkit is installed) and check the PTX for float ops that would change bits: fused
+    multiply-adds, flush-to-zero, approximate division, unrounded mul/add."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    if "CUDA_HOME" not in env and os.path.isdir("/usr/local/cuda"):
+        env["CUDA_HOME"] = "/usr/local/cuda"
+    out = subprocess.run([sys.executable, "-c", PTX_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode == 77:
+        pytest.skip("no CUDA toolkit (NVVM) on this machine")
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

@@ -51,6 +51,9 @@ SIMULATOR = bool(getattr(config, "ENABLE_CUDASIM", False))
 #: Python thread, so it gets small blocks (less idle work on tiny test tensors)
 TPB = 64 if SIMULATOR else 256
 GROUPS_PER_CTA = TPB // 32
+#: shared codes of one CTA, 33 per group (a pad word against bank conflicts); a plain
+#: module constant, as cuda.shared.array needs a compile-time size
+SHARED_CODES = GROUPS_PER_CTA * 33
 
 # ----------------------------------------------------------------------------- arithmetic
 if SIMULATOR:
@@ -82,27 +85,27 @@ if SIMULATOR:
 else:  # pragma: no cover - needs a GPU
     from numba.cuda import libdevice
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _fmul(a, b):
         return libdevice.fmul_rn(a, b)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _fadd(a, b):
         return libdevice.fadd_rn(a, b)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _fsub(a, b):
         return libdevice.fsub_rn(a, b)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _fdiv(a, b):
         return libdevice.fdiv_rn(a, b)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _dmul(a, b):
         return libdevice.dmul_rn(a, b)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _dadd(a, b):
         return libdevice.dadd_rn(a, b)
 
@@ -152,7 +155,9 @@ def _stats_kernel(x, B, nb, affine, out_a, out_b):
     r = L // nb
     b = L - r * nb
     c0 = b * B
-    c1 = min(cols, c0 + B)
+    c1 = c0 + B
+    if c1 > cols:  # (no min(): it does not compile for CUDA in every numba version)
+        c1 = cols
     nan = False
     if affine:
         lo = np.float32(0.0)
@@ -188,7 +193,7 @@ def _stats_kernel(x, B, nb, affine, out_a, out_b):
 def _quantize_pack_kernel(x, B, k, s, o, affine, mids, G, words):
     """words: flat uint32 (rows*G*k,)."""
     tid = cuda.threadIdx.x
-    codes = cuda.shared.array(GROUPS_PER_CTA * 33, dtype=np.int32)
+    codes = cuda.shared.array(SHARED_CODES, dtype=np.int32)
     rows = x.shape[0]
     cols = x.shape[1]
     ngroups = rows * G

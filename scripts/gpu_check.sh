@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Check the Numba CUDA kernels on a machine with a real NVIDIA GPU, in about 5 minutes:
+#   1. tests/test_kernels.py with KBIT_REAL_GPU=1 (the CUDA kernels on the GPU, bit for
+#      bit against the numpy reference, with larger tensors than the simulator allows);
+#   2. a short benchmark (scripts/kernel_bench.py): weights/s of quantize_pack and
+#      dequantize for k = 2..8 on 4096x4096 and 16384x16384, against the CPU kernels.
+# Fails loudly (exit 1) when there is no usable GPU.
+#
+# Python: $PYTHON, else the first of .venv/bin/python, /opt/torch/.venv/bin/python3, python3
+# that has numpy and numba. The CUDA target: the numba-cuda package when importable (the
+# built-in numba.cuda is deprecated upstream); if it is missing, wheels in .whl/ are
+# installed (--no-deps, into /tmp/kbit-site: for machines without network), else pip
+# installs numba-cuda (first --no-deps, then with the cuXX extra for the driver's CUDA
+# major version); if all that fails, numba's built-in CUDA target is tried.
+#   KBIT_GPU_SIZES   benchmark sizes (default 4096x4096,16384x16384)
+#   KBIT_GPU_PYTEST  extra pytest arguments
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+die() { echo; echo "gpu_check: FAILED: $*" >&2; exit 1; }
+say() { echo; echo "== $*"; }
+T0=$(date +%s)
+
+say "GPU"
+command -v nvidia-smi >/dev/null 2>&1 || die "nvidia-smi not found: this needs a machine with an NVIDIA GPU and driver (on a CPU machine use --device cpu; the CUDA kernels are tested there under Numba's simulator)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || die "nvidia-smi cannot talk to the driver"
+nvidia-smi -L | grep -q "GPU" || die "nvidia-smi lists no GPU"
+CUDA_MAJOR=$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -1)
+echo "driver supports CUDA ${CUDA_MAJOR:-?}"
+
+say "Python"
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in .venv/bin/python /opt/torch/.venv/bin/python3 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import numpy, numba" >/dev/null 2>&1; then PY=$c; break; fi
+  done
+fi
+[ -n "$PY" ] || die "no Python with numpy and numba found (set PYTHON=/path/to/python)"
+"$PY" -c "import sys, numpy, numba; print(sys.executable, sys.version.split()[0], '| numpy', numpy.__version__, '| numba', numba.__version__)"
+export PYTHONPATH="$ROOT/formats:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset NUMBA_ENABLE_CUDASIM
+export KBIT_REAL_GPU=1
+export PYTHONUNBUFFERED=1
+export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0  # tiny test grids
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+
+have_numba_cuda() { "$PY" -c "import numba_cuda" >/dev/null 2>&1; }
+cuda_works() {
+  "$PY" - <<'EOF' >/dev/null 2>&1
+import numpy as np
+from numba import cuda
+from numba.cuda import libdevice
+assert cuda.is_available()
+@cuda.jit
+def k(a, b, out):
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = libdevice.fadd_rn(libdevice.fmul_rn(a[i], b[i]), np.float32(1.0))
+a = np.arange(64, dtype=np.float32); out = cuda.device_array(64, np.float32)
+k[1, 64](cuda.to_device(a), cuda.to_device(a), out)
+assert np.array_equal(out.copy_to_host(), a * a + np.float32(1))
+EOF
+}
+
+say "numba CUDA target"
+if ! have_numba_cuda; then
+  if ls .whl/numba_cuda-*.whl >/dev/null 2>&1; then
+    echo "installing the wheels in .whl/ (--no-deps) into /tmp/kbit-site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/kbit-site .whl/*.whl \
+      && export PYTHONPATH="/tmp/kbit-site:$PYTHONPATH"
+  else
+    echo "numba-cuda is not installed: trying pip (needs network)"
+    timeout 180 "$PY" -m pip install -q --no-deps numba-cuda \
+      || echo "pip install --no-deps numba-cuda failed"
+    if ! cuda_works && [ -n "${CUDA_MAJOR:-}" ]; then
+      timeout 300 "$PY" -m pip install -q "numba-cuda[cu${CUDA_MAJOR}]" \
+        || echo "pip install numba-cuda[cu${CUDA_MAJOR}] failed"
+    fi
+  fi
+fi
+"$PY" - <<'EOF' || die "numba's CUDA target cannot be imported"
+import numba
+from numba import cuda
+try:
+    import numba_cuda
+    ver = getattr(numba_cuda, "__version__", "?")
+    print(f"numba-cuda {ver} at {numba_cuda.__file__}")
+except ImportError:
+    print("numba-cuda not installed: numba's built-in (deprecated) CUDA target")
+print("numba.cuda implementation:", getattr(cuda, "implementation", "?"), "|", cuda.__file__)
+print("cuda.is_available():", cuda.is_available())
+if cuda.is_available():
+    d = cuda.get_current_device()
+    print("device:", d.name, "compute capability", d.compute_capability)
+    try:
+        print("CUDA runtime:", cuda.runtime.get_version())
+    except Exception as e:
+        print("CUDA runtime version unknown:", e)
+EOF
+if ! cuda_works; then
+  "$PY" -c "from numba import cuda; cuda.detect()" || true
+  die "a trivial Numba CUDA kernel (with libdevice fmul_rn/fadd_rn) does not compile or run on this GPU"
+fi
+echo "a Numba CUDA kernel with libdevice rounding runs: ok"
+
+say "tests/test_kernels.py on the GPU (KBIT_REAL_GPU=1)"
+"$PY" -c "import pytest" >/dev/null 2>&1 || die "pytest is not installed for $PY"
+TEST_RC=0
+# shellcheck disable=SC2086
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py ${KBIT_GPU_PYTEST:-} || TEST_RC=$?
+
+say "benchmark (weights/s; CUDA: kernels alone on resident data, 'host q' = with copies)"
+BENCH_RC=0
+timeout 240 "$PY" scripts/kernel_bench.py --devices cuda,cpu --bits 2-8 --reps 5 \
+  --sizes "${KBIT_GPU_SIZES:-4096x4096,16384x16384}" --cpu-max-weights 2e7 || BENCH_RC=$?
+
+say "summary ($(( $(date +%s) - T0 )) s)"
+echo "tests:     $([ $TEST_RC -eq 0 ] && echo passed || echo "FAILED (exit $TEST_RC)")"
+echo "benchmark: $([ $BENCH_RC -eq 0 ] && echo "ok, GPU words identical to the CPU kernels'" || echo "FAILED (exit $BENCH_RC)")"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] || die "see above"
+echo "gpu_check: OK"
