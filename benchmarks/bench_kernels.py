@@ -196,16 +196,16 @@ def speed_headline(W, rep: Report, repeats: int, bnb, gguf, llama: dict) -> dict
     return T
 
 
-def speed_sweep(W, rep: Report, repeats: int, pool: list, label: str) -> None:
+def speed_sweep(W, rep: Report, repeats: int, pool: list, label: str, warmup: int = 1) -> None:
     rep.section(f"Speed: every k and data type (block 64, fp16 scales, {label})")
     n = W.size
     qrate, drate, errs = {}, {}, {}
     for d in DTYPES:
         for k in BITS:
             sp = QuantSpec(k, d, 64)
-            tq = timeit(lambda: quantize(W, sp, ops=CPU), repeats=repeats, warmup=1)
+            tq = timeit(lambda: quantize(W, sp, ops=CPU), repeats=repeats, warmup=warmup)
             qt = quantize(W, sp, ops=CPU)
-            td = timeit(lambda: dequantize(qt, CPU), repeats=repeats, warmup=1)
+            td = timeit(lambda: dequantize(qt, CPU), repeats=repeats, warmup=warmup)
             qrate[d, k], drate[d, k] = tq.rate(n) / 1e6, td.rate(n) / 1e6
             errs[d, k] = rel(W, dequantize(qt, CPU))
             pool.append((sp.label(), qt.bits_per_weight, errs[d, k], label))
@@ -216,7 +216,7 @@ def speed_sweep(W, rep: Report, repeats: int, pool: list, label: str) -> None:
               title="unpack + dequantize (dequantize(qt, CpuOps)), Mweights/s")
     rep.table(head, [[d] + [errs[d, k] for k in BITS] for d in DTYPES],
               title="relative RMSE at these settings (bits/weight = k + 0.25, affine k + 0.5)")
-    rep.note(f"{repeats} timed runs after a warm-up per cell; Mweights/s = 1e6 weights per second at the best run.")
+    rep.note(f"{repeats} timed runs after {warmup} warm-up run(s) per cell; Mweights/s = 1e6 weights per second at the best run.")
 
 
 def dequant_compare(W, rep: Report, repeats: int, bnb, gguf, llama_files: dict, ref_repeats: int) -> None:
@@ -279,27 +279,27 @@ def quality_peers(W, rep: Report, bnb, gguf, llama: dict, llama_files: dict) -> 
     return peers
 
 
-def quality_grid(Wg, rep: Report, pool: list, label: str) -> None:
+def quality_grid(Wg, rep: Report, pool: list, label: str, blocks=BLOCKS) -> None:
     rep.section(f"Quality: every data type x k x block size (fp16 scales, no search; {label})")
     res = {}
     for d in DTYPES:
         for k in BITS:
-            for B in BLOCKS:
+            for B in blocks:
                 sp = QuantSpec(k, d, B)
                 qt = quantize(Wg, sp, ops=CPU)
                 e = rel(Wg, dequantize(qt, CPU))
                 res[d, k, B] = (e, qt.bits_per_weight)
                 pool.append((sp.label(), qt.bits_per_weight, e, label))
-    rows = [[f"{k}:{d}"] + [f"{res[d, k, B][0]:.4f} @ {res[d, k, B][1]:.4g}" for B in BLOCKS]
+    rows = [[f"{k}:{d}"] + [f"{res[d, k, B][0]:.4f} @ {res[d, k, B][1]:.4g}" for B in blocks]
             for k in BITS for d in DTYPES]
-    rep.table(["k:dtype"] + [f"b{B}" for B in BLOCKS], rows,
+    rep.table(["k:dtype"] + [f"b{B}" for B in blocks], rows,
               title="relative RMSE @ true bits per weight")
 
 
 def quality_scales(W, rep: Report, pool: list, label: str, quick: bool = False) -> None:
     rep.section(f"Quality: 4 bits, scale encodings and mse search, blocks 32 / 64 ({label})")
     rows = []
-    for d in (("int", "affine", "nf", "lloyd") if quick else DTYPES):
+    for d in (("affine", "nf", "lloyd") if quick else DTYPES):
         for B in (32, 64):
             for enc in ("fp16", "dq", "e8"):
                 row = [f"4:{d}:b{B}:{enc}"]
@@ -355,7 +355,7 @@ def quality_headline(rep: Report, pool: list, peers: list, full_label: str, llam
             rep.note(f"{lab}: rel RMSE {p[2]:.4f} at {p[1]:.4f} bits/weight")
 
 
-def bit_exactness(rep: Report) -> None:
+def bit_exactness(rep: Report, quick: bool = False) -> None:
     rep.section("Bit-exactness: numpy reference vs CpuOps")
     rng = np.random.default_rng(7)
     xs = [rng.standard_normal(s).astype(np.float32) * np.float32(0.05) for s in ODD_SHAPES]
@@ -363,7 +363,10 @@ def bit_exactness(rep: Report) -> None:
     for d in DTYPES:
         for k in BITS:
             ok = {"codes": True, "scales": True, "dequantized": True}
-            for sp in (QuantSpec(k, d, 64), QuantSpec(k, d, 32, "dq", "mse"), QuantSpec(k, d, 0, "e8")):
+            specs = [QuantSpec(k, d, 64), QuantSpec(k, d, 0, "e8")]
+            if not quick:
+                specs.insert(1, QuantSpec(k, d, 32, "dq", "mse"))
+            for sp in specs:
                 for x in xs:
                     a = quantize(x, sp, ops=NumpyOps)
                     b = quantize(x, sp, ops=CPU)
@@ -380,7 +383,7 @@ def bit_exactness(rep: Report) -> None:
                         bad.append(f"{sp.label()} {x.shape}")
             rows.append([f"{k}:{d}", *("identical" if ok[c] else "DIFFERENT" for c in ok)])
     rep.table(["k:dtype", "codes+codebook", "scales/offsets", "dequantized"], rows)
-    rep.note(f"{total} cases: specs b64:fp16, b32:dq:mse and row:e8 x shapes {list(ODD_SHAPES)}; "
+    rep.note(f"{total} cases: specs b64:fp16{'' if quick else ', b32:dq:mse'} and row:e8 x shapes {list(ODD_SHAPES)}; "
              f"{'all bit-identical' if not bad else str(len(bad)) + ' differ: ' + ', '.join(bad[:10])}")
     rep.check("numpy reference and CpuOps bit-identical", not bad, f"{total - len(bad)}/{total} cases identical")
 
@@ -435,7 +438,7 @@ def main(argv=None) -> int:
     rows = a.rows or (1024 if a.quick else 4096)
     grid_rows = a.grid_rows or (256 if a.quick else 1024)
     repeats = a.repeats or (3 if a.quick else 5)
-    sweep_repeats = 2 if a.quick else 3
+    sweep_repeats = 1 if a.quick else 3
     t_start = time.perf_counter()
 
     rep = Report()
@@ -457,12 +460,12 @@ def main(argv=None) -> int:
     steps = [
         ("speed_headline", lambda: speed_headline(W, rep, repeats, bnb, gguf, llama)),
         ("dequant_compare", lambda: dequant_compare(W, rep, repeats, bnb, gguf, llama_files, 1 if a.quick else 2)),
-        ("speed_sweep", lambda: speed_sweep(W, rep, sweep_repeats, pool, full_label)),
+        ("speed_sweep", lambda: speed_sweep(W, rep, sweep_repeats, pool, full_label, 0 if a.quick else 1)),
         ("quality_peers", lambda: peers.extend(quality_peers(W, rep, bnb, gguf, llama, llama_files))),
         ("quality_scales", lambda: quality_scales(W, rep, pool, full_label, a.quick)),
-        ("quality_grid", lambda: quality_grid(Wg, rep, pool, grid_label)),
+        ("quality_grid", lambda: quality_grid(Wg, rep, pool, grid_label, (32, 128, 1024) if a.quick else BLOCKS)),
         ("quality_headline", lambda: quality_headline(rep, pool, peers, full_label, bool(llama))),
-        ("bit_exactness", lambda: bit_exactness(rep)),
+        ("bit_exactness", lambda: bit_exactness(rep, a.quick)),
     ]
     peers: list = []
     for name, fn in steps:
