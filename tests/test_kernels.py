@@ -312,14 +312,14 @@ def test_quantize_pack_random(impl):
 
 
 def test_cpu_code_search_methods_agree():
-    """The three exact code searches of the CPU kernels (count, binary search, table) on
+    """The four exact code searches of the CPU kernels (count, binary search, tables) on
     every codebook: each one alone equals np.searchsorted."""
     from kbitcli.kernels import cpu
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.standard_normal(4000) * 0.5, rng.standard_normal(1000) * 1e-4,
                         rng.uniform(-1.2, 1.2, 4000)]).astype(F32)
     try:
-        for method in (cpu.METHOD_COUNT, cpu.METHOD_BSEARCH, cpu.METHOD_LUT):
+        for method in (cpu.METHOD_COUNT, cpu.METHOD_BSEARCH, cpu.METHOD_LUT, cpu.METHOD_LOGLUT):
             cpu.CodeSearch.force_method = method
             for dtype in DTYPES:
                 for k in range(2, 9):

@@ -55,7 +55,9 @@ CHUNK_WEIGHTS = 1 << 14
 #: buckets of the code-search guess table
 LUT_BUCKETS = 2048
 
-METHOD_COUNT, METHOD_BSEARCH, METHOD_LUT = 0, 1, 2
+METHOD_COUNT, METHOD_BSEARCH, METHOD_LUT, METHOD_LOGLUT = 0, 1, 2, 3
+#: mantissa bits kept by the log-spaced table's buckets (64 buckets per octave)
+LOGLUT_MANTISSA = 6
 
 _ABS = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
@@ -92,6 +94,53 @@ def _build_lut(mids, lo, sc, nbk):
     return lut, most
 
 
+@njit(cache=True, inline="always")
+def _lbkt(yi, amin, sh, half, nbm1):
+    """Monotone log-spaced bucket of the float32 whose bits are yi, in 0..nbm1.
+
+    g = sign(y) * max(|bits(y)| - amin, 0) is non-decreasing in y (both zeros give 0,
+    magnitudes below the float with bits amin share the buckets next to 0), and so is
+    (g >> sh) + half, an arithmetic shift. NaN lands in some bucket; callers mask it."""
+    a = np.int32(yi & np.int32(0x7FFFFFFF)) - amin
+    a = a if a > np.int32(0) else np.int32(0)
+    g = -a if yi < np.int32(0) else a
+    b = np.int32(g >> sh) + half
+    b = b if b > np.int32(0) else np.int32(0)
+    b = b if b < nbm1 else nbm1
+    return np.uint32(b)
+
+
+@njit(cache=True)
+def _build_loglut(mids, amin, sh, half, nbk):
+    lut = np.zeros(nbk, np.uint32)
+    cnt = np.zeros(nbk, np.int64)
+    nbm1 = np.int32(nbk - 1)
+    mi = mids.view(np.int32)
+    for i in range(mi.size):
+        cnt[_lbkt(mi[i], amin, sh, half, nbm1)] += 1
+    acc = 0
+    most = 0
+    for b in range(nbk):
+        lut[b] = acc
+        acc += cnt[b]
+        most = max(most, cnt[b])
+    return lut, most
+
+
+def _loglut_params(mids: np.ndarray) -> tuple[int, int, int, int]:
+    """(amin, sh, half, buckets) spanning one octave below the smallest nonzero |mid| to
+    one octave above the largest."""
+    mags = np.abs(mids[np.isfinite(mids)]).astype(F32)
+    nz = mags[mags > 0]
+    if nz.size == 0:
+        return 0, 23, 1, 2
+    amin = max(0, int(nz.min().view(np.int32)) - (1 << 23))
+    top = min(0x7F800000, int(nz.max().view(np.int32)) + (1 << 23))
+    sh = 23 - LOGLUT_MANTISSA
+    half = ((top - amin) >> sh) + 1
+    return amin, sh, half, 2 * half + 1
+
+
 class CodeSearch:
     """Precomputed tables of the exact code search for one codebook's midpoints."""
 
@@ -113,22 +162,29 @@ class CodeSearch:
             self.lo, self.sc = F32(0), F32(0)
             self.lut, most = np.zeros(1, np.uint32), n
         self.lut_steps = int(most)
-        # rough costs (per value) of the three methods, measured on AVX-512
+        amin, sh, half, nbk = _loglut_params(mids)
+        self.amin, self.sh, self.half = np.int32(amin), np.int32(sh), np.int32(half)
+        self.llut, most = _build_loglut(mids, self.amin, self.sh, self.half, nbk)
+        self.llut_steps = int(most)
+        # rough costs (per value) of the methods, measured on AVX-512
         if n + 1 != 1 << self.steps:
             self.method = METHOD_COUNT  # not 2**k codes: counting is always exact
         else:
             costs = {METHOD_COUNT: 0.3 * n + 1, METHOD_BSEARCH: 2.0 * self.steps + 1,
-                     METHOD_LUT: 5.0 + 2.0 * self.lut_steps}
+                     METHOD_LUT: 5.0 + 2.0 * self.lut_steps, METHOD_LOGLUT: 6.0 + 2.0 * self.llut_steps}
             self.method = min(costs, key=costs.get)
             if self.force_method is not None:
                 self.method = int(self.force_method)
 
     def args(self):
-        return (self.method, self.mids, self.mext, self.steps, self.lut, self.lo, self.sc, self.lut_steps)
+        steps = self.llut_steps if self.method == METHOD_LOGLUT else self.lut_steps
+        lut = self.llut if self.method == METHOD_LOGLUT else self.lut
+        return (self.method, self.mids, self.mext, self.steps, lut, self.lo, self.sc, steps,
+                self.amin, self.sh, self.half)
 
 
 @njit(cache=True, inline="always")
-def _codes(ybuf, n, c32, c8, method, mids, mext, steps, lut, lo, sc, lut_steps):
+def _codes(ybuf, n, c32, c8, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half):
     """c8[i] = #{j : mids[j] < ybuf[i]} for i < n, exactly (NaN -> len(mids)).
     c32 is uint32 scratch (the gathers of the table methods are much faster on 32-bit lanes)."""
     nn = np.uint8(mids.size)
@@ -152,9 +208,15 @@ def _codes(ybuf, n, c32, c8, method, mids, mext, steps, lut, lo, sc, lut_steps):
                 g = c32[i]
                 c32[i] = g + h if mids[g + hm1] < ybuf[i] else g
     else:
-        nbm1 = np.float32(lut.size - 1)
-        for i in range(n):
-            c32[i] = lut[_bkt(ybuf[i], lo, sc, nbm1)]
+        if method == 2:
+            nbm1 = np.float32(lut.size - 1)
+            for i in range(n):
+                c32[i] = lut[_bkt(ybuf[i], lo, sc, nbm1)]
+        else:
+            yi = ybuf.view(np.int32)
+            nbi = np.int32(lut.size - 1)
+            for i in range(n):
+                c32[i] = lut[_lbkt(yi[i], amin, sh, half, nbi)]
         for _ in range(lut_steps):
             for i in range(n):
                 g = c32[i]
@@ -282,7 +344,7 @@ def _stats_affine_kernel(xi, B, nb, per, lo_out, hi_out):
 # ----------------------------------------------------------------------------- quantize
 @njit(parallel=True, cache=True)
 def _quantize_pack_kernel(x, B, k, s, o, affine, per, method, mids, mext, steps, lut, lo, sc,
-                          lut_steps, words):
+                          lut_steps, amin, sh, half, words):
     rows, cols = x.shape
     nb = s.shape[1]
     gpb = B // 32  # groups per block
@@ -303,7 +365,7 @@ def _quantize_pack_kernel(x, B, k, s, o, affine, per, method, mids, mext, steps,
             sv = s[r, b]
             ov = o[r, b] if affine else np.float32(0.0)
             _normalize_block(xs, xs.size, B, sv, ov, affine, ybuf)
-            _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps)
+            _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half)
             wrow = words[r, b * gpb * k:(b + 1) * gpb * k]
             for gi in range(gpb):
                 for j in range(k):
@@ -313,7 +375,7 @@ def _quantize_pack_kernel(x, B, k, s, o, affine, per, method, mids, mext, steps,
 # ----------------------------------------------------------------------------- search
 @njit(parallel=True, cache=True)
 def _search_kernel(x, B, cand_s, cand_o, affine, cb, per, method, mids, mext, steps, lut, lo,
-                   sc, lut_steps, best):
+                   sc, lut_steps, amin, sh, half, best):
     rows, cols = x.shape
     ncand = cand_s.shape[0]
     nb = cand_s.shape[2]
@@ -342,7 +404,7 @@ def _search_kernel(x, B, cand_s, cand_o, affine, cb, per, method, mids, mext, st
                 sv = cand_s[i, r, b]
                 ov = cand_o[i, r, b] if affine else np.float32(0.0)
                 _normalize_block(xbuf, B, B, sv, ov, affine, ybuf)
-                _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps)
+                _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half)
                 if affine:
                     for e in range(B):
                         v = np.float32(np.float32(cb[cbuf[e]] * sv) + ov)
