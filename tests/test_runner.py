@@ -307,6 +307,41 @@ def test_smollm2_kbit_4bit_packed_equals_dequantized(smol, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- generation details
+def test_old_checkpoint_names_and_config_keys(tiny, tmp_path):
+    """GPT-2 saved from GPT2Model (no 'transformer.' prefix, causal-mask buffers); GPT-NeoX's
+    older rotary_pct / rotary_emb_base config keys."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = tiny("gpt2")
+    d = tmp_path / "gpt2-old"
+    shutil.copytree(folder, d)
+    sd = load_file(str(d / "model.safetensors"))
+    old = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    old["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    (d / "model.safetensors").unlink()
+    save_file(old, str(d / "model.safetensors"))
+    model, _, _ = load(d)
+    ids = _ids(9, 11)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+    from kbitcli.runner.models.base import rope_settings
+    r = rope_settings({"rotary_pct": 0.25, "rotary_emb_base": 10000}, default_partial=0.25)
+    assert r["partial_rotary_factor"] == 0.25 and r["rope_theta"] == 10000.0 and r["rope_type"] == "default"
+    r = rope_settings({"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert r["rope_theta"] == 5e5 and r["rope_type"] == "llama3"
+
+
+def test_unexpected_tensor_is_named(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    folder, _ = tiny("opt")
+    d = tmp_path / "extra"
+    shutil.copytree(folder, d)
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.decoder.layers.0.self_attn.extra.weight"] = torch.zeros(2, 2)
+    save_file(sd, str(d / "model.safetensors"))
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
+    assert "model.decoder.layers.0.self_attn.extra.weight" in _one_line_error(capsys)
+
+
 def test_stop_strings_sampling_and_batch(tiny):
     folder, _ = tiny("llama")
     model, tok, _ = load(folder)
@@ -351,6 +386,11 @@ def test_context_window(tiny):
 
 
 # ----------------------------------------------------------------------------- the CLI
+def _run(capsys, argv: list[str]) -> int:
+    capsys.readouterr()  # drop what fixtures printed (transformers' progress bars)
+    return main(argv)
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
@@ -360,7 +400,7 @@ def _one_line_error(capsys) -> str:
 
 def test_cli_generate_json(tiny, capsys):
     folder, _ = tiny("qwen2")
-    rc = main(["generate", str(folder), "--prompt", "t5 t6", "--prompt", "t7", "-n", "3", "--device", "cpu", "--json"])
+    rc = _run(capsys, ["generate", str(folder), "--prompt", "t5 t6", "--prompt", "t7", "-n", "3", "--device", "cpu", "--json"])
     out = capsys.readouterr().out
     assert rc == 0
     doc = json.loads(out)
@@ -369,7 +409,7 @@ def test_cli_generate_json(tiny, capsys):
 
 def test_cli_stream_single_prompt(tiny, capsys):
     folder, _ = tiny("gpt_neox")
-    rc = main(["generate", str(folder), "-p", "t5 t6", "-n", "3", "--temperature", "0.7", "--seed", "1", "-q"])
+    rc = _run(capsys, ["generate", str(folder), "-p", "t5 t6", "-n", "3", "--temperature", "0.7", "--seed", "1", "-q"])
     assert rc == 0
     assert capsys.readouterr().out.endswith("\n")
 
@@ -381,7 +421,7 @@ def test_cli_unsupported_architecture(tiny, tmp_path, capsys):
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(architectures=["FooForCausalLM"], model_type="foo")
     (d / "config.json").write_text(json.dumps(cfg))
-    assert main(["generate", str(d), "-p", "t5"]) == 3
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
     err = _one_line_error(capsys)
     assert "FooForCausalLM" in err and "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err
 
@@ -393,7 +433,7 @@ def test_cli_missing_config_field(tiny, tmp_path, capsys):
     cfg = json.loads((d / "config.json").read_text())
     del cfg["n_head"]
     (d / "config.json").write_text(json.dumps(cfg))
-    assert main(["generate", str(d), "-p", "t5"]) == 3
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
     assert "n_head" in _one_line_error(capsys)
 
 
@@ -402,7 +442,7 @@ def test_cli_no_tokenizer(tiny, tmp_path, capsys):
     d = tmp_path / "notok"
     shutil.copytree(folder, d)
     (d / "tokenizer.json").unlink()
-    assert main(["generate", str(d), "-p", "t5"]) == 3
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
     assert "tokenizer.json" in _one_line_error(capsys)
 
 
@@ -412,12 +452,12 @@ def test_cli_kbit_tensors_do_not_fit(tiny, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     bad = dict(cfg, intermediate_size=96)
     (out / "config.json").write_text(json.dumps(bad))
-    assert main(["generate", str(out), "-p", "t5"]) == 3
+    assert _run(capsys, ["generate", str(out), "-p", "t5"]) == 3
     err = _one_line_error(capsys)
     assert "model.layers.0.mlp" in err and "shape" in err
     bad = dict(cfg, num_hidden_layers=3)
     (out / "config.json").write_text(json.dumps(bad))
-    assert main(["generate", str(out), "-p", "t5"]) == 3
+    assert _run(capsys, ["generate", str(out), "-p", "t5"]) == 3
     err = _one_line_error(capsys)
     assert "model.layers.2." in err and "missing" in err
 
@@ -426,13 +466,13 @@ def test_cli_cuda_unavailable(tiny, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     folder, _ = tiny("llama")
-    assert main(["generate", str(folder), "-p", "t5", "--device", "cuda"]) == 2
+    assert _run(capsys, ["generate", str(folder), "-p", "t5", "--device", "cuda"]) == 2
     assert "--device cpu" in _one_line_error(capsys)
 
 
 def test_cli_prompt_too_long_and_no_chat_template(tiny, capsys):
     folder, _ = tiny("gpt2")
-    assert main(["generate", str(folder), "-p", " ".join(["t5"] * 80)]) == 3
+    assert _run(capsys, ["generate", str(folder), "-p", " ".join(["t5"] * 80)]) == 3
     assert "context window" in _one_line_error(capsys)
-    assert main(["generate", str(folder), "-p", "t5", "--chat"]) == 3
+    assert _run(capsys, ["generate", str(folder), "-p", "t5", "--chat"]) == 3
     assert "chat template" in _one_line_error(capsys)

@@ -44,6 +44,9 @@ def generate(
     path, _ = resolve_source(model)
     m, tok, _ = load(path, device=dev, dtype=dtype, dequantize_on_load=dequantize_on_load)
     stream = len(prompt) == 1 and not json_out
+    if stream and not chat:  # the continuation follows the prompt, as in a text completion
+        sys.stdout.write(prompt[0])
+        sys.stdout.flush()
 
     def on_text(i: int, text: str) -> None:
         sys.stdout.write(text)

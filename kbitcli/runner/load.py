@@ -205,10 +205,9 @@ def load_weights(model: nn.Module, weights, device: torch.device, dtype: torch.d
         else:
             unexpected.append(name)
     if unexpected:
-        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise InputError(f"{where}: tensor {unexpected[0]!r}{' ' if not more else ', '}"
-                         f"{', '.join(repr(u) for u in unexpected[1:3])}{more} does not belong to the {arch} "
-                         "architecture that config.json describes".replace("  ", " "))
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise InputError(f"{where}: the tensor {unexpected[0]!r}{more} does not belong to the {arch} "
+                         "architecture that config.json describes")
     missing = [p for p in params if p not in mapping]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
