@@ -80,8 +80,12 @@ def machine() -> str:
                 mem = f", {int(line.split()[1]) / 1024**2:.0f} GiB RAM"
     except OSError:
         pass
+    try:
+        load = ", load average at start %.1f / %.1f / %.1f" % os.getloadavg()
+    except OSError:
+        load = ""
     return (f"{os.cpu_count()} CPUs (nproc), {cpu_model()}{mem}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}{load}")
 
 
 def versions(*mods: str) -> str:
