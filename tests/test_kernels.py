@@ -468,3 +468,33 @@ def test_cuda_kernels_compile_to_exact_ptx():
     if out.returncode == 77:
         pytest.skip("no CUDA toolkit (NVVM) on this machine")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mismatched_shapes_are_refused(impl):
+    """Numba kernels do not check bounds: arrays that do not fit are refused up front."""
+    ops = ops_for(impl)
+    cb = codebooks.int_codebook(3)
+    mids = codebooks.midpoints(cb)
+    x = np.zeros((2, 70), F32)
+    s = np.ones((2, 3), F32)
+    words = np.zeros((2, 9), np.uint32)
+    with pytest.raises(KbitValueError):
+        ops.quantize_pack(x, 32, 3, s[:, :2], None, cb, mids)
+    with pytest.raises(KbitValueError):
+        ops.quantize_pack(x, 32, 3, s, s[:1], cb, mids)
+    with pytest.raises(KbitValueError):
+        ops.quantize_pack(x, 32, 4, s, None, cb, mids)          # 8 codes are not 4 bits
+    with pytest.raises(KbitValueError):
+        ops.quantize_pack(x, 48, 3, s, None, cb, mids)          # not a multiple of 32
+    with pytest.raises(KbitValueError):
+        ops.dequantize(words[:, :8], 3, 32, 70, s, None, cb)
+    with pytest.raises(KbitValueError):
+        ops.dequantize(words, 3, 32, 97, s, None, cb)           # 3 blocks hold 96 columns
+    with pytest.raises(KbitValueError):
+        ops.dequantize(words, 3, 32, 70, s, s[:, :2], cb)
+    with pytest.raises(KbitValueError):
+        ops.search(x, 32, s[None, :, :2], None, cb, mids)
+    with pytest.raises(KbitValueError):
+        ops.stats(x[0], 32, False)
+    assert ops.dequantize(words, 3, 32, 70, s, None, cb).shape == (2, 70)

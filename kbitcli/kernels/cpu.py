@@ -49,6 +49,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from kbitformat import KbitValueError
+
+from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_words, check_x
+
 F32 = np.float32
 #: weights per parallel chunk (a chunk is a whole number of blocks)
 CHUNK_WEIGHTS = 1 << 14
@@ -474,10 +478,9 @@ class CpuOps:
 
     @staticmethod
     def stats(x: np.ndarray, B: int, affine: bool):
+        B = check_block(B)
+        rows, cols, nb = check_x(x, B)
         x = _f32(x)
-        rows, cols = x.shape
-        B = int(B)
-        nb = -(-cols // B)
         a = np.empty((rows, nb), dtype=F32)
         if affine:
             hi = np.empty((rows, nb), dtype=F32)
@@ -488,25 +491,30 @@ class CpuOps:
 
     @staticmethod
     def search(x, B, cand_s, cand_o, cb, mids) -> np.ndarray:
-        x = _f32(x)
-        cand_s = _f32(cand_s)
-        rows, cols = x.shape
-        B = int(B)
-        nb = cand_s.shape[2]
+        B = check_block(B)
+        rows, cols, nb = check_x(x, B)
+        if len(cand_s.shape) != 3:
+            raise KbitValueError(f"candidate scales must be (candidates, rows, blocks), got {tuple(cand_s.shape)}")
+        check_blockwise("candidate scales", cand_s, (cand_s.shape[0], rows, nb))
+        check_blockwise("candidate offsets", cand_o, (cand_s.shape[0], rows, nb))
+        check_codebook(cb, mids)
         affine = cand_o is not None
+        x, cand_s = _f32(x), _f32(cand_s)
         co = _f32(cand_o) if affine else cand_s
         cs = CodeSearch(mids)
-        best = np.empty((rows, nb), dtype=np.int32)
-        _search_kernel(x, B, cand_s, co, affine, _f32(cb), _per_chunk(B), *cs.args(), best)
+        best = np.zeros((rows, nb), dtype=np.int32)
+        if cand_s.shape[0]:
+            _search_kernel(x, B, cand_s, co, affine, _f32(cb), _per_chunk(B), *cs.args(), best)
         return best
 
     @staticmethod
     def quantize_pack(x, B, k, s, o, cb, mids) -> np.ndarray:
-        x = _f32(x)
-        s = _f32(s)
-        rows, cols = x.shape
-        B, k = int(B), int(k)
-        nb = s.shape[1]
+        B, k = check_block(B), check_bits(k)
+        rows, cols, nb = check_x(x, B)
+        check_blockwise("scales", s, (rows, nb))
+        check_blockwise("offsets", o, (rows, nb))
+        check_codebook(cb, mids, k)
+        x, s = _f32(x), _f32(s)
         affine = o is not None
         ov = _f32(o) if affine else s
         cs = CodeSearch(mids)
@@ -516,11 +524,13 @@ class CpuOps:
 
     @staticmethod
     def dequantize(words, k, B, cols, s, o, cb) -> np.ndarray:
+        B, k, cols = check_block(B), check_bits(k), int(cols)
+        check_words(words, k, B, cols, s, o)
+        check_codebook(cb, None, k)
         words = np.ascontiguousarray(words, dtype=np.uint32)
         s = _f32(s)
-        B = int(B)
         affine = o is not None
         ov = _f32(o) if affine else s
-        out = np.empty((words.shape[0], int(cols)), dtype=F32)
-        _dequantize_kernel(words, int(k), B, int(cols), s, ov, affine, _f32(cb), SPREAD, _per_chunk(B), out)
+        out = np.empty((words.shape[0], cols), dtype=F32)
+        _dequantize_kernel(words, k, B, cols, s, ov, affine, _f32(cb), SPREAD, _per_chunk(B), out)
         return out

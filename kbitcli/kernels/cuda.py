@@ -45,6 +45,10 @@ import math
 import numpy as np
 from numba import config, cuda
 
+from kbitformat import KbitValueError
+
+from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_words, check_x
+
 F32 = np.float32
 SIMULATOR = bool(getattr(config, "ENABLE_CUDASIM", False))
 #: threads per CUDA block (a multiple of 32); the simulator runs every thread as a
@@ -305,9 +309,8 @@ class CudaOps:
 
     @staticmethod
     def stats(x: np.ndarray, B: int, affine: bool):
-        rows, cols = x.shape
-        B = int(B)
-        nb = -(-cols // B)
+        B = check_block(B)
+        rows, cols, nb = check_x(x, B)
         dx = _dev(x, F32)
         da = cuda.device_array((rows, nb), dtype=F32)
         db = cuda.device_array((rows, nb), dtype=F32) if affine else da
@@ -318,23 +321,31 @@ class CudaOps:
 
     @staticmethod
     def search(x, B, cand_s, cand_o, cb, mids) -> np.ndarray:
-        rows, cols = x.shape
-        B = int(B)
-        nb = cand_s.shape[2]
+        B = check_block(B)
+        rows, cols, nb = check_x(x, B)
+        if len(cand_s.shape) != 3:
+            raise KbitValueError(f"candidate scales must be (candidates, rows, blocks), got {tuple(cand_s.shape)}")
+        check_blockwise("candidate scales", cand_s, (cand_s.shape[0], rows, nb))
+        check_blockwise("candidate offsets", cand_o, (cand_s.shape[0], rows, nb))
+        check_codebook(cb, mids)
+        if cand_s.shape[0] == 0:
+            return np.zeros((rows, nb), dtype=np.int32)
         affine = cand_o is not None
         dcs = _dev(cand_s, F32)
         dco = _dev(cand_o, F32) if affine else dcs
         best = cuda.device_array((rows, nb), dtype=np.int32)
         _search_kernel[_launch(rows * nb)](_dev(x, F32), B, dcs, dco, affine, _dev(cb, F32),
-                                               _dev(mids, F32), best)
+                                           _dev(mids, F32), best)
         return best.copy_to_host()
 
     @staticmethod
     def quantize_pack_device(x, B, k, s, o, cb, mids):
         """quantize_pack on device arrays (or host arrays, copied): a device array back."""
-        rows, cols = x.shape
-        B, k = int(B), int(k)
-        nb = s.shape[1]
+        B, k = check_block(B), check_bits(k)
+        rows, cols, nb = check_x(x, B)
+        check_blockwise("scales", s, (rows, nb))
+        check_blockwise("offsets", o, (rows, nb))
+        check_codebook(cb, mids, k)
         G = nb * B // 32
         affine = o is not None
         ds = _dev(s, F32)
@@ -352,9 +363,10 @@ class CudaOps:
     @staticmethod
     def dequantize_device(words, k, B, cols, s, o, cb):
         """dequantize on device arrays (or host arrays, copied): a device array back."""
-        rows = words.shape[0]
-        k, B, cols = int(k), int(B), int(cols)
-        G = words.shape[1] // k
+        B, k, cols = check_block(B), check_bits(k), int(cols)
+        rows, nb = check_words(words, k, B, cols, s, o)
+        check_codebook(cb, None, k)
+        G = nb * B // 32
         affine = o is not None
         dw = _dev(words, np.uint32).reshape(rows * G * k)
         ds = _dev(s, F32)
