@@ -36,6 +36,7 @@ def _register() -> None:
     from . import convert_cmds  # noqa: F401  (commands register themselves on `app`)
     from . import hub_cmds  # noqa: F401  (kbit pull / kbit push)
     from . import generate_cmd  # noqa: F401  (kbit generate)
+    from . import eval_cmds  # noqa: F401  (kbit perplexity / compare / eval)
 
 
 _register()
