@@ -9,11 +9,14 @@
 # Python: $PYTHON, else the first of .venv/bin/python, /opt/torch/.venv/bin/python3, python3
 # that has numpy and numba. The CUDA target: the numba-cuda package when importable (the
 # built-in numba.cuda is deprecated upstream); if it is missing, wheels in .whl/ are
-# installed (--no-deps, into /tmp/kbit-site: for machines without network), else pip
-# installs numba-cuda (first --no-deps, then with the cuXX extra for the driver's CUDA
-# major version); if all that fails, numba's built-in CUDA target is tried.
-#   KBIT_GPU_SIZES   benchmark sizes (default 4096x4096,16384x16384)
-#   KBIT_GPU_PYTEST  extra pytest arguments
+# installed (--no-deps: for machines without network), else pip installs numba-cuda
+# (first --no-deps, then with the cuXX extra for the driver's CUDA major version), always
+# into a private folder ($KBIT_GPU_SITE, default /tmp/kbit-gpu-site) put on PYTHONPATH,
+# never into the environment itself; if all that fails, numba's built-in CUDA target is
+# tried. The script prints which one it uses.
+#   KBIT_GPU_SIZES       benchmark sizes (default 4096x4096,16384x16384)
+#   KBIT_GPU_PYTEST      extra pytest arguments
+#   KBIT_GPU_NO_INSTALL  1: install nothing
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -63,17 +66,29 @@ EOF
 }
 
 say "numba CUDA target"
-if ! have_numba_cuda; then
-  if ls .whl/numba_cuda-*.whl >/dev/null 2>&1; then
-    echo "installing the wheels in .whl/ (--no-deps) into /tmp/kbit-site"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/kbit-site .whl/*.whl \
-      && export PYTHONPATH="/tmp/kbit-site:$PYTHONPATH"
+# Anything installed goes to a private folder (never into the Python environment itself);
+# a sitecustomize there processes its .pth files (numba-cuda redirects numba.cuda by one).
+SITE=${KBIT_GPU_SITE:-/tmp/kbit-gpu-site}
+use_site() {
+  mkdir -p "$SITE"
+  printf 'import os, site\nsite.addsitedir(os.path.dirname(os.path.abspath(__file__)))\n' > "$SITE/sitecustomize.py"
+  case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE:$PYTHONPATH";; esac
+}
+if [ -d "$SITE" ] && ls "$SITE"/numba_cuda* >/dev/null 2>&1; then use_site; fi
+if ! have_numba_cuda && [ "${KBIT_GPU_NO_INSTALL:-0}" != "1" ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    echo "installing the wheels in .whl/ (--no-deps) into $SITE"
+    use_site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl \
+      || echo "installing .whl/*.whl failed"
   else
-    echo "numba-cuda is not installed: trying pip (needs network)"
-    timeout 180 "$PY" -m pip install -q --no-deps numba-cuda \
+    echo "numba-cuda is not installed: pip install into $SITE (needs network)"
+    use_site
+    timeout 180 "$PY" -m pip install -q --no-deps --target "$SITE" numba-cuda \
       || echo "pip install --no-deps numba-cuda failed"
     if ! cuda_works && [ -n "${CUDA_MAJOR:-}" ]; then
-      timeout 300 "$PY" -m pip install -q "numba-cuda[cu${CUDA_MAJOR}]" \
+      echo "numba-cuda alone does not run: adding its CUDA ${CUDA_MAJOR} dependencies"
+      timeout 300 "$PY" -m pip install -q --target "$SITE" --upgrade "numba-cuda[cu${CUDA_MAJOR}]" \
         || echo "pip install numba-cuda[cu${CUDA_MAJOR}] failed"
     fi
   fi

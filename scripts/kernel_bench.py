@@ -78,10 +78,13 @@ def main(argv=None) -> int:
           f"dtype {args.dtype}, block {args.block}, best of {args.reps}")
     ops = {d: get_ops(d) for d in devices}
     if "cuda" in ops:
-        from numba import cuda
-        dev = cuda.get_current_device()
-        print(f"CUDA device: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, "
-              f"numba.cuda implementation: {getattr(cuda, 'implementation', '?')}")
+        from numba import config, cuda
+        if getattr(config, "ENABLE_CUDASIM", False):
+            name = "Numba's CUDA simulator"
+        else:
+            dev = cuda.get_current_device()
+            name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+        print(f"CUDA device: {name}, numba.cuda implementation: {getattr(cuda, 'implementation', '?')}")
 
     rows_out = []
     all_exact = True
