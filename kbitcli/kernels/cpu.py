@@ -28,14 +28,21 @@ Why the bits are identical
   compiles without fast-math, so LLVM neither contracts a*b+c into an FMA nor
   reassociates, and a division stays an IEEE division (never a multiplication by 1/s).
 * The code of y is ``#{i : mids[i] < y}`` = ``np.searchsorted(mids, y, 'left')``,
-  computed by one of three exact methods, whichever is cheapest for the codebook:
-  counting (``sum(mids[i] < y)``, few midpoints), a branchless binary search (k halving
-  steps, exact for sorted mids), or a guess table: ``LUT_BUCKETS`` equal buckets over
-  [mids[0], mids[-1]] with a monotone float32 bucket function ``bkt``; the table holds
-  ``#{i : bkt(mids[i]) < b}``, which never exceeds the code of any y in bucket b (as
-  ``bkt`` is monotone) and falls short of it by at most M = the most midpoints one bucket
-  holds, so M steps of ``g += mids[g] < y`` end exactly on the code. The table is built
-  with the same compiled ``bkt``. NaN gets 2**k - 1, as numpy's searchsorted sorts NaN last.
+  computed by one of four exact methods, whichever is cheapest for the codebook
+  (``CodeSearch``): counting (``sum(mids[i] < y)``, few midpoints); a branchless binary
+  search (k halving steps, exact for sorted mids); or a guess table over buckets of y,
+  either equal buckets over [mids[0], mids[-1]] or log-spaced ones (on the float's bits,
+  64 per octave: codebooks dense near zero, fp and dynamic). Either bucket function
+  ``bkt`` is monotone in y, and the table holds ``lut[b] = #{i : bkt(mids[i]) < b}``
+  (built with the same compiled ``bkt``), so for y in bucket b every midpoint counted is
+  below y and every one not counted lies in bucket b or above: the code is lut[b] plus at
+  most M = the most midpoints one bucket holds, and M steps of ``g += mids[g] < y`` end
+  exactly on it. NaN gets 2**k - 1, as numpy's searchsorted sorts NaN last. The tests
+  force each method on every codebook.
+* Packing takes 8 codes as the bytes of a uint64 C: ``((C >> j) & 0x0101..01) *
+  0x0102040810204080 >> 56`` gathers bit j of the 8 codes into one byte (no carries:
+  tested on all 256 patterns); unpacking spreads a byte of a word back with a 256-entry
+  table. Pure integer work: nothing to round.
 * Stats compare the float bits as integers (vectorisable, and order-free): absmax is the
   largest ``bits & 0x7fffffff``; min/max use the usual order-preserving integer key. The
   results equal numpy's, signed zeros included (``np.minimum(m, 0)`` and
