@@ -498,3 +498,27 @@ def test_mismatched_shapes_are_refused(impl):
     with pytest.raises(KbitValueError):
         ops.stats(x[0], 32, False)
     assert ops.dequantize(words, 3, 32, 70, s, None, cb).shape == (2, 70)
+
+
+def test_cuda_dequantize_takes_device_arrays():
+    """Device inputs (numba device arrays; torch CUDA tensors on a real GPU, int32 words
+    included) stay on the device and give a device array back."""
+    ops = ops_for("cuda")
+    from numba import cuda
+    rng = np.random.default_rng(9)
+    k, B, cols = 3, 64, 100
+    words = rng.integers(0, 2**32, size=(2, 2 * 2 * k), dtype=np.uint64).astype(np.uint32)
+    cb = codebooks.int_codebook(k)
+    s = np.abs(rng.standard_normal((2, 2))).astype(F32)
+    o = -s / F32(3)
+    want = NumpyOps.dequantize(words, k, B, cols, s, o, cb)
+    for w in (words, words.view(np.int32)):
+        out = ops.dequantize(cuda.to_device(w), k, B, cols, cuda.to_device(s), cuda.to_device(o), cuda.to_device(cb))
+        assert not isinstance(out, np.ndarray)
+        assert_same_bits(out.copy_to_host(), want, "device dequantize")
+    if REAL_GPU:
+        torch = pytest.importorskip("torch")
+        if torch.cuda.is_available():
+            t = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+            out = ops.dequantize(t(words.view(np.int32)), k, B, cols, t(s), t(o), t(cb))
+            assert_same_bits(torch.as_tensor(out, device="cuda").cpu().numpy(), want, "torch dequantize")

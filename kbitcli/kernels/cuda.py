@@ -277,13 +277,18 @@ def _dequantize_kernel(words, k, B, G, s, o, affine, cb, out):
 
 # ----------------------------------------------------------------------------- host side
 def _on_device(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__")
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    return SIMULATOR and type(a).__name__ == "FakeCUDAArray"  # the simulator's device arrays
 
 
 def _dev(a, dtype):
-    """A contiguous device array of `dtype` (device inputs are used in place)."""
+    """A contiguous device array of `dtype` (device inputs are used in place; int32 device
+    words, e.g. a torch int32 tensor, are reinterpreted as uint32)."""
     if _on_device(a):
-        d = cuda.as_cuda_array(a)
+        d = cuda.as_cuda_array(a) if hasattr(a, "__cuda_array_interface__") else a
+        if np.dtype(dtype) == np.uint32 and d.dtype == np.int32:
+            d = d.view(np.uint32)
         if d.dtype != np.dtype(dtype):
             raise TypeError(f"device array of dtype {d.dtype}, expected {np.dtype(dtype)}")
         if not d.is_c_contiguous():
