@@ -129,6 +129,28 @@ def _strip_nested(text: str, open_: str, close: str) -> str:
     return "".join(out)
 
 
+_MEDIA_LINK = re.compile(r"\[\[\s*:?\s*(file|image|category|media)\s*:", re.I)
+
+
+def _strip_media_links(text: str) -> str:
+    """Remove [[File:...]], [[Image:...]], [[Category:...]] links whole, counting nested [[ ]]
+    (their captions hold links, and sometimes lone brackets)."""
+    out, pos = [], 0
+    while (m := _MEDIA_LINK.search(text, pos)) is not None:
+        out.append(text[pos:m.start()])
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            if text.startswith("[[", i):
+                depth, i = depth + 1, i + 2
+            elif text.startswith("]]", i):
+                depth, i = depth - 1, i + 2
+            else:
+                i += 1
+        pos = i
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def _link(m: re.Match) -> str:
     inner = m.group(1)
     if _DROP_LINK.match(inner):
@@ -142,9 +164,10 @@ def clean_wikitext(raw: str) -> str:
     1. drop HTML comments, <ref>...</ref> / <ref/>, and <math>, <gallery>, <timeline>, <score>,
        <syntaxhighlight>, <source>, <imagemap> elements with their content;
     2. drop templates {{...}} and tables {|...|} (nested; an unclosed one runs to the end);
-    3. internal links: [[File:...]], [[Category:...]], interlanguage and other namespace links
-       dropped, [[target|label]] -> label, [[target]] -> target (innermost first, so links
-       inside image captions go with the image); external [url label] -> label, bare [url] dropped;
+    3. internal links: [[File:...]], [[Image:...]], [[Category:...]] dropped whole (nested links
+       in their captions too), interlanguage and other namespace links dropped,
+       [[target|label]] -> label, [[target]] -> target (innermost first); external
+       [url label] -> label, bare [url] dropped;
     4. remaining HTML tags removed (their text kept), entities unescaped (&nbsp; -> space);
        bold/italic quotes removed; magic words (__TOC__...) removed;
     5. line by line: headings '== X ==' start a section, and the sections References, External
@@ -160,6 +183,7 @@ def clean_wikitext(raw: str) -> str:
                "", t, flags=re.I | re.S)
     t = _strip_nested(t, "{{", "}}")
     t = _strip_nested(t, "{|", "|}")
+    t = _strip_media_links(t)
     prev = None
     while prev != t:  # innermost links first
         prev = t
