@@ -37,6 +37,7 @@ def _register() -> None:
     from . import hub_cmds  # noqa: F401  (kbit pull / kbit push)
     from . import generate_cmd  # noqa: F401  (kbit generate)
     from . import eval_cmds  # noqa: F401  (kbit perplexity / compare / eval)
+    from . import sweep_cmd  # noqa: F401  (kbit sweep)
 
 
 _register()
