@@ -190,3 +190,14 @@ def test_property_round_trip_error_bounded(rows, cols, k, dtype, block, scale, s
     B = qt.block_size
     sb = np.repeat(s, B, axis=1)[:, :cols]
     assert np.all(np.abs(out - x) <= 1.5 * sb + 1e-6)
+
+
+def test_scales_that_would_overflow_are_refused_not_nan():
+    # absmax in (65504, 65520): rounds to 65504, and rounding up would give inf
+    with pytest.raises(KbitValueError, match="fp16"):
+        quantize(np.full((1, 64), 65510.0, np.float32), QuantSpec(4, "nf", 64, "fp16"))
+    # a block whose range (hi - lo) overflows float32
+    x = np.zeros((1, 64), np.float32)
+    x[0, 0], x[0, 1] = 3e38, -3e38
+    with pytest.raises(KbitValueError, match="overflows"):
+        quantize(x, QuantSpec(4, "affine", 64, "fp32"))

@@ -12,7 +12,8 @@ Encodings (stored arrays have shape (rows, blocks_per_row) unless noted):
         affine offset U8 zero point z -> -(scale * z) / 255.
   dq    scale U8 code c -> (gmax * c) / 255 where gmax (F32, one per DQ_GROUP consecutive
         blocks of the row-major block order) is the group's largest scale and
-        c = ceil(scale / gmax * 255); affine offset as for e8.
+        c = ceil(scale / gmax * 255) in float32 (float rounding can leave the decoded scale
+        one ulp below the raw one; codes then clamp at the codebook's end); affine offset as for e8.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ F32 = np.float32
 def encode_scales(raw: np.ndarray, enc: str, name: str = "tensor") -> tuple[dict, np.ndarray]:
     """Encode non-negative float32 scales. Returns ({component: array}, decoded float32)."""
     raw = np.ascontiguousarray(raw, dtype=F32)
+    if not np.isfinite(raw).all():
+        raise KbitValueError(f"{name}: a block's range overflows float32 (values near +-3.4e38); "
+                             "kbit cannot quantize it")
     if enc == "fp32":
         return {"scales": raw.copy()}, raw.copy()
     if enc == "fp16":
@@ -38,6 +42,9 @@ def encode_scales(raw: np.ndarray, enc: str, name: str = "tensor") -> tuple[dict
                                  "use fp32 scales (--scale fp32)")
         low = h.astype(F32) < raw
         h[low] = np.nextafter(h[low], np.float16(np.inf))
+        if not np.isfinite(h).all():  # rounding up past 65504 reaches inf
+            raise KbitValueError(f"{name}: a block scale ({float(raw.max()):.6g}) exceeds the fp16 range; "
+                                 "use fp32 scales (--scale fp32)")
         return {"scales": h}, h.astype(F32)
     if enc == "e8":
         c = np.searchsorted(E8_TABLE, raw, side="left")
