@@ -500,13 +500,15 @@ def markdown(rows: Sequence[dict], metric: str | None = None, plots: Sequence[Pa
             L += ["No plain quantized rows.", ""]
             continue
         # best per k
+        acc = metric == "lambada"
         L += ["### Best point per k", "",
-              f"| k | best setting | {metric} | ppl | KL | bpw | paper bpw | bits/quantized weight |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| k | best setting | " + ("accuracy | " if acc else "") + "ppl | KL | bpw | paper bpw | bits/quantized weight |",
+              "|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
         for k, r in a["best_per_k"].items():
-            L.append(f"| {k} | {_pt(r)} | {_fmt(value(r, metric), metric)} | {_fmt(r.get('ppl'), 'ppl')} | "
-                     f"{_fmt(r.get('kld'), 'kld')} | {_bpw(r)} | {r.get('bits_per_weight_paper', float('nan')):.3f} | "
-                     f"{r.get('bits_per_quantized_weight', float('nan')):.3f} |")
+            L.append(f"| {k} | {_pt(r)} | " + (f"{_fmt(value(r, metric), metric)} | " if acc else "")
+                     + f"{_fmt(r.get('ppl'), 'ppl')} | {_fmt(r.get('kld'), 'kld')} | {_bpw(r)} | "
+                     f"{r.get('bits_per_weight_paper') or float('nan'):.3f} | "
+                     f"{r.get('bits_per_quantized_weight') or float('nan'):.3f} |")
         L.append("")
         # envelope
         env = a["envelope"]
@@ -606,6 +608,22 @@ def markdown(rows: Sequence[dict], metric: str | None = None, plots: Sequence[Pa
                 L.append(f"  - {_pt(r)}: {_fmt(value(r, metric), metric)} vs {_fmt(value(p, metric), metric)} plain "
                          f"({_rel(value(r, metric), value(p, metric), metric)}) for {r['bits_per_weight'] - p['bits_per_weight']:+.3f} "
                          f"bits per parameter ({r.get('outlier_columns', '?')} columns kept)")
+        L.append("")
+        # every row
+        allq = _sorted(r for r in grows if r.get("kind") == "quantized")
+        L += ["### Every setting", "",
+              "| setting | bpw | paper bpw | bits/quantized weight | " + ("accuracy | " if acc else "")
+              + "ppl | ln(ppl/ref) ± se | KL | top-1 | seconds |",
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if acc else "")]
+        for r in allq:
+            lr = (f"{r['ln_ppl_ratio']:.3f} ± {r.get('ln_ppl_ratio_se') or 0:.3f}"
+                  if r.get("ln_ppl_ratio") is not None else "n/a")
+            t1 = f"{100 * r['top1']:.1f}%" if r.get("top1") is not None else "n/a"
+            L.append(f"| {_pt(r)} | {_bpw(r)} | {r.get('bits_per_weight_paper') or float('nan'):.3f} | "
+                     f"{r.get('bits_per_quantized_weight') or float('nan'):.3f} | "
+                     + (f"{_fmt(value(r, metric), metric)} | " if acc else "")
+                     + f"{_fmt(r.get('ppl'), 'ppl')} | {lr} | {_fmt(r.get('kld'), 'kld')} | {t1} | "
+                     f"{float(r.get('seconds') or 0):.0f} |")
         L.append("")
         mine = [p for p in plots if Path(p).name.startswith(plot_prefix + _slug(model))]
         if mine:

@@ -650,7 +650,8 @@ def _run_parallel(models, jobs: int, combos: list[Combo], kwargs: dict, progress
     out = Path(kwargs["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     # The reference rows (and their top-k files) first, here, so the shards reuse them.
-    run_sweep(models, **kwargs, progress=progress, _reference_only=True)
+    progress("reference", model=", ".join(str(m if not isinstance(m, (tuple, list)) else m[0]) for m in models))
+    run_sweep(models, **kwargs, _reference_only=True)
     threads = max(1, torch.get_num_threads() // jobs)
     files = [out / shard_file((i, jobs)) for i in range(1, jobs + 1)]
     total = len(combos) * len(models)
