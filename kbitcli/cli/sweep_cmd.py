@@ -103,8 +103,7 @@ class SweepProgress:
             fig = " ".join(f"{k} {r[k]:.4g}" for k in ("ppl", "kld", "lambada_acc") if r.get(k) is not None)
             line = (f"[{self.n}/{self.total}] " if r.get("kind") == "quantized" else "") + \
                 f"{r['label']}: {fig}, {r['bits_per_weight']:.3f} bits/param ({r['seconds']:.0f} s)"
-            if self.progress is None:
-                self._line(line)
+            self._line(line)
         elif event == "end":
             self.stop()
 

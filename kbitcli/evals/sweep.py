@@ -28,6 +28,9 @@ Cost accounting (the paper's x-axis): total model bits = sum over every stored t
 LM head is stored once) of numel x bits per weight, with quantized tensors at their true
 stored bits (qt.bits_per_weight: codes, scales, offsets, padding) and kept tensors at 16 bits
 as the paper counts them. A 4-bit block-64 fp16-scale int tensor costs 4 + 16/64 = 4.25.
+Rows also carry the paper's accounting (total_model_bits_paper: k + scale bits / block size,
+no padding of rows to whole blocks; paper_bits_per_weight), which differs when a row is not a
+multiple of the block size (SmolLM2's 576-wide rows in blocks of 1024 store 1024 codes).
 
 Outlier-dependent quantization (the paper's section on outliers), fake-quant only: in every
 quantized 2-D weight, the round(p * in_features) input columns (hidden units) whose weights have
