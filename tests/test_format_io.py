@@ -131,7 +131,7 @@ def test_garbage_header(tmp_path):
     data = bytearray(f.read_bytes())
     data[10:20] = b"\xff" * 10
     f.write_bytes(bytes(data))
-    with pytest.raises(KbitFormatError, match="corrupt header"):
+    with pytest.raises(KbitFormatError, match="corrupt safetensors header"):
         KbitReader(f)
 
 

@@ -32,8 +32,9 @@ ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,  # read as their raw bit patterns
 }
-NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items() if k != "BF16"}
+NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items() if k not in ("BF16", "F8_E4M3", "F8_E5M2")}
 
 
 def component_name(name: str, component: str) -> str:
@@ -315,31 +316,32 @@ class StoredTensor:
     crc: str | None
 
 
-def read_header(path: Path) -> tuple[dict, dict[str, StoredTensor], dict]:
-    """Parse and validate one safetensors file's header.
-    Returns (metadata dict of str, stored tensors by name, parsed kbit fields)."""
+def read_header(path: Path, strict_dtypes: bool = True) -> tuple[dict, dict[str, StoredTensor], dict]:
+    """Parse and validate one safetensors file's header (also used for plain checkpoints).
+    Returns (metadata dict of str, stored tensors by name, parsed kbit fields).
+    strict_dtypes=False lets dtypes outside ST_DTYPES through (their sizes unchecked)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise KbitFormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
+                raise KbitFormatError(f"{path}: too short to be a safetensors file ({size} bytes; truncated?)")
             (n,) = struct.unpack("<Q", head)
             if n < 2 or n > MAX_HEADER or 8 + n > size:
-                raise KbitFormatError(f"{path}: header length {n} does not fit a {size}-byte file "
-                                      "(truncated or not a safetensors file)")
+                raise KbitFormatError(f"{path}: corrupt safetensors header: its header length field claims a "
+                                      f"{n}-byte header but the file is {size} bytes (truncated or not a safetensors file)")
             raw = f.read(n)
     except OSError as e:
         raise KbitFormatError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KbitFormatError(f"{path}: corrupt header ({e})") from None
+        raise KbitFormatError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
-        raise KbitFormatError(f"{path}: corrupt header (not a JSON object)")
+        raise KbitFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise KbitFormatError(f"{path}: corrupt header (__metadata__ must map strings to strings)")
+        raise KbitFormatError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + n
     data_len = size - data_start
     kb = {}
@@ -348,7 +350,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, StoredTensor], dict]:
             try:
                 kb[key] = json.loads(meta[key])
             except json.JSONDecodeError:
-                raise KbitFormatError(f"{path}: corrupt header (field {key} is not JSON)") from None
+                raise KbitFormatError(f"{path}: corrupt safetensors header (field {key} is not JSON)") from None
     checks = kb.get("kbit.checksums", {})
     tensors: dict[str, StoredTensor] = {}
     spans = []
@@ -358,17 +360,18 @@ def read_header(path: Path) -> tuple[dict, dict[str, StoredTensor], dict]:
             shape = tuple(int(d) for d in info["shape"])
             b, e = (int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise KbitFormatError(f"{path}: corrupt header entry for {name!r}") from None
-        if dtype not in ST_DTYPES:
+            raise KbitFormatError(f"{path}: corrupt safetensors header (bad entry for tensor {name!r})") from None
+        if dtype not in ST_DTYPES and (strict_dtypes or not isinstance(dtype, str)):
             raise KbitFormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if any(d < 0 for d in shape) or not 0 <= b <= e:
-            raise KbitFormatError(f"{path}: tensor {name!r} has an invalid shape or offsets")
+            raise KbitFormatError(f"{path}: corrupt safetensors header: tensor {name!r} has bad offsets or shape")
         if e > data_len:
-            raise KbitFormatError(f"{path}: tensor {name!r} ends at byte {e} but the file holds only "
-                                  f"{data_len} data bytes (truncated?)")
-        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(ST_DTYPES[dtype]).itemsize
+            raise KbitFormatError(f"{path} is truncated or corrupt: tensor {name!r} ends at data byte {e} "
+                                  f"but the file holds only {data_len} data bytes")
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(ST_DTYPES[dtype]).itemsize if dtype in ST_DTYPES else e - b
         if need != e - b:
-            raise KbitFormatError(f"{path}: tensor {name!r} spans {e - b} bytes but its shape and dtype need {need}")
+            raise KbitFormatError(f"{path}: corrupt safetensors header: tensor {name!r} ({dtype}, shape "
+                                  f"{list(shape)}) spans {e - b} bytes but needs {need} bytes")
         c = checks.get(name)
         tensors[name] = StoredTensor(path, name, dtype, shape, data_start + b, e - b,
                                      c[6:] if isinstance(c, str) and c.startswith("crc32:") else None)

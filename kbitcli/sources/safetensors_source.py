@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from kbitcli.errors import InputError
+from kbitformat.errors import KbitFormatError
+from kbitformat.io import read_header
 from kbitcli.sources._base import (
     BaseSource,
     SourceTensor,
@@ -41,9 +43,6 @@ _DTYPES: dict[str, tuple[str, str]] = {
     "BOOL": ("bool", "?"),
 }
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-
-
 class _Entry:
     __slots__ = ("file", "begin", "end", "np_dtype", "st_dtype")
 
@@ -52,63 +51,18 @@ class _Entry:
 
 
 def parse_header(file: Path) -> tuple[int, list[tuple[str, str, tuple[int, ...], int, int]]]:
-    """Validate a safetensors file's header. Returns (data start, [(name, st_dtype, shape, begin, end)])
-    sorted by offset, with begin/end absolute file offsets."""
+    """Validate a safetensors file's header with the format library's parser (the same checks as
+    for kbit files: sizes, offsets, truncation, overlaps). Returns (data start,
+    [(name, st_dtype, shape, begin, end)]) sorted by offset, begin/end absolute file offsets."""
     try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{file} is not a safetensors file: it is only {size} bytes long (truncated?)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise InputError(
-                    f"{file} has a corrupt safetensors header: it claims a {n}-byte header but the file "
-                    f"is {size} bytes (not a safetensors file, or truncated)"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise InputError(f"cannot read {file}: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{file} has a corrupt safetensors header (not valid JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{file} has a corrupt safetensors header (not a JSON object)")
-    data_start = 8 + n
-    data_len = size - data_start
-    out = []
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            st_dtype = spec["dtype"]
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(x) for x in spec["data_offsets"])
-            if not isinstance(st_dtype, str) or any(d < 0 for d in shape):
-                raise ValueError
-        except (TypeError, KeyError, ValueError):
-            raise InputError(f"{file} has a corrupt safetensors header (bad entry for tensor {name!r})") from None
-        if not 0 <= begin <= end:
-            raise InputError(f"{file} has a corrupt safetensors header (bad offsets for tensor {name!r})")
-        if end > data_len:
-            raise InputError(
-                f"{file} is truncated or corrupt: tensor {name!r} ends at byte {data_start + end} "
-                f"but the file has only {size} bytes"
-            )
-        if st_dtype in _DTYPES:
-            numel = 1
-            for d in shape:
-                numel *= d
-            want = numel * np.dtype(_DTYPES[st_dtype][1]).itemsize
-            if end - begin != want:
-                raise InputError(
-                    f"{file} has a corrupt safetensors header: tensor {name!r} ({st_dtype}, shape "
-                    f"{list(shape)}) needs {want} bytes but its offsets span {end - begin}"
-                )
-        out.append((name, st_dtype, shape, data_start + begin, data_start + end))
-    out.sort(key=lambda e: e[3])
-    return data_start, out
+        _, tensors, _ = read_header(file, strict_dtypes=False)
+    except KbitFormatError as e:
+        raise InputError(str(e)) from None
+    with open(file, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+    out = sorted(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in tensors.values()),
+                 key=lambda e: e[3])
+    return start, out
 
 
 class SafetensorsSource(BaseSource):
