@@ -6,7 +6,6 @@ converted to float32.
 """
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
