@@ -116,23 +116,21 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @dataclass
 class WindowLogProbs:
-    """The scored positions of one window: log-probabilities over the vocabulary [n, V] (float32),
-    the target ids [n] and their absolute positions in the stream."""
+    """The scored positions of one window: the target ids [n], their log-probabilities [n], and
+    (unless iter_logprobs(full=False)) the log-probabilities over the vocabulary [n, V], float32."""
     window: Window
-    logprobs: torch.Tensor
     targets: torch.Tensor
-
-    @property
-    def target_logprobs(self) -> torch.Tensor:
-        return self.logprobs.gather(1, self.targets[:, None])[:, 0]
+    target_logprobs: torch.Tensor
+    logprobs: torch.Tensor | None = None
 
 
 def iter_logprobs(model: Callable, token_ids: Sequence[int] | np.ndarray | torch.Tensor, plan: Sequence[Window],
-                  batch_size: int = 1, bos_id: int | None = None,
-                  counter: dict | None = None) -> Iterator[WindowLogProbs]:
+                  batch_size: int = 1, bos_id: int | None = None, counter: dict | None = None,
+                  full: bool = True) -> Iterator[WindowLogProbs]:
     """Run the model over the plan's windows (batched by equal length) and yield, window by window,
-    the log-probabilities of the scored positions. bos_id replaces each window's first input token
-    (the llama.cpp protocol). counter["forward_tokens"] counts the tokens fed to the model."""
+    the log-probabilities of the scored positions (full=False: only the targets', which skips the
+    [n, V] log-softmax). bos_id replaces each window's first input token (the llama.cpp protocol).
+    counter["forward_tokens"] counts the tokens fed to the model."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     tokens = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
@@ -147,8 +145,14 @@ def iter_logprobs(model: Callable, token_ids: Sequence[int] | np.ndarray | torch
             counter["forward_tokens"] = counter.get("forward_tokens", 0) + x.numel()
         for b, w in enumerate(batch):
             lo = w.first - 1 - w.begin  # logits at lo .. S-2 predict targets first .. end-1
-            lp = torch.log_softmax(logits[b, lo: w.length - 1].float(), dim=-1).cpu()
-            yield WindowLogProbs(w, lp, tokens[w.first:w.end])
+            lg = logits[b, lo: w.length - 1].float()
+            tgt = tokens[w.first:w.end]
+            if full:
+                lp = torch.log_softmax(lg, dim=-1).cpu()
+                yield WindowLogProbs(w, tgt, lp.gather(1, tgt[:, None])[:, 0], lp)
+            else:  # log p(target) = logit(target) - logsumexp(logits)
+                t_lp = lg.gather(1, tgt.to(lg.device)[:, None])[:, 0] - lg.logsumexp(-1)
+                yield WindowLogProbs(w, tgt, t_lp.cpu())
         del logits
 
 
@@ -214,7 +218,7 @@ def perplexity(model: Callable, token_ids: Sequence[int] | np.ndarray | torch.Te
     counter: dict = {}
     parts: list[np.ndarray] = []
     t0 = time.perf_counter()
-    for i, wl in enumerate(iter_logprobs(model, ids, plan, batch_size, bos_id, counter)):
+    for i, wl in enumerate(iter_logprobs(model, ids, plan, batch_size, bos_id, counter, full=False)):
         parts.append((-wl.target_logprobs).double().numpy())
         if progress is not None:
             progress(i + 1, len(plan))
