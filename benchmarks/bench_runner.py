@@ -4,7 +4,7 @@ transformers' generate on the same weights, fp32 and 4-bit kbit, batch 1.
 
     .venv/bin/python benchmarks/bench_runner.py                       # ~5 min on 2 cores
     .venv/bin/python benchmarks/bench_runner.py --quick               # 32 + 32 tokens, 2 repeats
-    .venv/bin/python benchmarks/bench_runner.py --append-docs         # also append to docs/benchmarks.md
+    .venv/bin/python benchmarks/bench_runner.py --append-docs         # also (re)write docs/benchmarks.md's Runner section
 
 CPU section: a 128-token prompt (token ids, identical for every contender) and 128 greedy new
 tokens (EOS ignored, so every run makes exactly 128), timed round-robin (one run of each
@@ -212,7 +212,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="32 + 32 tokens, 2 repeats")
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--markdown", type=Path, help="write the report as markdown here")
-    ap.add_argument("--append-docs", action="store_true", help="append a 'Runner' section to docs/benchmarks.md")
+    ap.add_argument("--append-docs", action="store_true", help="write the 'Runner' section of docs/benchmarks.md (replacing an earlier one)")
     args = ap.parse_args()
     if args.quick:
         args.prompt_tokens, args.new_tokens, args.repeats, args.torch_kernel_tokens = 32, 32, 2, 4
@@ -248,9 +248,15 @@ def main() -> int:
     if args.append_docs:
         doc = REPO / "docs" / "benchmarks.md"
         body = header.rstrip() + "\n" + "\n".join(rep.md).rstrip() + "\n"
-        old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        doc.write_text(old.rstrip() + "\n\n" + body)  # re-read just before writing: append only
-        print(f"appended the Runner section to {doc}")
+        old = doc.read_text() if doc.exists() else "# Benchmarks\n"  # re-read just before writing
+        if "\n## Runner\n" in old:  # replace our own section only, keep everyone else's
+            head, rest = old.split("\n## Runner\n", 1)
+            nxt = rest.find("\n## ")
+            tail = rest[nxt:] if nxt >= 0 else ""
+            doc.write_text(head.rstrip() + "\n\n" + body.rstrip() + "\n" + tail)
+        else:
+            doc.write_text(old.rstrip() + "\n\n" + body)
+        print(f"wrote the Runner section of {doc}")
     del torch
     return 0
 
