@@ -1,6 +1,6 @@
 """Evaluation text: the offline Wikipedia text, a local file, or WikiText-2 from the Hub.
 
-    text = wiki_text()                 # ~3.1M characters of real English Wikipedia, offline
+    text = wiki_text()                 # ~2.8M characters of real English Wikipedia, offline
     text = load_text("my.txt")
     text = wikitext2()                 # WikiText-2 raw test split (the file llama.cpp uses)
 
@@ -33,7 +33,7 @@ from kbitcli.errors import InputError, UsageError
 
 GENSIM_WHEEL_GLOB = "gensim-4.4.0-*.whl"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-WIKI_NAME = "enwiki-2016 (gensim 4.4.0 test data, 103 articles, CC BY-SA)"
+WIKI_NAME = "enwiki-2016 (gensim 4.4.0 test data, 106 articles, CC BY-SA)"
 
 WIKITEXT2_RAW = {"repo_id": "ggml-org/ci", "filename": "wikitext-2-raw-v1.zip",
                  "member": "wikitext-2-raw/wiki.{split}.raw"}
