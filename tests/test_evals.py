@@ -231,6 +231,7 @@ def test_cli_perplexity_json_and_text(tiny, runner_model, capsys):
     (["--text", "T", "--ctx", "64", "--stride", "100"], EXIT_USAGE, "--stride"),
     (["--text", "T", "--protocol", "llama.cpp", "--ctx", "1024"], EXIT_INPUT, "fewer than one chunk"),
     (["--text", "missing.txt"], EXIT_INPUT, "missing.txt"),
+    (["--text", "T", "--ctx", "2048"], EXIT_USAGE, "context window"),
 ])
 def test_cli_perplexity_errors(tiny, capsys, args, code, words):
     folder, _, _, text = tiny

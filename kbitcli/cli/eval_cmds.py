@@ -96,6 +96,13 @@ def _tokenize(tok, text: str, protocol: str, max_tokens: Optional[int]) -> tuple
     return ids, bos, n_bytes
 
 
+def _check_ctx(model, ctx: int, where: str) -> None:
+    limit = getattr(model, "context_length", None)
+    if isinstance(limit, int) and limit > 0 and ctx > limit:
+        raise UsageError(f"--ctx {ctx} is longer than the context window of {where} ({limit} tokens); "
+                         f"use --ctx {limit} or less")
+
+
 def _resolve_dev(device: str):
     from ..runner.load import resolve_device
     return resolve_device(device)  # a missing GPU is reported before any loading
@@ -124,6 +131,7 @@ def perplexity_cmd(
     dev = _resolve_dev(device)
     body, where = _read_text(text, dataset)
     m, tok, name = _load(model, dev, dtype, dequantize_on_load, quiet or json_out)
+    _check_ctx(m, ctx, name)
     ids, bos, n_bytes = _tokenize(tok, body, protocol, max_tokens)
     window_plan(len(ids), ctx, stride, protocol)  # bad settings fail before the long run
     res = perplexity(m, ids, ctx=ctx, stride=stride, protocol=protocol, batch_size=batch_size, bos_id=bos,
@@ -179,7 +187,6 @@ def compare_cmd(
     if save_reference is not None and reference is None:
         raise UsageError("--save-reference needs the REFERENCE model")
     # gate values are checked before the long run
-    from ..evals.compare import CompareResult  # noqa: F401
     if min_top1 is not None and not 0 <= min_top1 <= 1:
         raise UsageError(f"--min-top1 is a fraction between 0 and 1 (got {min_top1}; write 0.9 for 90%)")
     if max_kld is not None and max_kld < 0:
@@ -191,10 +198,12 @@ def compare_cmd(
     silent = quiet or json_out
     ref_file = ReferenceLogits.load(reference_logits) if reference_logits is not None else None
     q_model, q_tok, q_name = _load(quantized, dev, dtype, dequantize_on_load, silent)
+    _check_ctx(q_model, ctx, q_name)
     ids, bos, n_bytes = _tokenize(q_tok, body, protocol, max_tokens)
     window_plan(len(ids), ctx, stride, protocol)
     if ref_file is None:
         r_model, r_tok, r_name = _load(reference, dev, dtype, dequantize_on_load, silent)
+        _check_ctx(r_model, ctx, r_name)
         r_ids, r_bos, _ = _tokenize(r_tok, body, protocol, max_tokens)
         if len(r_ids) != len(ids) or not np.array_equal(r_ids, ids) or r_bos != bos:
             from ..errors import InputError
