@@ -169,7 +169,7 @@ def compare_cmd(
     dequantize_on_load: DeqOpt = False,
     save_reference: Annotated[Optional[Path], typer.Option("--save-reference", help="Also store the reference's top-k log-probs in this file (safetensors) for later runs without the reference model.")] = None,
     reference_logits: Annotated[Optional[Path], typer.Option("--reference-logits", help="A file from --save-reference, used instead of a reference model.")] = None,
-    reference_topk: Annotated[int, typer.Option("--reference-topk", help="Log-probs per token kept by --save-reference.")] = 32,
+    reference_topk: Annotated[int, typer.Option("--reference-topk", help="Log-probs per token kept by --save-reference (1-1024; the file takes 6k + 8 bytes per scored token).")] = 256,
     max_ppl_ratio: Annotated[Optional[float], typer.Option("--max-ppl-ratio", help="Gate: fail when perplexity / reference perplexity exceeds this (e.g. 1.05).")] = None,
     max_kld: Annotated[Optional[float], typer.Option("--max-kld", help="Gate: fail when the mean KL divergence (nats) exceeds this (e.g. 0.05).")] = None,
     min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Gate: fail when top-1 agreement is below this fraction (e.g. 0.9).")] = None,
