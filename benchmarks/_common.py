@@ -89,11 +89,18 @@ def machine() -> str:
 
 
 def versions(*mods: str) -> str:
+    from importlib import metadata
     out = []
     for m in mods:
         try:
             mod = __import__(m)
-            out.append(f"{m} {getattr(mod, '__version__', '?')}")
+            v = getattr(mod, "__version__", None)
+            if v is None:
+                try:
+                    v = metadata.version(m)
+                except metadata.PackageNotFoundError:
+                    v = "?"
+            out.append(f"{m} {v}")
         except Exception:
             out.append(f"{m} (absent)")
     return ", ".join(out)
