@@ -318,6 +318,24 @@ def quality_scales(W, rep: Report, pool: list, label: str, quick: bool = False) 
     rep.table(["setting", "bits/w", "rel RMSE", "rel RMSE mse", "mse quantize s"], rows)
 
 
+def quality_other_k(W, rep: Report, pool: list, label: str, quick: bool = False) -> None:
+    """Settings for the peers' other budgets (Q2_K 2.625, Q3_K 3.44, Q5_K 5.5, Q6_K 6.56 bits/w):
+    one-byte scales and the mse search, so that k != 4 is compared at its best too."""
+    rep.section(f"Quality: k = 2, 3, 5, 6 with one-byte scales and mse search ({label})")
+    cands = [("affine", 32, "e8"), ("affine", 64, "e8"), ("lloyd", 32, "e8"), ("nf", 32, "e8"), ("lloyd", 64, "dq")]
+    if quick:
+        cands = cands[:1]
+    rows = []
+    for k in (2, 3, 5, 6):
+        for d, B, enc in cands:
+            sp = QuantSpec(k, d, B, enc, "mse")
+            qt = quantize(W, sp, ops=CPU)
+            e = rel(W, dequantize(qt, CPU))
+            pool.append((sp.label(), qt.bits_per_weight, e, label))
+            rows.append([sp.label(), qt.bits_per_weight, e])
+    rep.table(["setting", "bits/w", "rel RMSE"], rows)
+
+
 def quality_headline(rep: Report, pool: list, peers: list, full_label: str, llama_ok: bool) -> None:
     rep.section("Quality: best kbit setting at a bit budget, against the peers")
     full = [p for p in pool if p[3] == full_label]
@@ -463,6 +481,7 @@ def main(argv=None) -> int:
         ("speed_sweep", lambda: speed_sweep(W, rep, sweep_repeats, pool, full_label, 0 if a.quick else 1)),
         ("quality_peers", lambda: peers.extend(quality_peers(W, rep, bnb, gguf, llama, llama_files))),
         ("quality_scales", lambda: quality_scales(W, rep, pool, full_label, a.quick)),
+        ("quality_other_k", lambda: quality_other_k(W, rep, pool, full_label, a.quick)),
         ("quality_grid", lambda: quality_grid(Wg, rep, pool, grid_label, (32, 128, 1024) if a.quick else BLOCKS)),
         ("quality_headline", lambda: quality_headline(rep, pool, peers, full_label, bool(llama))),
         ("bit_exactness", lambda: bit_exactness(rep, a.quick)),
