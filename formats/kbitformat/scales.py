@@ -41,7 +41,8 @@ def encode_scales(raw: np.ndarray, enc: str, name: str = "tensor") -> tuple[dict
             raise KbitValueError(f"{name}: a block scale ({float(raw.max()):.6g}) exceeds the fp16 range; "
                                  "use fp32 scales (--scale fp32)")
         low = h.astype(F32) < raw
-        h[low] = np.nextafter(h[low], np.float16(np.inf))
+        with np.errstate(over="ignore"):
+            h[low] = np.nextafter(h[low], np.float16(np.inf))
         if not np.isfinite(h).all():  # rounding up past 65504 reaches inf
             raise KbitValueError(f"{name}: a block scale ({float(raw.max()):.6g}) exceeds the fp16 range; "
                                  "use fp32 scales (--scale fp32)")
