@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from kbitformat import FORMAT_VERSION_STR, dequantize, quantize, relative_error
+from kbitformat import FORMAT_VERSION_STR, quantization_error, quantize
 from kbitformat.io import INDEX_NAME, KbitWriter, f32_to_bf16
 
 from . import __version__
@@ -207,7 +207,7 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
             else:
                 x = src.load(p.name)
                 qt = quantize(x, p.spec, p.name, ops=ops, orig_dtype=p.dtype)
-                err = relative_error(x, dequantize(qt, ops)) if measure_error else None
+                err = quantization_error(x, qt, ops) if measure_error else None
                 del x
                 writer.add_quantized(p.name, qt, extra={"error": err})
                 rep = TensorReport(p.name, p.shape, p.dtype, True, p.spec.label(), "kbit",

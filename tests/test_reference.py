@@ -201,3 +201,16 @@ def test_scales_that_would_overflow_are_refused_not_nan():
     x[0, 0], x[0, 1] = 3e38, -3e38
     with pytest.raises(KbitValueError, match="overflows"):
         quantize(x, QuantSpec(4, "affine", 64, "fp32"))
+
+
+def test_quantization_error_equals_the_dequantized_relative_error(monkeypatch):
+    import importlib
+    q = importlib.import_module("kbitformat.quantize")  # the module (the package exports a function of that name)
+    monkeypatch.setattr(q, "ERROR_CHUNK", 1000)  # several chunks, rows split across them
+    from kbitformat import quantization_error
+    x = rng.standard_normal((37, 300)).astype(np.float32)
+    for spec in (QuantSpec(3, "affine", 64, "dq"), QuantSpec(4, "nf", 0, "fp16")):
+        qt = quantize(x, spec)
+        want = np.linalg.norm(x.astype(np.float64) - dequantize(qt)) / np.linalg.norm(x.astype(np.float64))
+        assert quantization_error(x, qt) == pytest.approx(want, rel=1e-12)
+        assert relative_error(x, dequantize(qt)) == pytest.approx(want, rel=1e-12)

@@ -161,9 +161,43 @@ def dequantize(qt: QuantizedTensor, ops=NumpyOps) -> np.ndarray:
     return out.reshape(qt.shape)
 
 
+#: elements processed at once by the error measurements (bounds their temporaries)
+ERROR_CHUNK = 1 << 20
+
+
+def _sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(sum (x - y)**2, sum x**2) in float64, chunk by chunk."""
+    xf, yf = np.asarray(x).reshape(-1), np.asarray(y).reshape(-1)
+    dd = xx = 0.0
+    for i in range(0, xf.size, ERROR_CHUNK):
+        a = xf[i:i + ERROR_CHUNK].astype(np.float64)
+        d = a - yf[i:i + ERROR_CHUNK].astype(np.float64)
+        dd += float(np.dot(d, d))
+        xx += float(np.dot(a, a))
+    return dd, xx
+
+
+def _ratio(dd: float, xx: float) -> float:
+    return float(np.sqrt(dd / xx)) if xx > 0 else float(np.sqrt(dd))
+
+
 def relative_error(x: np.ndarray, y: np.ndarray) -> float:
     """||x - y|| / ||x|| in float64 (0 when x is all zeros and y equals it)."""
-    x = np.asarray(x, dtype=np.float64)
-    d = np.linalg.norm(x - np.asarray(y, dtype=np.float64))
-    n = np.linalg.norm(x)
-    return float(d / n) if n > 0 else float(d)
+    return _ratio(*_sums(x, y))
+
+
+def quantization_error(x: np.ndarray, qt: QuantizedTensor, ops=NumpyOps) -> float:
+    """relative_error(x, dequantize(qt)) without materialising the dequantized tensor:
+    rows are decoded a chunk at a time, so the memory needed is a chunk, not a tensor."""
+    x2 = as_2d(x)
+    s = qt.decoded_scales()
+    o = qt.decoded_offsets(s)
+    step = max(1, ERROR_CHUNK // max(1, qt.cols))
+    dd = xx = 0.0
+    for r0 in range(0, qt.rows, step):
+        r1 = min(qt.rows, r0 + step)
+        y = ops.dequantize(qt.codes[r0:r1], qt.spec.bits, qt.block_size, qt.cols, s[r0:r1],
+                           None if o is None else o[r0:r1], qt.codebook)
+        a, b = _sums(x2[r0:r1], y)
+        dd, xx = dd + a, xx + b
+    return _ratio(dd, xx)

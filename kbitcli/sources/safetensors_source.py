@@ -73,7 +73,6 @@ class SafetensorsSource(BaseSource):
         self.kind = kind
         self.files = files
         self._entries: dict[str, _Entry] = {}
-        self._maps: dict[Path, np.memmap] = {}
         where: dict[str, Path] = {}
         for file in files:
             if not file.is_file():
@@ -98,12 +97,12 @@ class SafetensorsSource(BaseSource):
                 )
 
     def _bytes(self, e: _Entry) -> np.ndarray:
-        mm = self._maps.get(e.file)
-        if mm is None:
-            if e.file.stat().st_size == 0:
-                return np.zeros(0, np.uint8)
-            mm = self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-        return mm[e.begin : e.end]
+        """The tensor's bytes, memory-mapped just for this read: the callers copy them out,
+        and dropping the map right after keeps the resident memory of a conversion at one
+        tensor instead of growing with every shard read (a shard-wide map kept open would)."""
+        if e.end == e.begin:
+            return np.zeros(0, np.uint8)
+        return np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.begin, shape=(e.end - e.begin,))
 
     def _load_raw(self, info: SourceTensor) -> np.ndarray:
         e = self._entries[info.name]
@@ -123,7 +122,7 @@ class SafetensorsSource(BaseSource):
         return vals.astype(np.float32)  # always a copy, even from float32
 
     def close(self) -> None:
-        self._maps.clear()
+        pass
 
 
 def open_safetensors_file(path: Path) -> SafetensorsSource:
