@@ -301,10 +301,25 @@ def _plain_log(ax, which: str) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
     axis = ax.yaxis if which == "y" else ax.xaxis
     lo, hi = (ax.get_ylim() if which == "y" else ax.get_xlim())
-    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    fmt = FuncFormatter(lambda v, _: f"{v:.4g}")
     axis.set_major_formatter(fmt)
     axis.set_minor_formatter(fmt if lo > 0 and hi / lo < 10 else NullFormatter())
     ax.tick_params(axis=which, which="both", labelsize=7)
+
+
+PPL_CLIP = 8.0  # perplexity plots show up to this multiple of the unquantized perplexity
+
+
+def _clip(ax, values, top: float | None) -> None:
+    """Cut the y-axis at `top` (log scale), saying how many points lie above."""
+    if top is None:
+        return
+    above = sum(1 for v in values if v is not None and v > top)
+    if above:
+        lo = min(v for v in values if v is not None)
+        ax.set_ylim(min(lo, top) / 1.15, top)
+        ax.text(0.01, 0.99, f"{above} point{'s' if above > 1 else ''} above {top:.3g} not shown",
+                transform=ax.transAxes, fontsize=6, va="top", ha="left", color="gray")
 
 
 def make_plots(rows: Sequence[dict], out_dir: str | os.PathLike, metric: str | None = None,
@@ -330,6 +345,7 @@ def make_plots(rows: Sequence[dict], out_dir: str | os.PathLike, metric: str | N
         ylab = {"ppl": "perplexity", "kld": "mean KL divergence (nats)", "lambada": "LAMBADA-style accuracy"}[metric]
         logy = metric in ("ppl", "kld")
         ks = sorted({r["bits"] for r in plain})
+        top = PPL_CLIP * value(ref, metric) if metric == "ppl" and ref is not None and value(ref, metric) else None
         cmap = plt.get_cmap("viridis")
         kcol = {k: cmap(i / max(1, len(ks) - 1)) for i, k in enumerate(ks)}
 
@@ -365,6 +381,7 @@ def make_plots(rows: Sequence[dict], out_dir: str | os.PathLike, metric: str | N
         ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
+            _clip(ax, [value(r, metric) for r in plain] + [value(o["row"], metric) for o in a["outliers"]], top)
             _plain_log(ax, "y")
         _plain_log(ax, "x")
         ax.set_xlabel("total model bits (log scale)")
@@ -393,6 +410,7 @@ def make_plots(rows: Sequence[dict], out_dir: str | os.PathLike, metric: str | N
             ax.set_xscale("log", base=2)
             if logy:
                 ax.set_yscale("log")
+                _clip(ax, [value(r, metric) for r in plain if r["dtype"] == dt], top)
                 _plain_log(ax, "y")
             _plain_log(ax, "x")
             ax.set_title(dt, fontsize=9)
