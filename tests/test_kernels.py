@@ -524,3 +524,15 @@ def test_cuda_dequantize_takes_device_arrays():
             t = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
             out = ops.dequantize(t(words.view(np.int32)), k, B, cols, t(s), t(o), t(cb))
             assert_same_bits(torch.as_tensor(out, device="cuda").cpu().numpy(), want, "torch dequantize")
+
+
+def test_cpu_error_sums_match_numpy():
+    from kbitcli.kernels.cpu import CpuOps
+    from kbitformat import quantization_error, relative_error
+    x = make_x((50, 1000))
+    qt = quantize(x, QuantSpec(3, "nf", 64), ops=CpuOps)
+    want = relative_error(x, dequantize(qt))
+    assert quantization_error(x, qt, CpuOps) == pytest.approx(want, rel=1e-12)
+    assert quantization_error(x, qt) == pytest.approx(want, rel=1e-12)
+    dd, xx = CpuOps.error_sums(x, np.zeros_like(x))
+    assert dd == pytest.approx(xx, rel=0) and xx == pytest.approx(float(np.sum(x.astype(np.float64) ** 2)), rel=1e-12)

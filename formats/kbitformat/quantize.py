@@ -188,7 +188,8 @@ def relative_error(x: np.ndarray, y: np.ndarray) -> float:
 
 def quantization_error(x: np.ndarray, qt: QuantizedTensor, ops=NumpyOps) -> float:
     """relative_error(x, dequantize(qt)) without materialising the dequantized tensor:
-    rows are decoded a chunk at a time, so the memory needed is a chunk, not a tensor."""
+    rows are decoded a chunk at a time, so the memory needed is a chunk, not a tensor.
+    Kernels may offer `ops.error_sums(x, y)` (float64 sums without numpy temporaries)."""
     x2 = as_2d(x)
     s = qt.decoded_scales()
     o = qt.decoded_offsets(s)
@@ -198,6 +199,6 @@ def quantization_error(x: np.ndarray, qt: QuantizedTensor, ops=NumpyOps) -> floa
         r1 = min(qt.rows, r0 + step)
         y = ops.dequantize(qt.codes[r0:r1], qt.spec.bits, qt.block_size, qt.cols, s[r0:r1],
                            None if o is None else o[r0:r1], qt.codebook)
-        a, b = _sums(x2[r0:r1], y)
+        a, b = (getattr(ops, "error_sums", None) or _sums)(x2[r0:r1], y)
         dd, xx = dd + a, xx + b
     return _ratio(dd, xx)

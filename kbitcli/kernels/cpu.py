@@ -478,6 +478,27 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=F32)
 
 
+@njit(parallel=True, cache=True)
+def _error_sums_kernel(x, y, chunks):
+    """(sum (x - y)**2, sum x**2) over two flat float32 arrays, accumulated in float64 per
+    chunk (in order within a chunk), chunks added in order: deterministic for a given size."""
+    n = x.size
+    step = (n + chunks - 1) // chunks
+    dd = np.zeros(chunks)
+    xx = np.zeros(chunks)
+    for c in prange(chunks):
+        a = 0.0
+        b = 0.0
+        for i in range(c * step, min(n, (c + 1) * step)):
+            xi = np.float64(x[i])
+            d = xi - np.float64(y[i])
+            a += d * d
+            b += xi * xi
+        dd[c] = a
+        xx[c] = b
+    return dd.sum(), xx.sum()
+
+
 class CpuOps:
     """Numba CPU implementation of the four kernel operations (see module docstring)."""
 
@@ -528,6 +549,17 @@ class CpuOps:
         words = np.empty((rows, nb * (B // 32) * k), dtype=np.uint32)
         _quantize_pack_kernel(x, B, k, s, ov, affine, _per_chunk(B), *cs.args(), words)
         return words
+
+    @staticmethod
+    def error_sums(x, y) -> tuple[float, float]:
+        """(sum (x - y)**2, sum x**2) in float64: what kbitformat's error measurement needs,
+        without numpy's float64 temporaries."""
+        xf = np.ascontiguousarray(x, dtype=F32).reshape(-1)
+        yf = np.ascontiguousarray(y, dtype=F32).reshape(-1)
+        if xf.size != yf.size:
+            raise KbitValueError(f"error_sums: {xf.size} values against {yf.size}")
+        dd, xx = _error_sums_kernel(xf, yf, 64)
+        return float(dd), float(xx)
 
     @staticmethod
     def dequantize(words, k, B, cols, s, o, cb) -> np.ndarray:
