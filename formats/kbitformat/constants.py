@@ -43,4 +43,4 @@ SEARCH_SHIFTS_AFFINE = np.array([0.0, -0.02, 0.02], dtype=np.float32)
 
 #: The quantile type estimates its codebook from at most this many values (a fixed
 #: stride through the flattened tensor); smaller tensors use every value.
-QUANTILE_SAMPLE = 1 << 20
+QUANTILE_SAMPLE = 1 << 18

@@ -123,10 +123,10 @@ def quantize(x: np.ndarray, spec: QuantSpec, name: str = "tensor", ops=NumpyOps,
     # Scales and offsets at ratio 1 (also what the quantile codebook is estimated with).
     raw_s, raw_lo = next(scales.raw_candidates(stats, spec.affine, "none"))
     cb = codebooks.fixed_codebook(spec.dtype, k, spec.exponent_bits)
+    cb_scales = None
     if cb is None:
-        stored, s1 = scales.encode_scales(raw_s, spec.scale, name)
-        o1 = None
-        cb = codebooks.DATA_DEPENDENT[spec.dtype](k, _quantile_sample(x2, B, s1, o1))
+        cb_scales = scales.encode_scales(raw_s, spec.scale, name)
+        cb = codebooks.DATA_DEPENDENT[spec.dtype](k, _quantile_sample(x2, B, cb_scales[1], None))
     mids = codebooks.midpoints(cb)
 
     if spec.search == "mse":
@@ -143,7 +143,10 @@ def quantize(x: np.ndarray, spec: QuantSpec, name: str = "tensor", ops=NumpyOps,
         if spec.affine:
             raw_lo = np.take_along_axis(np.stack([c[1] for c in cands]), best[None], 0)[0]
 
-    stored, s = scales.encode_scales(raw_s, spec.scale, name)
+    if spec.search == "mse" or cb_scales is None:
+        stored, s = scales.encode_scales(raw_s, spec.scale, name)
+    else:  # the ratio-1 scales the data-dependent codebook was estimated with
+        stored, s = cb_scales
     offsets = o = None
     if spec.affine:
         offsets, o = scales.encode_offsets(raw_lo, s, spec.scale)

@@ -40,9 +40,8 @@ def encode_scales(raw: np.ndarray, enc: str, name: str = "tensor") -> tuple[dict
         if not np.isfinite(h).all():
             raise KbitValueError(f"{name}: a block scale ({float(raw.max()):.6g}) exceeds the fp16 range; "
                                  "use fp32 scales (--scale fp32)")
-        low = h.astype(F32) < raw
-        with np.errstate(over="ignore"):
-            h[low] = np.nextafter(h[low], np.float16(np.inf))
+        # raw >= 0, so the next float16 up is the next bit pattern (65504 + 1 ulp = inf)
+        h.view(np.uint16)[h.astype(F32) < raw] += np.uint16(1)
         if not np.isfinite(h).all():  # rounding up past 65504 reaches inf
             raise KbitValueError(f"{name}: a block scale ({float(raw.max()):.6g}) exceeds the fp16 range; "
                                  "use fp32 scales (--scale fp32)")
