@@ -487,8 +487,9 @@ def markdown(rows: Sequence[dict], metric: str | None = None, plots: Sequence[Pa
         return "\n".join(L)
     vers = sorted({r.get("kbit_version", "?") for r in rows})
     secs = sum(float(r.get("seconds") or 0) for r in rows)
+    nref = sum(r.get("kind") == "reference" for r in rows)
     L += [f"Metric: **{mname}** ({'lower' if lower else 'higher'} is better). {len(q)} quantized rows and "
-          f"{sum(r.get('kind') == 'reference' for r in rows)} reference rows; evaluation time summed over rows "
+          f"{nref} reference row{'' if nref == 1 else 's'}; evaluation time summed over rows "
           f"{secs / 60:.1f} min; kbit {', '.join(vers)}.", "",
           f"- bits: {', '.join(map(str, sorted({r['bits'] for r in q})))}; data types: "
           f"{', '.join(sorted({r['dtype'] for r in q}))}; block sizes: "
