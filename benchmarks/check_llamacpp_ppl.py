@@ -57,8 +57,7 @@ def main() -> int:
 
     import torch
     torch.set_num_threads(args.threads)
-    from kbitcli.cli.eval_cmds import adds_bos
-    from kbitcli.evals import perplexity
+    from kbitcli.evals.perplexity import adds_bos, perplexity
     from kbitcli.evals.data import load_text, wiki_text
     from kbitcli.runner import load
     from kbitcli.sources import embedded_model_path

@@ -294,6 +294,14 @@ def test_saved_reference_gives_the_same_figures(tiny, quantized, tmp_path, capsy
     assert approx["kl_method"].startswith("top-16")
     # the lumped KL never exceeds the exact one (log-sum inequality) and keeps most of it
     assert 0.5 * exact["kld"] < approx["kld"] <= exact["kld"] * (1 + 1e-3)
+    # the default k (256) keeps the whole 100-token vocabulary: the lumped KL is then the exact one
+    full_file = tmp_path / "full.safetensors"
+    code, out, err = _run(capsys, "compare", quantized, folder, *common, "--save-reference", full_file)
+    assert code == 0, err
+    assert ReferenceLogits.load(full_file).topk == VOCAB
+    code, out, err = _run(capsys, "compare", quantized, "--reference-logits", full_file, *common)
+    assert code == 0, err
+    assert json.loads(out)["kld"] == pytest.approx(exact["kld"], rel=1e-2)
     # a reference made from other tokens or settings is refused, naming what differs
     code, _, err = _run(capsys, "compare", quantized, "--reference-logits", ref_file, *common, "--max-tokens", 500)
     assert code == EXIT_INPUT and "tokens" in err

@@ -74,18 +74,10 @@ def _load(model: str, device, dtype, deq: bool, quiet: bool):
     return m, tok, prov.get("source", str(path))
 
 
-def adds_bos(tok) -> bool:
-    """Whether the tokenizer puts a BOS in front of a text (llama.cpp's add_bos)."""
-    bos = tok.bos_token_id
-    if bos is None:
-        return False
-    with_special = tok.encode("a")
-    return bool(with_special) and with_special[0] == bos and tok.encode("a", add_special_tokens=False)[:1] != [bos]
-
-
 def _tokenize(tok, text: str, protocol: str, max_tokens: Optional[int]) -> tuple[np.ndarray, int | None, int]:
     """(token ids with the tokenizer's special tokens, BOS id for the llama.cpp protocol, UTF-8 bytes
     of the text those tokens cover)."""
+    from ..evals.perplexity import adds_bos
     ids = np.asarray(tok.encode(text), dtype=np.int64)
     bos = tok.bos_token_id if protocol == "llama.cpp" and adds_bos(tok) else None
     if max_tokens is not None and max_tokens < len(ids):

@@ -197,6 +197,16 @@ def bits_per_byte(mean_nll: float, n_tokens: int, n_bytes: int | None) -> float 
     return mean_nll / math.log(2) * n_tokens / n_bytes
 
 
+def adds_bos(tok) -> bool:
+    """Whether a runner Tokenizer puts a BOS in front of a text (llama.cpp's add_bos): then the
+    llama.cpp protocol writes BOS over the first token of every chunk."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    with_special = tok.encode("a")
+    return bool(with_special) and with_special[0] == bos and tok.encode("a", add_special_tokens=False)[:1] != [bos]
+
+
 def perplexity(model: Callable, token_ids: Sequence[int] | np.ndarray | torch.Tensor, ctx: int = 512,
                stride: int | None = None, protocol: str = "hf", batch_size: int = 1, max_tokens: int | None = None,
                bos_id: int | None = None, n_bytes: int | None = None,
