@@ -386,3 +386,228 @@ class CudaOps:
         if _on_device(words):
             return out
         return out.copy_to_host()
+
+
+# ----------------------------------------------------------------------------- fused GEMV
+# y = x @ W.T for a packed W (rows, cols) and a few input rows x (M <= GEMV_MAX_M): the
+# decode step of a transformer at batch 1..8, where dequantizing W to a dense matrix first
+# would write and re-read 4 (or 2) bytes per weight. This kernel reads only the packed
+# words (k/32 words per weight) and the block scales.
+#
+# Decomposition: a CTA of WARPS warps; warp w handles rows (cta*WARPS + w)*RPW .. +RPW-1.
+# The columns are walked in tiles of 32 groups (1024 weights): the CTA stages the tile of
+# x (M x 1024 float32) into shared memory, with a pad word after every group (stride 33)
+# so that lane l reading x[group l, i] hits bank (l + i) % 32 (no conflicts); then lane l
+# of each warp decodes group l of the tile for each of its rows: it loads the group's k
+# words (the warp's loads cover k*128 contiguous bytes), rebuilds code i from bit i of
+# every plane, looks the value up in the codebook (shared memory) and accumulates
+# v * x[m, i] per input row; the group's sum is multiplied by the block's scale (affine:
+# plus offset * the group's sum of x, precomputed). Each lane keeps RPW*M accumulators; at
+# the end they are summed across the warp in a fixed order (through shared memory, lane 0
+# adds the 32 partial sums in lane order), so results are deterministic for a launch
+# shape. Unlike dequantize, this is not bit-identical to the reference dequantization
+# followed by a matmul (the sums run in another order, and multiply-adds may be fused);
+# the tests bound the difference against a float64 product.
+GEMV_MAX_M = 8
+GEMV_WARPS = TPB // 32
+_GEMV_TILE = 32  # groups per tile
+_GEMV_KERNELS: dict = {}
+
+
+def _gemv_kernel(k: int, M: int, affine: bool, rpw: int):
+    key = (k, M, affine, rpw)
+    kern = _GEMV_KERNELS.get(key)
+    if kern is not None:
+        return kern
+    NCB = 1 << k
+    WARPS = GEMV_WARPS
+    NT = WARPS * 32
+    XSTRIDE = _GEMV_TILE * 33          # floats per input row in the shared tile
+    XT = M * XSTRIDE
+    TILE_W = _GEMV_TILE * 32           # weights per tile
+    NACC = rpw * M
+    one = np.uint32(1)
+
+    @cuda.jit
+    def kern(words, B, G, s, o, cb, x, xsum, out):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid - warp * 32
+        rows = out.shape[1]
+        xcols = x.shape[1]
+        xs = cuda.shared.array(XT, dtype=np.float32)
+        cbs = cuda.shared.array(NCB, dtype=np.float32)
+        red = cuda.shared.array(NT, dtype=np.float32)
+        for e in range(tid, NCB, NT):
+            cbs[e] = cb[e]
+        row0 = (cuda.blockIdx.x * WARPS + warp) * rpw
+        acc = cuda.local.array(NACC, dtype=np.float32)
+        for a in range(NACC):
+            acc[a] = np.float32(0.0)
+        wk = cuda.local.array(k, dtype=np.uint32)
+        p = cuda.local.array(M, dtype=np.float32)
+        ntiles = (G + _GEMV_TILE - 1) // _GEMV_TILE
+        for tile in range(ntiles):
+            cuda.syncthreads()  # the previous tile is consumed (and cbs is filled)
+            base = tile * TILE_W
+            for e in range(tid, M * TILE_W, NT):
+                m = e // TILE_W
+                c = e - m * TILE_W
+                col = base + c
+                gl = c // 32
+                xv = np.float32(0.0)
+                if col < xcols:
+                    xv = x[m, col]
+                xs[m * XSTRIDE + gl * 33 + (c - gl * 32)] = xv
+            cuda.syncthreads()
+            g = tile * _GEMV_TILE + lane
+            if g < G:
+                b = (g * 32) // B
+                for rr in range(rpw):
+                    r = row0 + rr
+                    if r < rows:
+                        wbase = (r * G + g) * k
+                        for j in range(k):
+                            wk[j] = words[wbase + j]
+                        for m in range(M):
+                            p[m] = np.float32(0.0)
+                        for i in range(32):
+                            ui = np.uint32(i)
+                            c = np.uint32(0)
+                            for j in range(k):
+                                c |= ((wk[j] >> ui) & one) << np.uint32(j)
+                            v = cbs[c]
+                            for m in range(M):
+                                p[m] += v * xs[m * XSTRIDE + lane * 33 + i]
+                        sv = s[r, b]
+                        for m in range(M):
+                            t = p[m] * sv
+                            if affine:
+                                t += o[r, b] * xsum[m, g]
+                            acc[rr * M + m] += t
+        for rr in range(rpw):
+            r = row0 + rr
+            for m in range(M):
+                cuda.syncthreads()
+                red[tid] = acc[rr * M + m]
+                cuda.syncthreads()
+                if lane == 0 and r < rows:
+                    tot = np.float32(0.0)
+                    for q in range(32):
+                        tot += red[warp * 32 + q]
+                    out[m, r] = tot
+
+    _GEMV_KERNELS[key] = kern
+    return kern
+
+
+def gemv_rows_per_warp(rows: int) -> int:
+    """Rows per warp: more rows per CTA re-read each x tile less often, but a small matrix
+    needs every row in its own warp to fill the GPU's multiprocessors."""
+    if rows >= 16384:
+        return 4
+    if rows >= 4096:
+        return 2
+    return 1
+
+
+def gemv_device(words, k, B, cols, s, o, cb, x, xsum=None, stream=0):
+    """out (M, rows) float32 = x (M, cols) @ dequantize(words, ...).T on the GPU (device
+    arrays or host arrays, copied). xsum (M, G): x summed per 32-column group, needed for
+    affine types (computed here when not given)."""
+    B, k, cols = check_block(B), check_bits(k), int(cols)
+    rows, nb = check_words(words, k, B, cols, s, o)
+    check_codebook(cb, None, k)
+    G = nb * B // 32
+    M = x.shape[0]
+    if len(x.shape) != 2 or x.shape[1] != cols:
+        raise KbitValueError(f"x must be (M, {cols}), got {tuple(x.shape)}")
+    if not 1 <= M <= GEMV_MAX_M:
+        raise KbitValueError(f"the fused GEMV takes 1 to {GEMV_MAX_M} input rows, got {M}")
+    affine = o is not None
+    dx = _dev(x, F32)
+    if affine and xsum is None:
+        hx = np.zeros((M, G * 32), dtype=F32)
+        hx[:, :cols] = dx.copy_to_host() if _on_device(dx) else x
+        xsum = hx.reshape(M, G, 32).sum(axis=2, dtype=F32)
+    dw = _dev(words, np.uint32).reshape(rows * G * k)
+    ds = _dev(s, F32)
+    do = _dev(o, F32) if affine else ds
+    dxs = _dev(xsum, F32) if affine else dx
+    out = cuda.device_array((M, rows), dtype=F32)
+    rpw = gemv_rows_per_warp(rows)
+    grid = max(1, -(-rows // (GEMV_WARPS * rpw)))
+    kern = _gemv_kernel(k, M, affine, rpw)
+    if stream:
+        kern[grid, TPB, stream](dw, B, G, ds, do, _dev(cb, F32), dx, dxs, out)
+    else:
+        kern[grid, TPB](dw, B, G, ds, do, _dev(cb, F32), dx, dxs, out)
+    return out
+
+
+def gemv(words, k, B, cols, s, o, cb, x) -> np.ndarray:
+    """Host version of gemv_device (numpy in, numpy out)."""
+    return gemv_device(words, k, B, cols, s, o, cb, np.ascontiguousarray(x, dtype=F32)).copy_to_host()
+
+
+# torch glue: KbitLinear's decode step calls gemv_torch with its buffers. Numba views of
+# persistent buffers are made once (without a reference back to the tensor, so the cache
+# entry dies with the tensor) and without the CUDA Array Interface's stream synchronisation
+# (the kernel is launched on torch's current stream, so the order is already right).
+import weakref  # noqa: E402
+
+_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _view(t):
+    """A Numba device array over a CUDA torch tensor, sharing its memory."""
+    return cuda.from_cuda_array_interface(t.__cuda_array_interface__, owner=None, sync=False)
+
+
+def _cached_view(t):
+    v = _VIEWS.get(t)
+    if v is None or v[1] != t.data_ptr():
+        v = _VIEWS[t] = (_view(t), t.data_ptr())
+    return v[0]
+
+
+def gemv_torch(codes, k, B, cols, scales, offsets, codebook, x):
+    """torch wrapper: codes int32 (rows, G*k) (the uint32 words), scales/offsets float32
+    (rows, nb), codebook float32 (2**k,), x (M, cols) -> float32 (M, rows) on x's device.
+    CPU tensors (Numba's CUDA simulator, in the tests) are copied over and back."""
+    import torch
+    M = x.shape[0]
+    rows = codes.shape[0]
+    G = codes.shape[1] // k
+    x = x.to(torch.float32).contiguous()
+    xsum = None
+    if offsets is not None:
+        xsum = torch.nn.functional.pad(x, (0, G * 32 - cols)).view(M, G, 32).sum(dim=2)
+    if not codes.is_cuda:
+        return torch.from_numpy(gemv_device(
+            codes.numpy().view(np.uint32), k, B, cols, scales.numpy(),
+            None if offsets is None else offsets.numpy(), codebook.numpy(), x.numpy(),
+            None if xsum is None else xsum.numpy()).copy_to_host())
+    out = torch.empty((M, rows), dtype=torch.float32, device=x.device)
+    B, k, cols = check_block(B), check_bits(k), int(cols)
+    if codes.dtype != torch.int32 or codes.shape[1] != G * k or scales.shape[0] != rows:
+        raise KbitValueError(f"packed codes {tuple(codes.shape)} {codes.dtype} do not fit k={k}")
+    if not 1 <= M <= GEMV_MAX_M or x.shape[1] != cols:
+        raise KbitValueError(f"x must be (M <= {GEMV_MAX_M}, {cols}), got {tuple(x.shape)}")
+    affine = offsets is not None
+    dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
+    ds = _cached_view(scales)
+    do = _cached_view(offsets) if affine else ds
+    dcb = _cached_view(codebook)
+    dx = _view(x)
+    dxs = _view(xsum.contiguous()) if affine else dx
+    dout = _view(out)
+    rpw = gemv_rows_per_warp(rows)
+    grid = max(1, -(-rows // (GEMV_WARPS * rpw)))
+    kern = _gemv_kernel(k, M, affine, rpw)
+    sptr = torch.cuda.current_stream(x.device).cuda_stream
+    if sptr:
+        kern[grid, TPB, cuda.external_stream(sptr)](dw, B, G, ds, do, dcb, dx, dxs, dout)
+    else:
+        kern[grid, TPB](dw, B, G, ds, do, dcb, dx, dxs, dout)
+    return out
