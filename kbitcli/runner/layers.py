@@ -75,6 +75,8 @@ def dequantize_torch(words: torch.Tensor, k: int, block: int, cols: int, scales:
 
 
 KERNELS = ("auto", "torch", "numba")
+#: input rows (tokens x batch) up to which forward uses the fused GEMV (decode steps)
+GEMV_MAX_ROWS = 8
 _numba_ops = None
 
 
@@ -136,6 +138,10 @@ class KbitLinear(nn.Module):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.kernel = kernel
+        #: decode steps (few input rows) through a fused dequantize+matvec kernel that reads
+        #: only the packed words (the CUDA kernel on a GPU); False: always dequantize the
+        #: whole weight and matmul (also what "torch" kernel does)
+        self.fused_gemv = True
         self.bits, self.block_size, self.shape, self.layout, self.dtype = int(bits), int(block_size), tuple(shape), layout, dtype
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
@@ -186,7 +192,34 @@ class KbitLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # for code that inspects .weight (e.g. a tied head)
         return self.dequantized() if self.layout == "out_in" else self.dequantized().t()
 
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """y for a decode step through the fused kernel, or None when it does not apply."""
+        if not self.fused_gemv or self.kernel == "torch" or self.layout != "out_in":
+            return None
+        n = x.numel() // self.in_features if self.in_features else 0
+        if not 1 <= n <= GEMV_MAX_ROWS:
+            return None
+        if x.is_cuda:
+            try:
+                from kbitcli.kernels.cuda import gemv_torch
+                y = gemv_torch(self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets,
+                               self.codebook, x.reshape(n, self.in_features))
+            except Exception as e:  # noqa: BLE001 - any failure: dequantize + matmul gives the same values
+                import warnings
+                warnings.warn(f"kbit: the fused CUDA GEMV failed ({type(e).__name__}: {e}); dequantizing "
+                              "the weight in every forward instead", RuntimeWarning, stacklevel=3)
+                self.fused_gemv = False
+                return None
+        else:
+            return None
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(self.dtype).view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._gemv(x)
+        if y is not None:
+            return y
         w = self.dequantized()
         if self.layout == "out_in":
             return F.linear(x, w, self.bias)
