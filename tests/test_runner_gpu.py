@@ -114,6 +114,8 @@ def test_packed_on_cuda(arch, spec, tiny, cuda, tmp_path):
     prompts = [_ids(6, 5), _ids(3, 6)]
     got = [generate_ids(m, prompts, 8, eos_token_ids=[], pad_token_id=0)[0] for m in (packed, dense, cpu)]
     assert got[0] == got[1] == got[2]
+    # the decode steps really went through the fused GEMV (a failure would have switched it off)
+    assert all(m.fused_gemv for m in packed.modules() if isinstance(m, KbitLinear) and m.layout == "out_in")
 
 
 def test_float16_generation_on_cuda(tiny, cuda, tmp_path):
@@ -130,3 +132,4 @@ def test_float16_generation_on_cuda(tiny, cuda, tmp_path):
     prompts = [_ids(6, 8)]
     assert generate_ids(packed, prompts, 8, eos_token_ids=[], pad_token_id=0)[0] == \
         generate_ids(dense, prompts, 8, eos_token_ids=[], pad_token_id=0)[0]
+    assert all(m.fused_gemv for m in packed.modules() if hasattr(m, "fused_gemv"))

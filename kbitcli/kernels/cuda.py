@@ -554,21 +554,50 @@ def gemv(words, k, B, cols, s, o, cb, x) -> np.ndarray:
 # persistent buffers are made once (without a reference back to the tensor, so the cache
 # entry dies with the tensor) and without the CUDA Array Interface's stream synchronisation
 # (the kernel is launched on torch's current stream, so the order is already right).
-import weakref  # noqa: E402
-
-_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _view(t):
     """A Numba device array over a CUDA torch tensor, sharing its memory."""
     return cuda.from_cuda_array_interface(t.__cuda_array_interface__, owner=None, sync=False)
 
 
 def _cached_view(t):
-    v = _VIEWS.get(t)
-    if v is None or v[1] != t.data_ptr():
-        v = _VIEWS[t] = (_view(t), t.data_ptr())
+    """_view of a persistent tensor (a layer's buffer), made once and kept on the tensor
+    itself, so it lives exactly as long as the tensor (the view holds no reference back)."""
+    v = getattr(t, "_kbit_numba_view", None)
+    if v is None or v[1] != t.data_ptr() or v[2] != tuple(t.shape):
+        v = (_view(t), t.data_ptr(), tuple(t.shape))
+        t._kbit_numba_view = v
     return v[0]
+
+
+def _launch_on_torch_stream(kern, grid, threads, device, *args):
+    import torch
+    sptr = torch.cuda.current_stream(device).cuda_stream
+    if sptr:
+        kern[grid, threads, cuda.external_stream(sptr)](*args)
+    else:
+        kern[grid, threads](*args)
+
+
+def dequantize_torch(codes, k, B, cols, scales, offsets, codebook):
+    """dequantize for CUDA torch tensors (KbitLinear's buffers): float32 (rows, cols) torch
+    tensor, launched on torch's current stream, the buffers' Numba views cached."""
+    import torch
+    B, k, cols = check_block(B), check_bits(k), int(cols)
+    rows = codes.shape[0]
+    nb = scales.shape[1]
+    G = nb * B // 32
+    if codes.dtype != torch.int32 or tuple(codes.shape) != (rows, G * k) or scales.shape[0] != rows:
+        raise KbitValueError(f"packed codes {tuple(codes.shape)} {codes.dtype} do not fit k={k}, B={B}, "
+                             f"scales {tuple(scales.shape)}")
+    affine = offsets is not None
+    out = torch.empty((rows, cols), dtype=torch.float32, device=codes.device)
+    dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
+    ds = _cached_view(scales)
+    do = _cached_view(offsets) if affine else ds
+    grid, threads = _launch(rows * G * 32)
+    _launch_on_torch_stream(_dequantize_kernel, grid, threads, codes.device,
+                            dw, k, B, G, ds, do, affine, _cached_view(codebook), _view(out))
+    return out
 
 
 def gemv_torch(codes, k, B, cols, scales, offsets, codebook, x):
@@ -605,9 +634,5 @@ def gemv_torch(codes, k, B, cols, scales, offsets, codebook, x):
     rpw = gemv_rows_per_warp(rows)
     grid = max(1, -(-rows // (GEMV_WARPS * rpw)))
     kern = _gemv_kernel(k, M, affine, rpw)
-    sptr = torch.cuda.current_stream(x.device).cuda_stream
-    if sptr:
-        kern[grid, TPB, cuda.external_stream(sptr)](dw, B, G, ds, do, dcb, dx, dxs, dout)
-    else:
-        kern[grid, TPB](dw, B, G, ds, do, dcb, dx, dxs, dout)
+    _launch_on_torch_stream(kern, grid, TPB, x.device, dw, B, G, ds, do, dcb, dx, dxs, dout)
     return out

@@ -16,6 +16,20 @@ for CUDA tensors (handed over through __cuda_array_interface__, no copies). Kbit
 kernel "auto" uses them when they can be imported (the CUDA one is imported only when a CUDA
 tensor is dequantized; if it fails, the layer falls back to the torch code for good, with a
 warning); "torch" forces the torch code, "numba" the Numba kernels.
+
+Decode steps take a fused path. When forward gets few input rows (M = x.numel() // in_features
+<= GEMV_MAX_ROWS = 8: a decode step, or a very short prompt), the layout is "out_in" and the
+kernel is not "torch", it never builds the weight: a fused dequantize + matrix-vector kernel
+reads the packed words and writes y (M, out) directly. On the CPU that is
+kbitcli.kernels.cpu.gemv (Numba: each row decoded block by block, dotted with every input
+row in float32, the block's scale applied to the block's sum; parallel over rows); on CUDA,
+kbitcli.kernels.cuda.gemv_torch (on failure: a warning, and dequantize + matmul from then
+on). Decoding is memory-bound, and dequantize + matmul writes and re-reads 4 bytes per weight
+where the GEMV reads k/8 (plus the scales). The GEMV sums in another order than F.linear, so
+its outputs agree with the dequantized weight's to float32 rounding (about cols * 2**-24
+relative to sum|x||w|), not bit for bit; more input rows (prompt passes, perplexity) and the
+"in_out" layout (GPT-2's Conv1D) keep dequantize + matmul, bit-identical to a model
+dequantized on load. `fused_gemv = False` on a layer switches the fused path off.
 """
 from __future__ import annotations
 
@@ -92,6 +106,22 @@ def numba_dequantize():
     return _numba_ops or None
 
 
+_numba_gemv = None
+
+
+def numba_gemv():
+    """kbitcli.kernels.cpu.gemv (the fused CPU GEMV of decode steps), or None when Numba's CPU
+    kernels are unavailable."""
+    global _numba_gemv
+    if _numba_gemv is None:
+        try:
+            from kbitcli.kernels.cpu import gemv
+            _numba_gemv = gemv
+        except Exception:  # noqa: BLE001 - any import problem: dequantize + matmul instead
+            _numba_gemv = False
+    return _numba_gemv or None
+
+
 def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
                      offsets: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:
     """The same as dequantize_torch for CPU tensors, with the Numba CPU kernel."""
@@ -108,11 +138,9 @@ def dequantize_numba_cuda(words: torch.Tensor, k: int, block: int, cols: int, sc
     """dequantize_torch with kbitcli.kernels.cuda (imported here, on first use). CUDA tensors go
     to the kernel in place and the result stays on the GPU; CPU tensors (Numba's CUDA simulator
     in the tests) are copied over and back."""
-    from kbitcli.kernels.cuda import CudaOps
+    from kbitcli.kernels.cuda import CudaOps, dequantize_torch as cuda_dequantize
     if words.is_cuda:
-        out = CudaOps.dequantize_device(words.contiguous().view(torch.uint32), k, block, cols, scales.contiguous(),
-                                        None if offsets is None else offsets.contiguous(), codebook.contiguous())
-        return torch.as_tensor(out, device=words.device)
+        return cuda_dequantize(words, k, block, cols, scales, offsets, codebook)
     out = CudaOps.dequantize_device(words.numpy().view(np.uint32), k, block, cols, scales.numpy(),
                                     None if offsets is None else offsets.numpy(), codebook.numpy())
     return torch.from_numpy(np.asarray(out.copy_to_host(), dtype=np.float32))
@@ -124,8 +152,10 @@ class KbitLinear(nn.Module):
     layout "out_in": the stored tensor is nn.Linear's weight (out, in): y = x W^T + b.
     layout "in_out": the stored tensor is (in, out) (GPT-2's Conv1D):   y = x W + b.
     Buffers: codes (int32 view of the uint32 words), scales and offsets (decoded float32),
-    codebook (float32). The dequantized weight is built in forward and dropped after use;
-    dtype is the compute dtype it is cast to (float32 keeps the reference values exactly).
+    codebook (float32). For a few input rows (decode steps) forward runs the fused GEMV on
+    the packed words (see the module docstring); otherwise the dequantized weight is built in
+    forward and dropped after use. dtype is the compute dtype it is cast to (float32 keeps the
+    reference values exactly).
     """
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -210,6 +240,14 @@ class KbitLinear(nn.Module):
                               "the weight in every forward instead", RuntimeWarning, stacklevel=3)
                 self.fused_gemv = False
                 return None
+        elif x.device.type == "cpu" and self.codes.device.type == "cpu":
+            fn = numba_gemv()
+            if fn is None:
+                return None
+            x2 = x.detach().reshape(n, self.in_features).to(torch.float32).contiguous()
+            y = torch.from_numpy(fn(self.codes.numpy().view(np.uint32), self.bits, self.block_size, self.shape[1],
+                                    self.scales.numpy(), None if self.offsets is None else self.offsets.numpy(),
+                                    self.codebook.numpy(), x2.numpy()))
         else:
             return None
         if self.bias is not None:
