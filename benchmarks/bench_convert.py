@@ -6,6 +6,7 @@ time to convert the embedded SmolLM2-135M.
     .venv/bin/python benchmarks/bench_convert.py                      # 2 GB and 6 GB, ~5 min
     .venv/bin/python benchmarks/bench_convert.py --sizes 2 --markdown out.md
     .venv/bin/python benchmarks/bench_convert.py --quick              # one 1 GB checkpoint
+    .venv/bin/python benchmarks/bench_convert.py --repeat 3           # min / median of 3 runs
 
 For every size: write a checkpoint (bfloat16, Llama-2-13B layer shapes: 141.6 MB MLP
 weights, 52 MB attention weights, 327.7 MB embedding and LM head; 3+ shards with
@@ -15,6 +16,9 @@ model.safetensors.index.json and config.json) under --workdir, then
   2. run `kbit quantize SRC OUT --bits 4 --dtype int --block-size 64 --quiet --json` as
      a subprocess (warm page cache) and record its wall time and peak RSS (the kernel's
      the max RSS reported by /usr/bin/time, plus RssAnon / RssFile polled from /proc);
+     with --repeat N, steps 1 and 2 run N times, alternating (the table gives the median
+     and the range, the peak RSS is the largest of the N runs); then (unless --no-cold-run)
+     the conversion once more right after evicting the shards (cold-ish, like the first cat);
   3. run the naive baseline: a subprocess that loads every shard with
      safetensors.torch.load_file and keeps them all.
 Peak RSS includes file-backed pages of memory-mapped shards that the process touched
@@ -279,18 +283,40 @@ def one_size(size_gb: float, a, rep: Report, results: list) -> None:
         gen = time.perf_counter() - t
         print(f"[{size_gb:g} GB] wrote {ck['tensors']} tensors, {ck['total'] / GB:.2f} GB in {ck['shards']} shards "
               f"({gen:.0f} s)", flush=True)
-        evicted = evict(ck["files"])
-        cold = cat_rate(ck["files"], ck["total"])
-        warm = cat_rate(ck["files"], ck["total"])
-        print(f"[{size_gb:g} GB] cat: cold-ish {cold / MB:.0f} MB/s, warm {warm / MB:.0f} MB/s", flush=True)
         cmd = [str(KBIT), "quantize", str(src), str(out), *SPEC_ARGS, "--quiet", "--json", "--force"]
-        r = run_measured(cmd, env=env2())
-        if r["rc"] != 0:
-            rep.note(f"{size_gb:g} GB: kbit quantize failed (exit {r['rc']}): {r['stderr'][-2000:]}")
-            return
-        summ = json.loads(r["stdout"])
-        print(f"[{size_gb:g} GB] kbit quantize: {r['wall']:.1f} s, peak RSS {r['maxrss'] / GB:.2f} GB", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        colds, warms, runs, evicted = [], [], [], True
+        for k in range(a.repeat):
+            evicted = evict(ck["files"]) and evicted
+            colds.append(cat_rate(ck["files"], ck["total"]))
+            warms.append(cat_rate(ck["files"], ck["total"]))
+            print(f"[{size_gb:g} GB] cat: cold-ish {colds[-1] / MB:.0f} MB/s, warm {warms[-1] / MB:.0f} MB/s",
+                  flush=True)
+            r = run_measured(cmd, env=env2())
+            if r["rc"] != 0:
+                rep.note(f"{size_gb:g} GB: kbit quantize failed (exit {r['rc']}): {r['stderr'][-2000:]}")
+                return
+            r["summary"] = json.loads(r["stdout"])
+            runs.append(r)
+            print(f"[{size_gb:g} GB] kbit quantize: {r['wall']:.1f} s, peak RSS {r['maxrss'] / GB:.2f} GB", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        cold, warm = float(np.median(colds)), float(np.median(warms))
+        by_wall = sorted(runs, key=lambda x: x["wall"])
+        r = dict(by_wall[(len(by_wall) - 1) // 2])  # the median run (the lower one of an even count)
+        for key in ("maxrss", "anon", "file", "polled_rss"):
+            r[key] = max(x[key] for x in runs)
+        r["walls"] = [x["wall"] for x in runs]
+        r["inproc"] = [x["summary"]["seconds"] for x in runs]
+        summ = r["summary"]
+        cold_run = None
+        if not a.no_cold_run:  # the conversion reading the shards from disk, like the cold-ish cat
+            cold_ok = evict(ck["files"])
+            cold_run = run_measured(cmd, env=env2())
+            shutil.rmtree(out, ignore_errors=True)
+            if cold_run["rc"] != 0:
+                cold_run = None
+            else:
+                cold_run["evicted"] = cold_ok
+                print(f"[{size_gb:g} GB] kbit quantize after eviction (cold-ish): {cold_run['wall']:.1f} s", flush=True)
         noerr = None
         if not a.no_library_row:
             noerr = run_measured([sys.executable, "-c", NO_ERROR, str(src), str(out)], env=env2())
@@ -309,6 +335,7 @@ def one_size(size_gb: float, a, rep: Report, results: list) -> None:
                   flush=True)
         largest_q = max(2 * int(np.prod(s)) for n, s in tensors if len(s) == 2 and ".layers." in n)
         results.append({"size": size_gb, "ck": ck, "cold": cold, "warm": warm, "evicted": evicted, "kbit": r,
+                        "colds": colds, "warms": warms, "cold_run": cold_run,
                         "summary": summ, "naive": naive, "noerr": noerr, "largest_q": largest_q, "layers": layers,
                         "cmd": " ".join(["kbit", "quantize", "SRC", "OUT", *SPEC_ARGS, "--quiet", "--json", "--force"])})
     finally:
@@ -372,31 +399,56 @@ def report_sizes(results: list, rep: Report) -> None:
 
     rep.section("Conversion: throughput")
     rows = []
+    n_runs = len(results[0]["kbit"]["walls"])
+
+    def spread(vals, fmt="{:.1f}"):  # "median" or "median (min-max)" of repeated runs
+        return fmt.format(float(np.median(vals))) if len(vals) == 1 else \
+            f"{fmt.format(float(np.median(vals)))} ({fmt.format(min(vals))}-{fmt.format(max(vals))})"
+
     for x in results:
         s, r, ck = x["summary"], x["kbit"], x["ck"]
-        rate_wall = ck["total"] / r["wall"]
-        rate_in = ck["total"] / s["seconds"]
-        rows.append([f"{ck['total'] / GB:.2f} GB", f"{x['cold'] / MB:.0f}", f"{x['warm'] / MB:.0f}",
-                     f"{r['wall']:.1f}", f"{s['seconds']:.1f}", f"{rate_wall / MB:.0f}", f"{rate_in / MB:.0f}",
+        rate_wall = ck["total"] / float(np.median(r["walls"]))
+        rate_in = ck["total"] / float(np.median(r["inproc"]))
+        rows.append([f"{ck['total'] / GB:.2f} GB", spread([v / MB for v in x["colds"]], "{:.0f}"),
+                     spread([v / MB for v in x["warms"]], "{:.0f}"),
+                     spread(r["walls"]), spread(r["inproc"]), f"{rate_wall / MB:.0f}", f"{rate_in / MB:.0f}",
                      f"{rate_wall / x['warm'] * 100:.1f}%", f"{rate_wall / x['cold'] * 100:.1f}%",
                      f"{s['output_bytes'] / GB:.2f} GB", f"{s['bits_per_quantized_weight']:.3f}",
                      f"{s['bits_per_weight']:.3f}",
                      f"{x['noerr']['wall']:.1f} s = {ck['total'] / x['noerr']['wall'] / MB:.0f} MB/s" if x["noerr"] else "-"])
     rep.table(["checkpoint", "cat cold-ish MB/s", "cat warm MB/s", "kbit wall s", "kbit convert s (in-process)",
-               "kbit MB/s (wall)", "kbit MB/s (in-process)", "vs warm cat", "vs cold-ish cat", "output",
+               "kbit MB/s (wall, median)", "kbit MB/s (in-process, median)", "vs warm cat", "vs cold-ish cat", "output",
                "bits/quantized weight", "bits/weight overall", "convert(measure_error=False) wall"], rows)
     rep.note("MB/s = source bytes read / seconds. The first cat runs after evicting the shards from the page "
              "cache with posix_fadvise(DONTNEED)" + ("" if all(x["evicted"] for x in results) else
                                                      " (eviction FAILED on some file: not really cold)") +
              "; the second cat and the conversion run with the shards in the page cache (warm). "
              "kbit wall includes the interpreter start and imports; 'in-process' is the summary's own time. "
+             + (f"{n_runs} runs of each, alternating: the cat, wall and in-process columns give the median "
+                "(min-max); the kbit MB/s and the ratios are of medians. " if n_runs > 1 else "") +
              f"Command: `{results[0]['cmd']}`.")
+    cr = [x for x in results if x.get("cold_run")]
+    if cr:
+        rep.table(["checkpoint", "kbit wall s, cold-ish (1 run)", "kbit MB/s", "vs cold-ish cat (median)",
+                   "peak RSS"],
+                  [[f"{x['ck']['total'] / GB:.2f} GB", f"{x['cold_run']['wall']:.1f}",
+                    f"{x['ck']['total'] / x['cold_run']['wall'] / MB:.0f}",
+                    f"{x['ck']['total'] / x['cold_run']['wall'] / x['cold'] * 100:.1f}%",
+                    f"{x['cold_run']['maxrss'] / GB:.2f} GB"] for x in cr],
+                  title="Conversion from a cold-ish page cache")
+        rep.note("The same command once more right after evicting the shards with posix_fadvise(DONTNEED)"
+                 + ("" if all(x["cold_run"]["evicted"] for x in cr) else " (eviction FAILED on some file)")
+                 + ": the conversion reads the source from disk, as the cold-ish cat does.")
     for x in results:
-        rate = x["ck"]["total"] / x["kbit"]["wall"]
+        rate = x["ck"]["total"] / float(np.median(x["kbit"]["walls"]))
         rep.check(f"{x['ck']['total'] / GB:.1f} GB: conversion >= 50% of warm cat read rate", rate >= 0.5 * x["warm"],
                   f"{rate / MB:.0f} MB/s vs {x['warm'] / MB:.0f} MB/s ({rate / x['warm'] * 100:.1f}%)")
         rep.check(f"{x['ck']['total'] / GB:.1f} GB: conversion >= 50% of cold-ish cat read rate", rate >= 0.5 * x["cold"],
                   f"{rate / MB:.0f} MB/s vs {x['cold'] / MB:.0f} MB/s ({rate / x['cold'] * 100:.1f}%)")
+        if x.get("cold_run"):
+            rc = x["ck"]["total"] / x["cold_run"]["wall"]
+            rep.check(f"{x['ck']['total'] / GB:.1f} GB: cold-ish conversion >= 50% of cold-ish cat read rate",
+                      rc >= 0.5 * x["cold"], f"{rc / MB:.0f} MB/s vs {x['cold'] / MB:.0f} MB/s ({rc / x['cold'] * 100:.1f}%)")
 
 
 def embedded(a, rep: Report) -> None:
@@ -441,6 +493,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-embedded", action="store_true", help="skip the SmolLM2-135M conversion")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     ap.add_argument("--quick", action="store_true", help="one ~1 GB checkpoint")
+    ap.add_argument("--no-cold-run", action="store_true",
+                    help="skip the extra conversion right after evicting the shards from the page cache")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run the cat reads and the kbit conversion N times per size (min / median reported)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
     a = ap.parse_args(argv)
     sizes = [float(s) for s in (a.sizes or ("1" if a.quick else "2,6")).split(",") if s.strip()]

@@ -6,14 +6,28 @@ The output is assembled in a hidden folder beside OUT (".OUT.kbit-partial") and 
 to OUT only when complete, so an interrupted run never leaves an OUT that looks done.
 Finished shards survive Ctrl-C and are reused by resume=True after their checksums
 are verified. Any other failure (disk full, bad input) removes the partial folder.
+
+Three stages overlap, in order and with bounded queues, so the output bytes are the same
+as one after the other and memory stays at about one tensor:
+  * read-ahead: a thread asks the source to bring the next tensor into the page cache
+    (Source.prefetch; for safetensors posix_fadvise WILLNEED, which costs no memory here);
+  * the main thread reads the tensor into one reused float32 buffer (no fresh allocation
+    per tensor), runs the kernels and measures the error;
+  * a writer thread checksums and writes the results and finishes shards (the copy of a
+    shard's data behind its header and the fsync), at most one tensor behind.
+An error in a thread is raised in the main thread at its next hand-over; Ctrl-C stops the
+threads (the writer after the tensor it is writing) before the partial folder is kept.
 """
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,20 +161,102 @@ def fingerprint(source, plans: list[Plan], recipe: Recipe) -> str:
     return h.hexdigest()[:32]
 
 
-def _keep(writer: KbitWriter, source, p: Plan) -> tuple[str, float]:
-    """Store a tensor unquantized in its source dtype; GGUF block-quantized tensors
-    (which safetensors cannot hold) become float16. Returns (stored dtype, bits/weight)."""
+class _Worker:
+    """One daemon thread running jobs in the order given, at most `depth` jobs behind.
+
+    A job's exception is kept and raised in the submitting thread by the next submit() or
+    finish() (later jobs are skipped), so an error never hangs the pipeline. cancel() drops
+    the queued jobs and waits for the running one."""
+
+    def __init__(self, name: str, depth: int = 1) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if self._error is None and not self._stopped:
+                try:
+                    job[0](*job[1], **job[2])
+                except BaseException as e:  # handed to the main thread
+                    self._error = e
+            del job
+
+    def _check(self) -> None:
+        if self._error is not None:
+            self._stopped = True  # before clearing the error: no later job may run
+            e, self._error = self._error, None
+            raise e
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        self._check()
+        while True:
+            try:
+                self._q.put((fn, args, kwargs), timeout=0.05)
+                return
+            except queue.Full:
+                self._check()
+
+    def offer(self, fn, *args) -> None:
+        """submit() for a hint that may be dropped: never waits, never raises a job's error."""
+        try:
+            self._q.put_nowait((fn, args, {}))
+        except queue.Full:
+            pass
+
+    def _end(self) -> None:
+        while self._thread.is_alive():
+            try:
+                self._q.put(None, timeout=0.05)
+                break
+            except queue.Full:
+                pass
+        while self._thread.is_alive():
+            self._thread.join(0.05)
+
+    def finish(self) -> None:
+        """Wait for every job; raise the first job error."""
+        self._end()
+        self._check()
+
+    def cancel(self) -> None:
+        """Skip what is queued, wait for the job running now; never raises a job's error.
+        A second Ctrl-C while waiting stops the wait (the thread is a daemon)."""
+        self._stopped = True
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            self._end()
+        except KeyboardInterrupt:
+            pass
+        self._error = None
+
+
+def _keep(add, source, p: Plan) -> tuple[str, float]:
+    """Store a tensor unquantized in its source dtype with add(name, arr, orig_dtype=...,
+    st_dtype=...) (KbitWriter.add_tensor, or a call handing it to the writer thread); GGUF
+    block-quantized tensors (which safetensors cannot hold) become float16.
+    Returns (stored dtype, bits/weight)."""
+    raw = getattr(source, "raw_view", None) or source.load_raw
     if p.dtype == "bfloat16":
-        writer.add_tensor(p.name, source.load_raw(p.name), orig_dtype="bfloat16", st_dtype="BF16")
+        add(p.name, raw(p.name), orig_dtype="bfloat16", st_dtype="BF16")
         return "bfloat16", 16.0
     if p.dtype[:1].isupper() or p.dtype.startswith("float8"):
         arr = source.load(p.name).astype(np.float16)
         if not np.isfinite(arr).all():
             arr = source.load(p.name)
-        writer.add_tensor(p.name, arr, orig_dtype=p.dtype)
+        add(p.name, arr, orig_dtype=p.dtype)
         return str(arr.dtype), arr.itemsize * 8.0
-    arr = source.load_raw(p.name)
-    writer.add_tensor(p.name, arr, orig_dtype=p.dtype)
+    arr = raw(p.name)
+    add(p.name, arr, orig_dtype=p.dtype)
     return str(arr.dtype), arr.dtype.itemsize * 8.0
 
 
@@ -171,6 +267,7 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     """Convert `source` (a path or an opened kbitcli.sources Source) into a kbit folder."""
     from .kernels import get_ops
     from .sources import open_source
+    from .sources._base import BaseSource
 
     t0 = time.perf_counter()
     progress = progress or (lambda *a, **k: None)
@@ -190,41 +287,63 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     if work.exists() and not resume:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    writer = None
+    writer = out_q = ahead = None
     try:
         writer = KbitWriter(work, max_shard_bytes=shard_size, model_metadata=meta, tool=TOOL, resume=resume)
         done = set(writer.resumed)
         summary.resumed = len(done)
+        todo = [p for p in plans if p.name not in done]
         progress("start", total=len(plans), total_bytes=sum(p.nbytes for p in plans), resumed=len(done))
+        out_q = _Worker("kbit-writer", depth=1)
+        prefetch = getattr(src, "prefetch", None)
+        if prefetch is not None and todo:
+            ahead = _Worker("kbit-read-ahead", depth=2)
+            ahead.offer(prefetch, todo[0].name)
+        # one float32 buffer for every tensor the source can read into one (no fresh
+        # allocation, and no page faults on new memory, per tensor)
+        fast = getattr(src, "load_into_dtypes", frozenset()) if isinstance(src, BaseSource) else frozenset()
+        need = max((int(np.prod(p.shape)) for p in todo if p.spec is not None and p.dtype in fast), default=0)
+        scratch = np.empty(need, dtype=np.float32) if need else None
+        nxt = 1
         for i, p in enumerate(plans):
             ts = time.perf_counter()
             if p.name in done:
                 progress("tensor", index=i, name=p.name, nbytes=p.nbytes, skipped=True)
                 continue
+            if ahead is not None and nxt < len(todo):
+                ahead.offer(prefetch, todo[nxt].name)
+                nxt += 1
             if p.spec is None:
-                stored, bpw = _keep(writer, src, p)
+                stored, bpw = _keep(functools.partial(out_q.submit, writer.add_tensor), src, p)
                 rep = TensorReport(p.name, p.shape, p.dtype, False, None, stored, bpw, None, 0.0)
             else:
-                x = src.load(p.name)
+                x = src.load(p.name, out=scratch) if p.dtype in fast else src.load(p.name)
                 qt = quantize(x, p.spec, p.name, ops=ops, orig_dtype=p.dtype)
                 err = quantization_error(x, qt, ops) if measure_error else None
                 del x
-                writer.add_quantized(p.name, qt, extra={"error": err})
+                out_q.submit(writer.add_quantized, p.name, qt, {"error": err})
                 rep = TensorReport(p.name, p.shape, p.dtype, True, p.spec.label(), "kbit",
                                    qt.bits_per_weight, err, 0.0)
+                del qt
             rep.seconds = time.perf_counter() - ts
             summary.tensors.append(rep)
             progress("tensor", index=i, name=p.name, nbytes=p.nbytes, report=rep)
+        scratch = None
+        if ahead is not None:
+            ahead.cancel()
+        out_q.finish()
         writer.close()
         if done:  # describe the resumed tensors from their stored recipes
             summary.tensors = _reports_from_output(work, plans)
         _write_side_files(work, src, recipe, summary, meta, extra_files)
         _publish(work, out, force)
     except KeyboardInterrupt:
+        _stop(ahead, out_q)
         if writer is not None:
             writer.abort(keep_finished=True)
         raise
     except BaseException as e:
+        _stop(ahead, out_q)
         if writer is not None:
             writer.abort()
         shutil.rmtree(work, ignore_errors=True)
@@ -239,6 +358,12 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     summary.output_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     progress("done", summary=summary)
     return summary
+
+
+def _stop(*workers) -> None:
+    for w in workers:
+        if w is not None:
+            w.cancel()
 
 
 def _reports_from_output(folder: Path, plans: list[Plan]) -> list[TensorReport]:

@@ -127,6 +127,8 @@ class BaseSource:
     """Shared plumbing: name lookup, context manager, the float32 check."""
 
     kind = "?"
+    #: source dtypes that load(name, out=...) reads into the caller's buffer (_load_float_into)
+    load_into_dtypes: frozenset[str] = frozenset()
 
     def __init__(self, path: Path, folder: Path | None = None) -> None:
         self.path = path
@@ -154,13 +156,22 @@ class BaseSource:
         return name in self._infos
 
     # -- data ------------------------------------------------------------------------------
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """See Source.load. `out` (an extension of the protocol, used by the conversion to
+        avoid allocating every tensor afresh): a writable, C-contiguous, 1-d float32 scratch
+        array of at least the tensor's size, which the source may fill and return a reshaped
+        view of instead of a new array. Sources without a fast path ignore it."""
         info = self.tensor(name)
         if not info.is_float:
             raise InputError(
                 f"{self.path}: tensor {name!r} has dtype {info.dtype}, not a floating-point type; "
                 "it cannot be quantized (pass it through unchanged with load_raw)"
             )
+        if (out is not None and info.dtype in self.load_into_dtypes and out.dtype == np.float32
+                and out.ndim == 1 and out.size >= info.numel and out.flags.c_contiguous and out.flags.writeable):
+            arr = self._load_float_into(info, out[:info.numel])
+            if arr is not None:
+                return arr.reshape(info.shape)
         arr = self._load_float(info)
         if arr.dtype != np.float32 or not arr.flags.c_contiguous or not arr.flags.writeable:
             arr = np.array(arr, dtype=np.float32, order="C", copy=True)
@@ -168,6 +179,20 @@ class BaseSource:
 
     def load_raw(self, name: str) -> np.ndarray:
         return self._load_raw(self.tensor(name))
+
+    def raw_view(self, name: str) -> np.ndarray:
+        """load_raw's array, but possibly a read-only view of the source's bytes (a memory
+        map) instead of a copy: for writing a tensor out unchanged. Default: load_raw."""
+        return self.load_raw(name)
+
+    def prefetch(self, name: str) -> None:
+        """A hint that `name` will be read soon (e.g. start reading it into the page
+        cache). Never fails; the default does nothing."""
+
+    def _load_float_into(self, info: SourceTensor, out: np.ndarray) -> np.ndarray | None:
+        """Fill `out` (float32, exactly info.numel values) with the tensor and return it
+        (called for the dtypes in load_into_dtypes), or None to fall back to _load_float."""
+        return None
 
     def _load_float(self, info: SourceTensor) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError

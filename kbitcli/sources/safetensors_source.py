@@ -6,6 +6,7 @@ converted to float32.
 """
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def parse_header(file: Path) -> tuple[int, list[tuple[str, str, tuple[int, ...],
 
 
 class SafetensorsSource(BaseSource):
+    load_into_dtypes = frozenset({"bfloat16", "float16", "float32", "float64"})
+
     def __init__(
         self, path: Path, files: list[Path], kind: str, index: dict[str, str] | None = None,
         folder: Path | None = None,
@@ -111,6 +114,43 @@ class SafetensorsSource(BaseSource):
         raw = self._bytes(e)
         # np.array copies out of the map: the result is writable and the file can be closed
         return np.array(raw.view(np.dtype(e.np_dtype)).reshape(info.shape))
+
+    def raw_view(self, name: str) -> np.ndarray:
+        """The stored values, read-only and memory-mapped (no copy; see load_raw)."""
+        info = self.tensor(name)
+        e = self._entries[name]
+        if e.np_dtype is None:
+            raise InputError(f"{e.file}: tensor {info.name!r} has dtype {e.st_dtype}, which kbit cannot read")
+        return self._bytes(e).view(np.dtype(e.np_dtype)).reshape(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read the tensor's bytes into the page cache in the background
+        (posix_fadvise WILLNEED), so that a cold file is read while the previous tensor is
+        being quantized. Costs no memory of this process."""
+        e = self._entries.get(name)
+        if e is None or e.end <= e.begin or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(e.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, e.begin, e.end - e.begin, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def _load_float_into(self, info: SourceTensor, out: np.ndarray) -> np.ndarray | None:
+        """bfloat16 / float16 / float32 / float64 straight from the mapped bytes into `out`
+        (the same values as _load_float, without a new array)."""
+        e = self._entries[info.name]
+        vals = self._bytes(e).view(np.dtype(e.np_dtype))
+        if info.dtype == "bfloat16":  # the bf16 bits are the high half of a float32
+            u = out.view(np.uint32)
+            np.copyto(u, vals, casting="unsafe")
+            np.left_shift(u, 16, out=u)
+        else:
+            np.copyto(out, vals, casting="unsafe")
+        return out
 
     def _load_float(self, info: SourceTensor) -> np.ndarray:
         e = self._entries[info.name]
