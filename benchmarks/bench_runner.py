@@ -11,8 +11,11 @@ tokens (EOS ignored, so every run makes exactly 128), timed round-robin (one run
 contender per round) so a noisy machine slows all alike; min and median of the repeats.
   * transformers  AutoModelForCausalLM (fp32, the GGUF dequantized by transformers) .generate
   * kbit fp32     kbit's runner on the same GGUF (fp32)
-  * kbit 4-bit    `kbit quantize` output (nf4, block 64, fp16 scales), linear layers packed and
-                  dequantized in every forward by the Numba CPU kernel
+  * kbit 4-bit    `kbit quantize` output (nf4, block 64, fp16 scales), linear layers packed;
+                  decode steps (<= 8 input rows) through the fused Numba GEMV (reads only the
+                  packed words), the prompt pass dequantized by the Numba CPU kernel + matmul
+  * kbit 4-bit, no GEMV: the same, every forward dequantizing the weight + matmul (the
+                  packed path before the fused GEMV)
   * kbit 4-bit, dequantized on load (fp32 weights)
   * kbit 4-bit, torch dequantizer: the pure-torch path (slower; fewer new tokens, see table)
 Memory: bytes of the loaded weights (packed components for the 4-bit layers) against the
@@ -78,16 +81,21 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     import torch
 
     from kbitcli.runner import generate_ids, load, parameter_bytes
-    from kbitcli.runner.layers import numba_dequantize
+    from kbitcli.runner.layers import numba_dequantize, numba_gemv
 
     t0 = time.perf_counter()
     fp32, tok, _ = load(src)
     packed, _, _ = load(kbit_dir)
     dense4, _, _ = load(kbit_dir, dequantize_on_load=True)
     packed_torch, _, _ = load(kbit_dir, kernel="torch")
+    packed_deq, _, _ = load(kbit_dir)
+    for m in packed_deq.modules():
+        if hasattr(m, "fused_gemv"):
+            m.fused_gemv = False
     hf = reference_model(src)
     rep.note(f"models loaded in {time.perf_counter() - t0:.1f} s; Numba CPU dequantizer "
-             f"{'available' if numba_dequantize() else 'UNAVAILABLE (the torch code is used)'}")
+             f"{'available' if numba_dequantize() else 'UNAVAILABLE (the torch code is used)'}, fused CPU GEMV "
+             f"{'available' if numba_gemv() else 'UNAVAILABLE'}")
     ids = prompt_ids(tok, args.prompt_tokens)
     n = args.new_tokens
     n_torch = max(1, min(n, args.torch_kernel_tokens))
@@ -110,7 +118,8 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     contenders = {
         "transformers fp32": (theirs, n),
         "kbit runner fp32": (ours(fp32, n), n),
-        "kbit runner 4-bit packed (Numba dequant)": (ours(packed, n), n),
+        "kbit runner 4-bit packed (fused GEMV)": (ours(packed, n), n),
+        "kbit runner 4-bit packed (no GEMV: Numba dequant)": (ours(packed_deq, n), n),
         "kbit runner 4-bit dequantized on load": (ours(dense4, n), n),
         "kbit runner 4-bit packed (torch dequant)": (ours(packed_torch, n_torch), n_torch),
     }
@@ -118,7 +127,7 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
         if name.startswith("transformers"):
             with torch.inference_mode():
                 hf.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False, pad_token_id=0)
-    for m in (fp32, packed, dense4, packed_torch):
+    for m in (fp32, packed, packed_deq, dense4, packed_torch):
         generate_ids(m, [ids], 2, eos_token_ids=[], pad_token_id=0)
     load_before = os.getloadavg()[0]
     times = timeit_interleaved({k: f for k, (f, _) in contenders.items()}, repeats=args.repeats, warmup=0)
@@ -138,6 +147,7 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     rep.note(f"greedy tokens, kbit fp32 vs transformers fp32: {same}/{n} equal"
              + ("" if first_diff is None else f" (first difference at new token {first_diff})"))
     dec = {name: last[id(m)][1] for name, m in (("fp32", fp32), ("4-bit packed", packed),
+                                                  ("4-bit packed, no GEMV", packed_deq),
                                                   ("4-bit dequantized on load", dense4))}
     rep.note("decode-only tokens/s (last run, prompt pass excluded): " + ", ".join(
         f"{k} {tm['decode_steps'] / tm['decode_seconds']:.2f}" for k, tm in dec.items() if tm["decode_seconds"] > 0))
