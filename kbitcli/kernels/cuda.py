@@ -408,10 +408,105 @@ class CudaOps:
 # shape. Unlike dequantize, this is not bit-identical to the reference dequantization
 # followed by a matmul (the sums run in another order, and multiply-adds may be fused);
 # the tests bound the difference against a float64 product.
+#
+# Measured on an H200 (2026-11-28, docs/benchmarks.md "GPU"): correct at every real layer
+# size, but each call cost about 250 us, while the bytes it reads need a few us at the copy
+# bandwidth: the time is the host side of a Numba launch from Python (argument typing and
+# marshalling, device-array views), not the kernel. The kernel was then rewritten as
+# generated straight-line code (scalars and constant shifts; the PTX has no local memory
+# and about 16 instructions per weight at k=4, inspected offline with numba-cuda's
+# compile_ptx for sm_90); that version is tested in the simulator but its GPU time is not
+# yet measured.
 GEMV_MAX_M = 8
 GEMV_WARPS = TPB // 32
 _GEMV_TILE = 32  # groups per tile
 _GEMV_KERNELS: dict = {}
+
+
+def _gemv_source(k: int, M: int, affine: bool, rpw: int) -> str:
+    """The kernel's Python source for one (k, M, affine, rows-per-warp): straight-line code
+    with scalar variables (the k words w0.., the per-group sums p0.., the accumulators
+    a<row>_<m>) and constant shifts, so that everything lives in registers (a local array
+    indexed in a loop would go to local memory) and the 32 codes of a group are rebuilt with
+    one shift and one mask-or per plane."""
+    L = []
+    e = L.append
+    e("def kern(words, B, G, s, o, cb, x, xsum, out):")
+    e("    tid = cuda.threadIdx.x")
+    e("    warp = tid // 32")
+    e("    lane = tid - warp * 32")
+    e("    rows = out.shape[1]")
+    e("    xcols = x.shape[1]")
+    e("    xs = cuda.shared.array(XT, dtype=f32)")
+    e("    cbs = cuda.shared.array(NCB, dtype=f32)")
+    e("    red = cuda.shared.array(NRED, dtype=f32)")
+    e("    for q in range(tid, NCB, NT):")
+    e("        cbs[q] = cb[q]")
+    e("    row0 = (cuda.blockIdx.x * WARPS + warp) * RPW")
+    for rr in range(rpw):
+        for m in range(M):
+            e(f"    a{rr}_{m} = f32(0.0)")
+    e("    ntiles = (G + TILE - 1) // TILE")
+    e("    xb = lane * 33")
+    e("    for tile in range(ntiles):")
+    e("        cuda.syncthreads()")
+    e("        base = tile * TILE_W")
+    e("        for q in range(tid, M * TILE_W, NT):")
+    e("            m = q // TILE_W")
+    e("            c = q - m * TILE_W")
+    e("            col = base + c")
+    e("            gl = c // 32")
+    e("            xv = f32(0.0)")
+    e("            if col < xcols:")
+    e("                xv = x[m, col]")
+    e("            xs[m * XSTRIDE + gl * 33 + (c - gl * 32)] = xv")
+    e("        cuda.syncthreads()")
+    e("        g = tile * TILE + lane")
+    e("        if g < G:")
+    e("            b = (g * 32) // B")
+    for rr in range(rpw):
+        e(f"            r = row0 + {rr}")
+        e("            if r < rows:")
+        e(f"                wb = (r * G + g) * {k}")
+        for j in range(k):
+            e(f"                w{j} = words[wb + {j}]")
+        for m in range(M):
+            e(f"                p{m} = f32(0.0)")
+        for i in range(32):
+            parts = []
+            for j in range(k):
+                sh = i - j
+                if sh > 0:
+                    parts.append(f"((w{j} >> U{sh}) & U{1 << j})")
+                elif sh < 0:
+                    parts.append(f"((w{j} << U{-sh}) & U{1 << j})")
+                else:
+                    parts.append(f"(w{j} & U{1 << j})")
+            e(f"                v = cbs[{' | '.join(parts)}]")
+            for m in range(M):
+                e(f"                p{m} += v * xs[{m * 33 * 32} + xb + {i}]")
+        e("                sv = s[r, b]")
+        if affine:
+            e("                ov = o[r, b]")
+        for m in range(M):
+            extra = f" + ov * xsum[{m}, g]" if affine else ""
+            e(f"                a{rr}_{m} += p{m} * sv{extra}")
+    # reduction: every accumulator to shared memory, one barrier, lane 0 adds in lane order
+    e("    cuda.syncthreads()")
+    for rr in range(rpw):
+        for m in range(M):
+            e(f"    red[{(rr * M + m)} * NT + tid] = a{rr}_{m}")
+    e("    cuda.syncthreads()")
+    e("    if lane == 0:")
+    for rr in range(rpw):
+        e(f"        r = row0 + {rr}")
+        e("        if r < rows:")
+        for m in range(M):
+            e(f"            t = f32(0.0)")
+            e(f"            for q in range({(rr * M + m)} * NT + warp * 32, {(rr * M + m)} * NT + warp * 32 + 32):")
+            e("                t += red[q]")
+            e(f"            out[{m}, r] = t")
+    return "\n".join(L) + "\n"
 
 
 def _gemv_kernel(k: int, M: int, affine: bool, rpw: int):
@@ -419,94 +514,20 @@ def _gemv_kernel(k: int, M: int, affine: bool, rpw: int):
     kern = _GEMV_KERNELS.get(key)
     if kern is not None:
         return kern
-    NCB = 1 << k
-    WARPS = GEMV_WARPS
-    NT = WARPS * 32
-    XSTRIDE = _GEMV_TILE * 33          # floats per input row in the shared tile
-    XT = M * XSTRIDE
-    TILE_W = _GEMV_TILE * 32           # weights per tile
-    NACC = rpw * M
-    one = np.uint32(1)
-
-    @cuda.jit
-    def kern(words, B, G, s, o, cb, x, xsum, out):
-        tid = cuda.threadIdx.x
-        warp = tid // 32
-        lane = tid - warp * 32
-        rows = out.shape[1]
-        xcols = x.shape[1]
-        xs = cuda.shared.array(XT, dtype=np.float32)
-        cbs = cuda.shared.array(NCB, dtype=np.float32)
-        red = cuda.shared.array(NT, dtype=np.float32)
-        for e in range(tid, NCB, NT):
-            cbs[e] = cb[e]
-        row0 = (cuda.blockIdx.x * WARPS + warp) * rpw
-        acc = cuda.local.array(NACC, dtype=np.float32)
-        for a in range(NACC):
-            acc[a] = np.float32(0.0)
-        wk = cuda.local.array(k, dtype=np.uint32)
-        p = cuda.local.array(M, dtype=np.float32)
-        ntiles = (G + _GEMV_TILE - 1) // _GEMV_TILE
-        for tile in range(ntiles):
-            cuda.syncthreads()  # the previous tile is consumed (and cbs is filled)
-            base = tile * TILE_W
-            for e in range(tid, M * TILE_W, NT):
-                m = e // TILE_W
-                c = e - m * TILE_W
-                col = base + c
-                gl = c // 32
-                xv = np.float32(0.0)
-                if col < xcols:
-                    xv = x[m, col]
-                xs[m * XSTRIDE + gl * 33 + (c - gl * 32)] = xv
-            cuda.syncthreads()
-            g = tile * _GEMV_TILE + lane
-            if g < G:
-                b = (g * 32) // B
-                for rr in range(rpw):
-                    r = row0 + rr
-                    if r < rows:
-                        wbase = (r * G + g) * k
-                        for j in range(k):
-                            wk[j] = words[wbase + j]
-                        for m in range(M):
-                            p[m] = np.float32(0.0)
-                        for i in range(32):
-                            ui = np.uint32(i)
-                            c = np.uint32(0)
-                            for j in range(k):
-                                c |= ((wk[j] >> ui) & one) << np.uint32(j)
-                            v = cbs[c]
-                            for m in range(M):
-                                p[m] += v * xs[m * XSTRIDE + lane * 33 + i]
-                        sv = s[r, b]
-                        for m in range(M):
-                            t = p[m] * sv
-                            if affine:
-                                t += o[r, b] * xsum[m, g]
-                            acc[rr * M + m] += t
-        for rr in range(rpw):
-            r = row0 + rr
-            for m in range(M):
-                cuda.syncthreads()
-                red[tid] = acc[rr * M + m]
-                cuda.syncthreads()
-                if lane == 0 and r < rows:
-                    tot = np.float32(0.0)
-                    for q in range(32):
-                        tot += red[warp * 32 + q]
-                    out[m, r] = tot
-
-    _GEMV_KERNELS[key] = kern
+    ns = {"cuda": cuda, "f32": np.float32, "NCB": 1 << k, "WARPS": GEMV_WARPS, "NT": GEMV_WARPS * 32,
+          "XSTRIDE": _GEMV_TILE * 33, "XT": M * _GEMV_TILE * 33, "TILE": _GEMV_TILE, "TILE_W": _GEMV_TILE * 32,
+          "NRED": rpw * M * GEMV_WARPS * 32, "RPW": rpw, "M": M}
+    ns.update({f"U{v}": np.uint32(v) for v in list(range(32)) + [1 << j for j in range(8)]})
+    src = _gemv_source(k, M, affine, rpw)
+    exec(compile(src, f"<kbit gemv k={k} M={M} affine={affine} rpw={rpw}>", "exec"), ns)  # noqa: S102
+    kern = _GEMV_KERNELS[key] = cuda.jit(ns["kern"])
     return kern
 
 
 def gemv_rows_per_warp(rows: int) -> int:
     """Rows per warp: more rows per CTA re-read each x tile less often, but a small matrix
     needs every row in its own warp to fill the GPU's multiprocessors."""
-    if rows >= 16384:
-        return 4
-    if rows >= 4096:
+    if rows >= 32768:
         return 2
     return 1
 
@@ -569,11 +590,17 @@ def _cached_view(t):
     return v[0]
 
 
+_STREAMS: dict = {}
+
+
 def _launch_on_torch_stream(kern, grid, threads, device, *args):
     import torch
     sptr = torch.cuda.current_stream(device).cuda_stream
     if sptr:
-        kern[grid, threads, cuda.external_stream(sptr)](*args)
+        st = _STREAMS.get(sptr)
+        if st is None:
+            st = _STREAMS[sptr] = cuda.external_stream(sptr)
+        kern[grid, threads, st](*args)
     else:
         kern[grid, threads](*args)
 
