@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 import torch
@@ -94,26 +95,71 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- masks
+def _torch_at_least(major: int, minor: int) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
+#: scaled_dot_product_attention(..., enable_gqa=True) exists (torch >= 2.5)
+SDPA_GQA = _torch_at_least(2, 5)
+
+
 @dataclasses.dataclass
 class Step:
-    """What the attention layers of one forward call need."""
+    """What the attention layers of one forward call need. The masks are built once per
+    forward (per sliding-window size) and shared by every layer."""
 
     positions: torch.Tensor        # [B, S] position ids of the new tokens
     key_mask: torch.Tensor         # [B, T] bool, True for real (non-padding) tokens
     past: int                      # positions already in the cache
     q_index: torch.Tensor          # [S] absolute indices of the new tokens
     k_index: torch.Tensor          # [T]
+    dense: bool = False            # no padding: key_mask is all True
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def mask(self, window: int | None = None) -> torch.Tensor:
         """[B, 1, S, T] bool: True where a query may attend a key (causal, not padding,
         inside the sliding window). Every query also sees itself, so that padding rows
-        never become all-masked (their outputs are never used)."""
-        q, k = self.q_index[:, None], self.k_index[None, :]
-        allowed = k <= q
-        if window:
-            allowed = allowed & (k > q - window)
-        m = allowed[None, None] & self.key_mask[:, None, None, :]
-        return m | (k == q)[None, None]
+        never become all-masked (their outputs are never used). Built once per window size."""
+        key = ("bool", window or None)
+        m = self._cache.get(key)
+        if m is None:
+            q, k = self.q_index[:, None], self.k_index[None, :]
+            allowed = k <= q
+            if window:
+                allowed = allowed & (k > q - window)
+            m = allowed[None, None] & self.key_mask[:, None, None, :]
+            m = self._cache[key] = m | (k == q)[None, None]
+        return m
+
+    def plain(self, window: int | None = None) -> str | None:
+        """'causal' when the mask is exactly the causal one of queries at 0..S-1 over keys 0..S-1
+        (no cache, no padding, a window that covers every key): SDPA's is_causal path; 'all'
+        when every query may attend every key (one new token after the cache, no padding, the
+        window covering every key): no mask at all; None when an explicit mask is needed."""
+        T = self.k_index.shape[0]
+        if not self.dense or (window and window < T):
+            return None
+        if self.past == 0:
+            return "causal"
+        return "all" if self.q_index.shape[0] == 1 else None
+
+    def float_mask(self, dtype: torch.dtype, window: int | None = None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The additive form of mask(window) for SDPA: 0 where allowed, -inf elsewhere, plus
+        `bias` (broadcast to [B, H, S, T]) where given. Built once per forward for the same
+        window, dtype and bias tensor."""
+        key = ("float", window or None, dtype)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is bias:
+            return hit[1]
+        allowed = self.mask(window)
+        if bias is None:
+            m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        else:
+            m = bias.to(dtype).masked_fill(~allowed, float("-inf"))
+        self._cache[key] = (bias, m)
+        return m
 
 
 def prepare_step(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -124,30 +170,56 @@ def prepare_step(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     dev = input_ids.device
     if attention_mask is None:
         key_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        dense = True
     else:
         key_mask = attention_mask.to(device=dev).bool()
         if tuple(key_mask.shape) != (B, T):
             raise ValueError(f"attention_mask must be [batch, past + new] = [{B}, {T}], got {list(key_mask.shape)}")
+        dense = bool(key_mask.all())
     if positions is None:
-        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        if dense:
+            positions = torch.arange(past, T, device=dev).expand(B, S)
+        else:
+            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
     idx = torch.arange(T, device=dev)
-    return Step(positions=positions.to(dev), key_mask=key_mask, past=past, q_index=idx[past:], k_index=idx)
+    return Step(positions=positions.to(dev), key_mask=key_mask, past=past, q_index=idx[past:], k_index=idx,
+                dense=dense)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B,H,S,D], k/v [B,Hkv,T,D] (grouped-query when Hkv < H), mask [B,1,S,T] bool,
-    optional additive bias [B,H,S,T] -> [B,S,H*D]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Step | torch.Tensor, scale: float,
+              bias: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """q [B,H,S,D], k/v [B,Hkv,T,D] (grouped-query when Hkv < H) -> [B,S,H*D].
+
+    mask: the forward's Step (the usual argument: its causal / padding / sliding-`window` mask,
+    built once per forward; no mask at all when it is purely causal, SDPA's is_causal path),
+    or an explicit [B,1,S,T] bool tensor (True: may attend). bias: an optional additive bias
+    broadcastable to [B,H,S,T] (ALiBi), added where attention is allowed."""
     H, Hkv = q.shape[1], k.shape[1]
-    if Hkv != H:
-        rep = H // Hkv
-        k = k[:, :, None].expand(k.shape[0], Hkv, rep, k.shape[2], k.shape[3]).reshape(k.shape[0], H, k.shape[2], k.shape[3])
-        v = v[:, :, None].expand(v.shape[0], Hkv, rep, v.shape[2], v.shape[3]).reshape(v.shape[0], H, v.shape[2], v.shape[3])
-    if bias is None:
+    attn_mask: torch.Tensor | None = None
+    is_causal = False
+    if isinstance(mask, Step):
+        plain = mask.plain(window)
+        if plain is None or (bias is not None and plain == "causal"):
+            attn_mask = mask.float_mask(q.dtype, window, bias)
+        elif bias is not None:  # "all": the bias alone
+            attn_mask = bias.to(q.dtype)
+        else:
+            is_causal = plain == "causal"
+    elif bias is None:
         attn_mask = mask
     else:
         attn_mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    kw = {}
+    if Hkv != H:
+        # SDPA's own grouped-query path (no copies of k and v) where its kernel takes it: on the CPU
+        # always, elsewhere without a mask (CUDA falls back to the math kernel with one)
+        if SDPA_GQA and (attn_mask is None or q.device.type == "cpu"):
+            kw["enable_gqa"] = True
+        else:
+            rep = H // Hkv
+            k = k[:, :, None].expand(k.shape[0], Hkv, rep, k.shape[2], k.shape[3]).reshape(k.shape[0], H, k.shape[2], k.shape[3])
+            v = v[:, :, None].expand(v.shape[0], Hkv, rep, v.shape[2], v.shape[3]).reshape(v.shape[0], H, v.shape[2], v.shape[3])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
     B, _, S, D = out.shape
     return out.transpose(1, 2).reshape(B, S, H * D)
 
@@ -224,11 +296,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B,H,S,D]; rotates the first cos.shape[-1] features (partial rotary) and keeps the rest."""
+    # x * cos + rotate_half(x) * sin, computed half by half (the same float operations, so the
+    # same bits: (-x2) * s == -(x2 * s) and a + (-b) == a - b) without the negated copy
     rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    xr, xp = x[..., :rd], x[..., rd:]
-    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+    h = rd // 2
+    x1, x2 = x[..., :h], x[..., h:rd]
+    parts = [x1 * cos[..., :h] - x2 * sin[..., :h], x2 * cos[..., h:] + x1 * sin[..., h:]]
+    if rd != x.shape[-1]:
+        parts.append(x[..., rd:])
+    return torch.cat(parts, dim=-1)
 
 
 # ----------------------------------------------------------------------------- norms, activations

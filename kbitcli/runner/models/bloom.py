@@ -62,7 +62,7 @@ class Attention(nn.Module):
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.dense(attention(q, k, v, step.mask(), self.scale, bias=alibi))
+        return self.dense(attention(q, k, v, step, self.scale, bias=alibi))
 
 
 class MLP(nn.Module):

@@ -69,7 +69,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, S, self.nh, self.hd).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.c_proj(attention(q, k, v, step.mask(), self.scale))
+        return self.c_proj(attention(q, k, v, step, self.scale))
 
 
 class MLP(nn.Module):

@@ -53,7 +53,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.dense(attention(q, k, v, step.mask(), self.scale))
+        return self.dense(attention(q, k, v, step, self.scale))
 
 
 class MLP(nn.Module):

@@ -88,7 +88,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.o_proj(attention(q, k, v, step.mask(self.window), self.scale))
+        return self.o_proj(attention(q, k, v, step, self.scale, window=self.window))
 
 
 class MLP(nn.Module):

@@ -57,7 +57,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.nh, self.hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.out_proj(attention(q, k, v, step.mask(), 1.0))
+        return self.out_proj(attention(q, k, v, step, 1.0))
 
 
 class Block(nn.Module):
