@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kbitformat import QuantSpec
+from test_runner import tiny  # noqa: F401 - the shared fixture of tiny transformers models
 
 REAL_GPU = os.environ.get("KBIT_REAL_GPU", "") == "1"
 pytestmark = pytest.mark.skipif(not REAL_GPU, reason="needs a real GPU: scripts/gpu_check.sh (KBIT_REAL_GPU=1)")
@@ -28,19 +29,6 @@ def cuda():
         pytest.fail("KBIT_REAL_GPU=1 but torch sees no CUDA GPU")
     assert not torch.backends.cuda.matmul.allow_tf32
     return torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from test_runner import make_tiny
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            d = tmp_path_factory.mktemp(arch.replace("-", "_"))
-            cache[arch] = (d, make_tiny(arch, d))
-        return cache[arch]
-    return get
 
 
 def _ids(n, seed):
