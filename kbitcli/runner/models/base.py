@@ -295,7 +295,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B,H,S,D]; rotates the first cos.shape[-1] features (partial rotary) and keeps the rest."""
+    """x [B,H,S,D]; rotates the first cos.shape[-1] features (partial rotary) and keeps the rest.
+    The result has x's memory order: when x is a [B,S,H,D] tensor seen as [B,H,S,D] (a projection
+    viewed per head and transposed), so is the result, and attention's output then needs no copy."""
+    if x.dim() == 4 and x.stride(1) < x.stride(2):
+        return _rotate(x.transpose(1, 2), cos.transpose(1, 2), sin.transpose(1, 2)).transpose(1, 2)
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x * cos + rotate_half(x) * sin, computed half by half (the same float operations, so the
     # same bits: (-x2) * s == -(x2 * s) and a + (-b) == a - b) without the negated copy
     rd = cos.shape[-1]
