@@ -309,7 +309,7 @@ def _unpack_group(wrow, gi, k, spread, c64):
 
 
 # ----------------------------------------------------------------------------- stats
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _stats_sym_kernel(xi, B, nb, per, out):
     """absmax bits of each block: xi is x viewed as uint32."""
     rows, cols = xi.shape
@@ -330,7 +330,7 @@ def _stats_sym_kernel(xi, B, nb, per, out):
             out[r, b] = _NAN_BITS if m > _INF_BITS else m
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _stats_affine_kernel(xi, B, nb, per, lo_out, hi_out):
     """(min(min, 0), max(max, 0)) bits of each block: xi is x viewed as int32."""
     rows, cols = xi.shape
@@ -366,7 +366,7 @@ def _stats_affine_kernel(xi, B, nb, per, lo_out, hi_out):
 
 
 # ----------------------------------------------------------------------------- quantize
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _quantize_pack_kernel(x, B, k, s, o, affine, per, method, mids, mext, steps, lut, lo, sc,
                           lut_steps, amin, sh, half, words):
     rows, cols = x.shape
@@ -397,7 +397,7 @@ def _quantize_pack_kernel(x, B, k, s, o, affine, per, method, mids, mext, steps,
 
 
 # ----------------------------------------------------------------------------- search
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _search_kernel(x, B, cand_s, cand_o, affine, cb, per, method, mids, mext, steps, lut, lo,
                    sc, lut_steps, amin, sh, half, best):
     rows, cols = x.shape
@@ -455,7 +455,7 @@ def _search_kernel(x, B, cand_s, cand_o, affine, cb, per, method, mids, mext, st
 
 
 # ----------------------------------------------------------------------------- dequantize
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _dequantize_kernel(words, k, B, cols, s, o, affine, cb, spread, per, out):
     rows = words.shape[0]
     nb = s.shape[1]
@@ -567,7 +567,7 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=F32)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _error_sums_kernel(x, y, chunks):
     """(sum (x - y)**2, sum x**2) over two flat float32 arrays, accumulated in float64 per
     chunk (in order within a chunk), chunks added in order: deterministic for a given size."""
