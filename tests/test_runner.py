@@ -157,6 +157,48 @@ def test_logits_match_transformers(arch, tiny):
     assert (got[1, 5:] - ref1).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("B,S,past,pad,window,alibi", [
+    (1, 9, 0, 0, None, False), (1, 9, 0, 0, 9, False), (1, 9, 0, 0, 4, False), (2, 9, 0, 3, None, False),
+    (1, 1, 8, 0, None, False), (1, 1, 8, 0, 4, False), (2, 1, 8, 2, None, False), (1, 5, 8, 0, None, False),
+    (1, 9, 0, 0, None, True), (2, 9, 0, 2, None, True), (1, 1, 8, 0, None, True), (1, 3, 8, 0, None, True)])
+def test_attention_fast_paths_equal_the_explicit_mask(B, S, past, pad, window, alibi):
+    """attention(step) (cached masks, SDPA's is_causal path, no mask for one new token, SDPA's own
+    grouped-query attention) against the explicit boolean mask with k/v repeated per head."""
+    from kbitcli.runner.models.base import attention, prepare_step
+    g = torch.Generator().manual_seed(B * 1000 + S * 10 + past)
+    H, Hkv, T = 6, 2, past + S
+    q, k, v = torch.randn(B, H, S, 16, generator=g), torch.randn(B, Hkv, T, 16, generator=g), torch.randn(B, Hkv, T, 16, generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :pad] = 0
+    cache = KVCache(1)
+    cache.length = past
+    step = prepare_step(torch.zeros(B, S, dtype=torch.long), mask if pad else None, None, cache if past else None)
+    bias = torch.randn(B, H, 1, T, generator=g) if alibi else None
+    m = step.mask(window)
+    assert step.mask(window) is m  # built once per forward
+    kr, vr = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, kr, vr, attn_mask=m if bias is None else bias.masked_fill(~m, float("-inf")), scale=0.25)
+    ref = ref.transpose(1, 2).reshape(B, S, H * 16)
+    got = attention(q, k, v, step, 0.25, bias=bias, window=window)
+    assert (got - ref).abs().max().item() < 1e-6
+    assert torch.equal(attention(q, k, v, m, 0.25, bias=bias), got)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox"])
+def test_cache_chunks_equal_full_forward(arch, tiny):
+    """A prompt fed as 5 tokens, a chunk of 4 after the cache, then single tokens equals one forward."""
+    folder, _ = tiny(arch)
+    model, _, _ = load(folder)
+    ids = _ids(12, 1)
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+        cache = KVCache(model.num_layers)
+        parts = [model(torch.tensor([ids[:5]]), cache=cache)[0], model(torch.tensor([ids[5:9]]), cache=cache)[0]]
+        parts += [model(torch.tensor([[t]]), cache=cache)[0] for t in ids[9:]]
+    assert (torch.cat(parts) - full).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom"])
 def test_greedy_generation_matches_transformers(arch, tiny):
     folder, hf = tiny(arch)
