@@ -150,8 +150,9 @@ def iter_logprobs(model: Callable, token_ids: Sequence[int] | np.ndarray | torch
             if full:
                 lp = torch.log_softmax(lg, dim=-1).cpu()
                 yield WindowLogProbs(w, tgt, lp.gather(1, tgt[:, None])[:, 0], lp)
-            else:  # log p(target) = logit(target) - logsumexp(logits)
-                t_lp = lg.gather(1, tgt.to(lg.device)[:, None])[:, 0] - lg.logsumexp(-1)
+            else:  # log p(target) = log_softmax(logits)[target], without the [n, V] result
+                # (cross_entropy's fused kernel: the same float32 formula, fewer passes than logsumexp)
+                t_lp = -torch.nn.functional.cross_entropy(lg, tgt.to(lg.device), reduction="none")
                 yield WindowLogProbs(w, tgt, t_lp.cpu())
         del logits
 
