@@ -81,6 +81,12 @@ def test_gemv_several_rows_per_warp(K, monkeypatch, rpw):
     check(K.gemv(*args, x), ref, bound, f"rpw={rpw}")
 
 
+def test_gemv_most_input_rows(K):
+    """GEMV_MAX_M input rows (a batch of 8 decode steps), affine with offsets."""
+    args, x, ref, bound = case(7, 100, QuantSpec(5, "affine", 32), K.GEMV_MAX_M, seed=11)
+    check(K.gemv(*args, x), ref, bound, f"M={K.GEMV_MAX_M}")
+
+
 def test_gemv_torch_wrapper(K):
     torch = pytest.importorskip("torch")
     args, x, ref, bound = case(5, 100, QuantSpec(4, "affine", 64), 2, seed=3)
