@@ -314,3 +314,20 @@ def test_ctrl_c_then_resume(tmp_path):
     for name, x in t.items():
         assert np.array_equal(r.load(name), dequantize(quantize(x, QuantSpec(4, "int", 64, search="mse"))))
     assert not work.exists()
+
+
+@pytest.mark.parametrize("argv,policy", [(["quantize", "--help"], "PASSIVE"), (["inspect", "--help"], "PASSIVE"),
+                                         (["generate", "--help"], None), (["perplexity", "--help"], None),
+                                         (["--quiet-none"], "PASSIVE")])
+def test_openmp_wait_policy_per_command(argv, policy):
+    """Conversion commands make Numba's OpenMP workers sleep between kernels (they would
+    starve numpy's BLAS threads); the runner's commands keep them spinning (decode steps
+    alternate short Numba and torch regions). A user's own setting is never overridden."""
+    code = ("import os, sys; from kbitcli.cli.main import main; main(sys.argv[1:]); "
+            "print('POLICY', os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env).stdout
+    assert f"POLICY {policy}" in out
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env).stdout
+    assert "POLICY ACTIVE" in out
