@@ -81,7 +81,7 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     import torch
 
     from kbitcli.runner import generate_ids, load, parameter_bytes
-    from kbitcli.runner.layers import numba_dequantize, numba_gemv
+    from kbitcli.runner.layers import numba_dequantize, numba_gemv_plan
 
     t0 = time.perf_counter()
     fp32, tok, _ = load(src)
@@ -95,7 +95,7 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     hf = reference_model(src)
     rep.note(f"models loaded in {time.perf_counter() - t0:.1f} s; Numba CPU dequantizer "
              f"{'available' if numba_dequantize() else 'UNAVAILABLE (the torch code is used)'}, fused CPU GEMV "
-             f"{'available' if numba_gemv() else 'UNAVAILABLE'}")
+             f"{'available' if numba_gemv_plan() else 'UNAVAILABLE'}")
     ids = prompt_ids(tok, args.prompt_tokens)
     n = args.new_tokens
     n_torch = max(1, min(n, args.torch_kernel_tokens))

@@ -105,3 +105,21 @@ def test_gemv_refuses_bad_input():
         gemv(words, 9, B, cols, s, o, cb, x)
     with pytest.raises(KbitValueError, match="block size"):
         gemv(words, k, 48, cols, s, o, cb, x)
+
+
+def test_gemv_plan_reused_and_checked():
+    """A GemvPlan (the runner's per-layer prepared weight) gives gemv's results on every call
+    with new x (M = 1 and 4, float64 x converted), and refuses what gemv refuses."""
+    from kbitcli.kernels.cpu import gemv_plan
+    args, x, ref, bound = case(9, 200, QuantSpec(4, "affine", 64), 4, seed=8)
+    plan = gemv_plan(*args)
+    check(plan(x), ref, bound, "plan M=4")
+    check(plan(x[1:2].astype(np.float64)), ref[1:2], bound[1:2], "plan M=1 float64")
+    assert np.array_equal(plan(x), gemv(*args, x))
+    with pytest.raises(KbitValueError, match="x must be"):
+        plan(np.zeros((1, 199), np.float32))
+    words, k, B, cols, s, o, cb = args
+    with pytest.raises(KbitValueError):
+        gemv_plan(words[:, :-1], k, B, cols, s, o, cb)
+    with pytest.raises(KbitValueError):
+        gemv_plan(words, k, B, cols, s, o, cb[:-1])

@@ -273,19 +273,23 @@ def test_kbit_4bit_greedy_tokens_same_through_gemv(arch, tiny, tmp_path):
     dense, _, _ = load(out, dequantize_on_load=True)
     calls = []
     import kbitcli.runner.layers as L
-    real = L.numba_gemv()
+    real = L.numba_gemv_plan()
     assert real is not None
     prompts = [_ids(5, 21), _ids(9, 22)]
 
     def counting(*a):
-        calls.append(a[-1].shape[0])
-        return real(*a)
-    orig, L._numba_gemv = L._numba_gemv, counting
+        plan = real(*a)
+
+        def call(x):
+            calls.append(x.shape[0])
+            return plan(x)
+        return call
+    orig, L._numba_gemv_plan = L._numba_gemv_plan, counting
     try:
         got, _, _ = generate_ids(packed, prompts[:1], 16, eos_token_ids=[], pad_token_id=0)
         got2, _, _ = generate_ids(packed, prompts, 12, eos_token_ids=[], pad_token_id=0)
     finally:
-        L._numba_gemv = orig
+        L._numba_gemv_plan = orig
     assert calls and set(calls) <= {1, 2, 5}  # decode steps (and the 5-token prompt) took the GEMV
     ref, _, _ = generate_ids(dense, prompts[:1], 16, eos_token_ids=[], pad_token_id=0)
     ref2, _, _ = generate_ids(dense, prompts, 12, eos_token_ids=[], pad_token_id=0)

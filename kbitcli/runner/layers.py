@@ -106,20 +106,20 @@ def numba_dequantize():
     return _numba_ops or None
 
 
-_numba_gemv = None
+_numba_gemv_plan = None
 
 
-def numba_gemv():
-    """kbitcli.kernels.cpu.gemv (the fused CPU GEMV of decode steps), or None when Numba's CPU
-    kernels are unavailable."""
-    global _numba_gemv
-    if _numba_gemv is None:
+def numba_gemv_plan():
+    """kbitcli.kernels.cpu.gemv_plan (prepares a packed weight for the fused CPU GEMV of decode
+    steps; the plan is called with x), or None when Numba's CPU kernels are unavailable."""
+    global _numba_gemv_plan
+    if _numba_gemv_plan is None:
         try:
-            from kbitcli.kernels.cpu import gemv
-            _numba_gemv = gemv
+            from kbitcli.kernels.cpu import gemv_plan
+            _numba_gemv_plan = gemv_plan
         except Exception:  # noqa: BLE001 - any import problem: dequantize + matmul instead
-            _numba_gemv = False
-    return _numba_gemv or None
+            _numba_gemv_plan = False
+    return _numba_gemv_plan or None
 
 
 def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
@@ -172,6 +172,7 @@ class KbitLinear(nn.Module):
         #: only the packed words (the CUDA kernel on a GPU); False: always dequantize the
         #: whole weight and matmul (also what "torch" kernel does)
         self.fused_gemv = True
+        self._cpu_plan = None  # (kbitcli.kernels.cpu.GemvPlan, codes.data_ptr()) made on first use
         self.bits, self.block_size, self.shape, self.layout, self.dtype = int(bits), int(block_size), tuple(shape), layout, dtype
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
@@ -241,13 +242,19 @@ class KbitLinear(nn.Module):
                 self.fused_gemv = False
                 return None
         elif x.device.type == "cpu" and self.codes.device.type == "cpu":
-            fn = numba_gemv()
-            if fn is None:
-                return None
-            x2 = x.detach().reshape(n, self.in_features).to(torch.float32).contiguous()
-            y = torch.from_numpy(fn(self.codes.numpy().view(np.uint32), self.bits, self.block_size, self.shape[1],
-                                    self.scales.numpy(), None if self.offsets is None else self.offsets.numpy(),
-                                    self.codebook.numpy(), x2.numpy()))
+            plan = self._cpu_plan
+            if plan is None or plan[1] != self.codes.data_ptr():
+                fn = numba_gemv_plan()
+                if fn is None:
+                    return None
+                plan = self._cpu_plan = (fn(self.codes.numpy().view(np.uint32), self.bits, self.block_size,
+                                            self.shape[1], self.scales.numpy(),
+                                            None if self.offsets is None else self.offsets.numpy(),
+                                            self.codebook.numpy()), self.codes.data_ptr())
+            x2 = x.detach().reshape(n, self.in_features)
+            if x2.dtype != torch.float32 or not x2.is_contiguous():
+                x2 = x2.to(torch.float32).contiguous()
+            y = torch.from_numpy(plan[0](x2.numpy()))
         else:
             return None
         if self.bias is not None:
