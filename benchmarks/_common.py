@@ -169,3 +169,22 @@ class Report:
     def write(self, path: str | os.PathLike, header: str) -> None:
         Path(path).write_text(header.rstrip() + "\n" + "\n".join(self.md).rstrip() + "\n")
         print(f"\nmarkdown written to {path}")
+
+
+def transformers_gguf_model(path: Path):
+    """transformers' own loading of a GGUF file, the peer of the runner benchmarks (without
+    `accelerate`, load_gguf_checkpoint into a model built from the GGUF config, as
+    tests/hf_reference.py does)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if importlib.util.find_spec("accelerate") is not None:
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    return model.eval()

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Report, machine, set_threads, versions  # noqa: E402
+from _common import Report, machine, set_threads, transformers_gguf_model, versions  # noqa: E402
 
 DTYPES = ["int", "affine", "fp", "nf", "quantile"]
 
@@ -49,23 +49,6 @@ def llama_perplexity_bin() -> Path | None:
             if p.is_file() and os.access(p, os.X_OK):
                 return p
     return None
-
-
-def reference_hf(path: Path):
-    """transformers' own GGUF loading (accelerate-free path, as tests/test_runner.py does)."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if importlib.util.find_spec("accelerate") is not None:
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    return model.eval()
 
 
 def quantizable(model) -> dict:
@@ -197,7 +180,7 @@ def main() -> int:
         rep.section("Throughput of perplexity: kbit's runner vs transformers")
         tids = ids[: args.throughput_tokens]
         tplan = window_plan(len(tids), args.ctx, None, "hf")
-        hf = reference_hf(src)
+        hf = transformers_gguf_model(src)
 
         def kbit_run():
             perplexity(model, tids, ctx=args.ctx)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, Report, machine, set_threads, timeit_interleaved, versions  # noqa: E402
+from _common import REPO, Report, machine, set_threads, timeit_interleaved, transformers_gguf_model, versions  # noqa: E402
 
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
         "salt, grain and cloth. Over the centuries the market grew into a town, the town into a city, and ")
@@ -46,23 +46,6 @@ def prompt_ids(tok, n: int) -> list[int]:
     while len(ids) < n:
         ids += tok.encode(TEXT)
     return ids[:n]
-
-
-def reference_model(path: Path):
-    """transformers' own GGUF loading (the way tests/test_runner.py does it)."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if importlib.util.find_spec("accelerate") is not None:
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    return model.eval()
 
 
 def fp16_bytes(model) -> int:
@@ -92,7 +75,7 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     for m in packed_deq.modules():
         if hasattr(m, "fused_gemv"):
             m.fused_gemv = False
-    hf = reference_model(src)
+    hf = transformers_gguf_model(src)
     rep.note(f"models loaded in {time.perf_counter() - t0:.1f} s; Numba CPU dequantizer "
              f"{'available' if numba_dequantize() else 'UNAVAILABLE (the torch code is used)'}, fused CPU GEMV "
              f"{'available' if numba_gemv_plan() else 'UNAVAILABLE'}")

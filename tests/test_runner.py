@@ -19,6 +19,7 @@ from kbitcli.runner import KbitLinear, dequantize_torch, generate, generate_ids,
 from kbitcli.runner.layers import GEMV_MAX_ROWS
 from kbitcli.runner.models import MODEL_MODULES
 from kbitcli.runner.models.base import KVCache
+from hf_reference import transformers_gguf_model
 
 torch.set_num_threads(2)
 VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
@@ -356,28 +357,10 @@ def smol():
     return path, model, tok
 
 
-def _reference_model(path: Path):
-    """transformers' own GGUF loading (from_pretrained needs `accelerate` for GGUF; without it the
-    same transformers code, load_gguf_checkpoint, fills a model built from the GGUF config)."""
-    import importlib.util
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if importlib.util.find_spec("accelerate") is not None:
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
-    model.tie_weights()
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smol):
     path, model, tok = smol
-    hf = _reference_model(path)
+    hf = transformers_gguf_model(path)
     ids = tok.encode("The quick brown fox jumps over the lazy dog because")
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]

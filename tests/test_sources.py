@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from kbitcli.errors import InputError, UnsupportedArchitectureError
 from kbitcli.sources import SourceTensor, embedded_model_path, open_source
 from kbitcli.sources.gguf_source import permute_qk, unpermute_qk
+from hf_reference import transformers_gguf_model
 
 # ---------------------------------------------------------------------------------------------
 # a small checkpoint with mixed dtypes
@@ -553,27 +554,6 @@ def smol():
     return open_source(embedded_model_path())
 
 
-def _reference_model(path: Path):
-    """transformers' own GGUF loading. from_pretrained needs `accelerate` for GGUF; without it the
-    same transformers code (load_gguf_checkpoint) fills a model built from the GGUF config."""
-    import importlib.util
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if importlib.util.find_spec("accelerate") is not None:
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    assert not result.unexpected_keys
-    assert set(result.missing_keys) <= {"lm_head.weight"}
-    model.tie_weights()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def reference():
     transformers = pytest.importorskip("transformers")
@@ -581,7 +561,7 @@ def reference():
 
     transformers.logging.set_verbosity_error()
     path = embedded_model_path()
-    model = _reference_model(path)
+    model = transformers_gguf_model(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tokenizer
 
