@@ -32,7 +32,7 @@ import torch
 
 from kbitcli.errors import CheckFailed, InputError, OutputError, UsageError
 
-from .perplexity import (Window, bits_per_byte, iter_logprobs, summarize_nll, window_plan)
+from .perplexity import Window, bits_per_byte, iter_logprobs, summarize_nll, token_plan
 
 REFERENCE_FORMAT = "kbit.reference-logprobs"
 REFERENCE_VERSION = "1"
@@ -258,14 +258,7 @@ def compare(quant: Callable, reference: Callable | ReferenceLogits, token_ids: S
     """Run `quant` and `reference` (a model, or a ReferenceLogits saved earlier) over the same
     windows (perplexity.window_plan) and gather the figures of CompareResult. save_reference
     (with a reference model) writes the reference's top-k log-probs there for later runs."""
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise UsageError(f"--max-tokens must be at least 2 (got {max_tokens})")
-        ids = ids[:max_tokens]
-    if bos_id is not None and protocol != "llama.cpp":
-        raise UsageError("bos_id replaces the first token of each chunk in the llama.cpp protocol only")
-    plan = window_plan(len(ids), ctx, stride, protocol)
+    ids, plan = token_plan(token_ids, ctx, stride, protocol, max_tokens, bos_id)
     n_scored = sum(w.n_scored for w in plan)
     settings = {"tokens_sha256": tokens_sha256(ids), "n_tokens": int(len(ids)), "ctx": int(ctx),
                 "stride": int(stride or ctx) if protocol == "hf" else None, "protocol": protocol, "bos_id": bos_id,

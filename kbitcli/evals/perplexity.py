@@ -208,6 +208,20 @@ def adds_bos(tok) -> bool:
     return bool(with_special) and with_special[0] == bos and tok.encode("a", add_special_tokens=False)[:1] != [bos]
 
 
+def token_plan(token_ids, ctx: int, stride: int | None, protocol: str, max_tokens: int | None,
+               bos_id: int | None) -> tuple[np.ndarray, list[Window]]:
+    """The token ids (int64, the first max_tokens of them) and their windows, with the checks
+    that perplexity and compare share."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise UsageError(f"--max-tokens must be at least 2 (got {max_tokens})")
+        ids = ids[:max_tokens]
+    if bos_id is not None and protocol != "llama.cpp":
+        raise UsageError("bos_id replaces the first token of each chunk in the llama.cpp protocol only")
+    return ids, window_plan(len(ids), ctx, stride, protocol)
+
+
 def perplexity(model: Callable, token_ids: Sequence[int] | np.ndarray | torch.Tensor, ctx: int = 512,
                stride: int | None = None, protocol: str = "hf", batch_size: int = 1, max_tokens: int | None = None,
                bos_id: int | None = None, n_bytes: int | None = None,
@@ -218,14 +232,7 @@ def perplexity(model: Callable, token_ids: Sequence[int] | np.ndarray | torch.Te
     max_tokens: use only the first max_tokens of them; bos_id: llama.cpp protocol only, written
     over the first token of every chunk (None: chunks as they are); n_bytes: UTF-8 bytes of the
     text the (kept) tokens cover, for bits per byte; progress(done_windows, total_windows)."""
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise UsageError(f"--max-tokens must be at least 2 (got {max_tokens})")
-        ids = ids[:max_tokens]
-    if bos_id is not None and protocol != "llama.cpp":
-        raise UsageError("bos_id replaces the first token of each chunk in the llama.cpp protocol only")
-    plan = window_plan(len(ids), ctx, stride, protocol)
+    ids, plan = token_plan(token_ids, ctx, stride, protocol, max_tokens, bos_id)
     counter: dict = {}
     parts: list[np.ndarray] = []
     t0 = time.perf_counter()
