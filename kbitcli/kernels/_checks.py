@@ -54,3 +54,17 @@ def check_words(words, k: int, B: int, cols: int, s, o) -> tuple[int, int]:
     check_blockwise("words", words, (rows, nb * (B // 32) * k))
     check_blockwise("offsets", o, (rows, nb))
     return rows, nb
+
+
+def check_search(x, B: int, cand_s, cand_o, cb, mids) -> tuple[int, int, int, int]:
+    """(B, rows, cols, blocks per row) for the `search` op: candidate scales (and offsets)
+    shaped (candidates, rows, blocks), a codebook with its midpoints."""
+    B = check_block(B)
+    rows, cols, nb = check_x(x, B)
+    if len(cand_s.shape) != 3:
+        raise KbitValueError(f"candidate scales must be (candidates, rows, blocks), got {_shape(cand_s)}")
+    check_blockwise("candidate scales", cand_s, (cand_s.shape[0], rows, nb))
+    check_blockwise("candidate offsets", cand_o, (cand_s.shape[0], rows, nb))
+    check_codebook(cb, mids)
+    return B, rows, cols, nb
+

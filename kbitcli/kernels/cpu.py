@@ -71,7 +71,7 @@ from numba import njit, prange
 
 from kbitformat import KbitValueError
 
-from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_words, check_x
+from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_search, check_words, check_x
 
 F32 = np.float32
 #: weights per parallel chunk (a chunk is a whole number of blocks)
@@ -103,19 +103,26 @@ def _bkt(y, lo, sc, nbm1):
 
 
 @njit(cache=True)
-def _build_lut(mids, lo, sc, nbk):
-    lut = np.zeros(nbk, np.uint32)
-    cnt = np.zeros(nbk, np.int64)
-    nbm1 = np.float32(nbk - 1)
-    for m in mids:
-        cnt[_bkt(m, lo, sc, nbm1)] += 1
+def _lut_from_counts(cnt):
+    """(lut, most): lut[b] = the number of midpoints in the buckets before b (where bucket b's
+    search starts), most = the largest bucket."""
+    lut = np.zeros(cnt.size, np.uint32)
     acc = 0
     most = 0
-    for b in range(nbk):
+    for b in range(cnt.size):
         lut[b] = acc
         acc += cnt[b]
         most = max(most, cnt[b])
     return lut, most
+
+
+@njit(cache=True)
+def _build_lut(mids, lo, sc, nbk):
+    cnt = np.zeros(nbk, np.int64)
+    nbm1 = np.float32(nbk - 1)
+    for m in mids:
+        cnt[_bkt(m, lo, sc, nbm1)] += 1
+    return _lut_from_counts(cnt)
 
 
 @njit(cache=True, inline="always")
@@ -136,19 +143,12 @@ def _lbkt(yi, amin, sh, half, nbm1):
 
 @njit(cache=True)
 def _build_loglut(mids, amin, sh, half, nbk):
-    lut = np.zeros(nbk, np.uint32)
     cnt = np.zeros(nbk, np.int64)
     nbm1 = np.int32(nbk - 1)
     mi = mids.view(np.int32)
     for i in range(mi.size):
         cnt[_lbkt(mi[i], amin, sh, half, nbm1)] += 1
-    acc = 0
-    most = 0
-    for b in range(nbk):
-        lut[b] = acc
-        acc += cnt[b]
-        most = max(most, cnt[b])
-    return lut, most
+    return _lut_from_counts(cnt)
 
 
 def _loglut_params(mids: np.ndarray) -> tuple[int, int, int, int]:
@@ -608,13 +608,7 @@ class CpuOps:
 
     @staticmethod
     def search(x, B, cand_s, cand_o, cb, mids) -> np.ndarray:
-        B = check_block(B)
-        rows, cols, nb = check_x(x, B)
-        if len(cand_s.shape) != 3:
-            raise KbitValueError(f"candidate scales must be (candidates, rows, blocks), got {tuple(cand_s.shape)}")
-        check_blockwise("candidate scales", cand_s, (cand_s.shape[0], rows, nb))
-        check_blockwise("candidate offsets", cand_o, (cand_s.shape[0], rows, nb))
-        check_codebook(cb, mids)
+        B, rows, cols, nb = check_search(x, B, cand_s, cand_o, cb, mids)
         affine = cand_o is not None
         x, cand_s = _f32(x), _f32(cand_s)
         co = _f32(cand_o) if affine else cand_s

@@ -47,7 +47,7 @@ from numba import config, cuda
 
 from kbitformat import KbitValueError
 
-from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_words, check_x
+from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_search, check_words, check_x
 
 F32 = np.float32
 SIMULATOR = bool(getattr(config, "ENABLE_CUDASIM", False))
@@ -326,13 +326,7 @@ class CudaOps:
 
     @staticmethod
     def search(x, B, cand_s, cand_o, cb, mids) -> np.ndarray:
-        B = check_block(B)
-        rows, cols, nb = check_x(x, B)
-        if len(cand_s.shape) != 3:
-            raise KbitValueError(f"candidate scales must be (candidates, rows, blocks), got {tuple(cand_s.shape)}")
-        check_blockwise("candidate scales", cand_s, (cand_s.shape[0], rows, nb))
-        check_blockwise("candidate offsets", cand_o, (cand_s.shape[0], rows, nb))
-        check_codebook(cb, mids)
+        B, rows, cols, nb = check_search(x, B, cand_s, cand_o, cb, mids)
         if cand_s.shape[0] == 0:
             return np.zeros((rows, nb), dtype=np.int32)
         affine = cand_o is not None
