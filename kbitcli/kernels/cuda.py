@@ -526,7 +526,23 @@ def gemv_rows_per_warp(rows: int) -> int:
     return 1
 
 
-def gemv_device(words, k, B, cols, s, o, cb, x, xsum=None, stream=0):
+def _check_gemv_x(x, cols: int) -> int:
+    """M, the input rows of a GEMV call, after checking x's shape."""
+    if len(x.shape) != 2 or x.shape[1] != cols:
+        raise KbitValueError(f"x must be (M, {cols}), got {tuple(x.shape)}")
+    M = int(x.shape[0])
+    if not 1 <= M <= GEMV_MAX_M:
+        raise KbitValueError(f"the fused GEMV takes 1 to {GEMV_MAX_M} input rows, got {M}")
+    return M
+
+
+def _gemv_config(k: int, M: int, affine: bool, rows: int):
+    """(compiled kernel, grid) of a GEMV launch."""
+    rpw = gemv_rows_per_warp(rows)
+    return _gemv_kernel(k, M, affine, rpw), max(1, -(-rows // (GEMV_WARPS * rpw)))
+
+
+def gemv_device(words, k, B, cols, s, o, cb, x, xsum=None):
     """out (M, rows) float32 = x (M, cols) @ dequantize(words, ...).T on the GPU (device
     arrays or host arrays, copied). xsum (M, G): x summed per 32-column group, needed for
     affine types (computed here when not given)."""
@@ -534,11 +550,7 @@ def gemv_device(words, k, B, cols, s, o, cb, x, xsum=None, stream=0):
     rows, nb = check_words(words, k, B, cols, s, o)
     check_codebook(cb, None, k)
     G = nb * B // 32
-    M = x.shape[0]
-    if len(x.shape) != 2 or x.shape[1] != cols:
-        raise KbitValueError(f"x must be (M, {cols}), got {tuple(x.shape)}")
-    if not 1 <= M <= GEMV_MAX_M:
-        raise KbitValueError(f"the fused GEMV takes 1 to {GEMV_MAX_M} input rows, got {M}")
+    M = _check_gemv_x(x, cols)
     affine = o is not None
     dx = _dev(x, F32)
     if affine and xsum is None:
@@ -550,13 +562,8 @@ def gemv_device(words, k, B, cols, s, o, cb, x, xsum=None, stream=0):
     do = _dev(o, F32) if affine else ds
     dxs = _dev(xsum, F32) if affine else dx
     out = cuda.device_array((M, rows), dtype=F32)
-    rpw = gemv_rows_per_warp(rows)
-    grid = max(1, -(-rows // (GEMV_WARPS * rpw)))
-    kern = _gemv_kernel(k, M, affine, rpw)
-    if stream:
-        kern[grid, TPB, stream](dw, B, G, ds, do, _dev(cb, F32), dx, dxs, out)
-    else:
-        kern[grid, TPB](dw, B, G, ds, do, _dev(cb, F32), dx, dxs, out)
+    kern, grid = _gemv_config(k, M, affine, rows)
+    kern[grid, TPB](dw, B, G, ds, do, _dev(cb, F32), dx, dxs, out)
     return out
 
 
@@ -599,6 +606,14 @@ def _launch_on_torch_stream(kern, grid, threads, device, *args):
         kern[grid, threads](*args)
 
 
+def _check_torch_codes(codes, k: int, B: int, G: int, scales) -> None:
+    import torch
+    rows = codes.shape[0]
+    if codes.dtype != torch.int32 or tuple(codes.shape) != (rows, G * k) or scales.shape[0] != rows:
+        raise KbitValueError(f"packed codes {tuple(codes.shape)} {codes.dtype} do not fit k={k}, B={B}, "
+                             f"scales {tuple(scales.shape)}")
+
+
 def dequantize_torch(codes, k, B, cols, scales, offsets, codebook):
     """dequantize for CUDA torch tensors (KbitLinear's buffers): float32 (rows, cols) torch
     tensor, launched on torch's current stream, the buffers' Numba views cached."""
@@ -607,9 +622,7 @@ def dequantize_torch(codes, k, B, cols, scales, offsets, codebook):
     rows = codes.shape[0]
     nb = scales.shape[1]
     G = nb * B // 32
-    if codes.dtype != torch.int32 or tuple(codes.shape) != (rows, G * k) or scales.shape[0] != rows:
-        raise KbitValueError(f"packed codes {tuple(codes.shape)} {codes.dtype} do not fit k={k}, B={B}, "
-                             f"scales {tuple(scales.shape)}")
+    _check_torch_codes(codes, k, B, G, scales)
     affine = offsets is not None
     out = torch.empty((rows, cols), dtype=torch.float32, device=codes.device)
     dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
@@ -630,6 +643,7 @@ def gemv_torch(codes, k, B, cols, scales, offsets, codebook, x):
     rows = codes.shape[0]
     G = codes.shape[1] // k
     x = x.to(torch.float32).contiguous()
+    _check_gemv_x(x, int(cols))  # before x is padded to whole groups
     xsum = None
     if offsets is not None:
         xsum = torch.nn.functional.pad(x, (0, G * 32 - cols)).view(M, G, 32).sum(dim=2)
@@ -638,22 +652,15 @@ def gemv_torch(codes, k, B, cols, scales, offsets, codebook, x):
             codes.numpy().view(np.uint32), k, B, cols, scales.numpy(),
             None if offsets is None else offsets.numpy(), codebook.numpy(), x.numpy(),
             None if xsum is None else xsum.numpy()).copy_to_host())
-    out = torch.empty((M, rows), dtype=torch.float32, device=x.device)
     B, k, cols = check_block(B), check_bits(k), int(cols)
-    if codes.dtype != torch.int32 or codes.shape[1] != G * k or scales.shape[0] != rows:
-        raise KbitValueError(f"packed codes {tuple(codes.shape)} {codes.dtype} do not fit k={k}")
-    if not 1 <= M <= GEMV_MAX_M or x.shape[1] != cols:
-        raise KbitValueError(f"x must be (M <= {GEMV_MAX_M}, {cols}), got {tuple(x.shape)}")
+    _check_torch_codes(codes, k, B, G, scales)
+    out = torch.empty((M, rows), dtype=torch.float32, device=x.device)
     affine = offsets is not None
     dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
     ds = _cached_view(scales)
     do = _cached_view(offsets) if affine else ds
-    dcb = _cached_view(codebook)
     dx = _view(x)
     dxs = _view(xsum.contiguous()) if affine else dx
-    dout = _view(out)
-    rpw = gemv_rows_per_warp(rows)
-    grid = max(1, -(-rows // (GEMV_WARPS * rpw)))
-    kern = _gemv_kernel(k, M, affine, rpw)
-    _launch_on_torch_stream(kern, grid, TPB, x.device, dw, B, G, ds, do, dcb, dx, dxs, dout)
+    kern, grid = _gemv_config(k, M, affine, rows)
+    _launch_on_torch_stream(kern, grid, TPB, x.device, dw, B, G, ds, do, _cached_view(codebook), dx, dxs, _view(out))
     return out
