@@ -461,3 +461,24 @@ class _Handler(BaseHTTPRequestHandler):
         sha = repo.commit(changes, branch=branch, message=header.get("summary", ""))
         self._json(200, {"commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}", "commitOid": sha,
                          "pullRequestUrl": None, "success": True})
+
+
+def isolate_hub_env(monkeypatch, home) -> None:
+    """HF_HOME at `home`, telemetry and progress bars off, no token / offline / cache /
+    endpoint settings inherited from the caller's environment."""
+    import logging
+    import sys
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+                "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "KBIT_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # huggingface_hub logs through a StreamHandler bound to the sys.stderr of whichever test imported it
+    # first (a capture stream that is closed by now): point it at this test's stderr.
+    import huggingface_hub  # noqa: F401  (configures its logger)
+    for h in logging.getLogger("huggingface_hub").handlers:
+        if isinstance(h, logging.StreamHandler):
+            monkeypatch.setattr(h, "stream", sys.stderr)
+

@@ -24,7 +24,7 @@ from kbitcli.evals.data import clean_wikitext
 from kbitcli.runner import load
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import HubServer, _Handler  # noqa: E402
+from hub_server import HubServer, _Handler, isolate_hub_env  # noqa: E402
 
 torch.set_num_threads(2)
 VOCAB = 100
@@ -467,17 +467,7 @@ class _DatasetHandler(_Handler):
 
 @pytest.fixture
 def dataset_hub(tmp_path, monkeypatch):
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import logging
-
-    import huggingface_hub  # noqa: F401
-    for h in logging.getLogger("huggingface_hub").handlers:
-        if isinstance(h, logging.StreamHandler):
-            monkeypatch.setattr(h, "stream", sys.stderr)
+    isolate_hub_env(monkeypatch, tmp_path / "hf-home")
     server = HubServer()
     server.httpd.RequestHandlerClass = type("H", (_DatasetHandler,), {"hub": server})
     with server:

@@ -17,7 +17,7 @@ from kbitcli.errors import EXIT_HUB, EXIT_INPUT, HubError, UnsupportedArchitectu
 from kbitcli.hub import pull, push, select_files
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import HubServer, closed_port_url  # noqa: E402
+from hub_server import HubServer, closed_port_url, isolate_hub_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -31,20 +31,7 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
 @pytest.fixture(autouse=True)
 def hub_env(tmp_path, monkeypatch):
     """HF_HOME in tmp, telemetry off, no token / offline / cache overrides from the caller."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
-                "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "KBIT_DEBUG"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # huggingface_hub logs through a StreamHandler bound to the sys.stderr of whichever test imported it
-    # first (a capture stream that is closed by now): point it at this test's stderr.
-    import logging
-
-    import huggingface_hub  # noqa: F401  (configures its logger)
-    for h in logging.getLogger("huggingface_hub").handlers:
-        if isinstance(h, logging.StreamHandler):
-            monkeypatch.setattr(h, "stream", sys.stderr)
+    isolate_hub_env(monkeypatch, tmp_path / "hf-home")
     return tmp_path / "hf-home"
 
 
