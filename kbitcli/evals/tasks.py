@@ -43,6 +43,7 @@ import torch
 
 from kbitcli.errors import InputError, UsageError
 
+from .data import load_text
 from .perplexity import model_device
 
 TASKS = ("lambada", "hellaswag", "piqa", "winogrande")
@@ -60,14 +61,7 @@ def load_task_file(task: str, path: str | Path, limit: int | None = None) -> lis
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
     p = Path(path).expanduser()
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{p} is not UTF-8 text") from None
-    except OSError as e:
-        raise InputError(f"cannot read {p}: {e.strerror or e}") from None
+    lines = load_text(p).splitlines()  # a missing, unreadable, non-UTF-8 or empty file: InputError
     items = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
