@@ -35,7 +35,7 @@ import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .sweep import LOWER_IS_BETTER, RESULTS_NAME, read_rows
 
@@ -296,6 +296,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "model"
 
 
+def _block_size_axes(ax, logy: bool, title: str, clip_y: Callable[[], None] | None = None) -> None:
+    """A small panel with the block size on a log2 x axis (and a log y axis when logy;
+    clip_y, if given, sets the y limits before its ticks are labelled)."""
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+        if clip_y is not None:
+            clip_y()
+        _plain_log(ax, "y")
+    _plain_log(ax, "x")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("block size", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.tick_params(labelsize=7)
+
+
 def _plain_log(ax, which: str) -> None:
     """Plain number tick labels on a log axis (minor ones too when it spans less than a decade)."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -407,16 +423,8 @@ def make_plots(rows: Sequence[dict], out_dir: str | os.PathLike, metric: str | N
                 if pts:
                     ax.plot([r["block_size"] for r in pts], [value(r, metric) for r in pts], "o-", color=kcol[k],
                             ms=3, lw=1.2, label=f"{k}-bit")
-            ax.set_xscale("log", base=2)
-            if logy:
-                ax.set_yscale("log")
-                _clip(ax, [value(r, metric) for r in plain if r["dtype"] == dt], top)
-                _plain_log(ax, "y")
-            _plain_log(ax, "x")
-            ax.set_title(dt, fontsize=9)
-            ax.set_xlabel("block size", fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.tick_params(labelsize=7)
+            ys = [value(r, metric) for r in plain if r["dtype"] == dt]
+            _block_size_axes(ax, logy, dt, lambda: _clip(ax, ys, top))
         for j in range(len(dts), nrow * ncol):
             axes[j // ncol][j % ncol].axis("off")
         axes[0][0].set_ylabel(ylab, fontsize=8)
@@ -439,15 +447,7 @@ def make_plots(rows: Sequence[dict], out_dir: str | os.PathLike, metric: str | N
                     m, c = DTYPE_STYLE[dt]
                     ax.plot([r["block_size"] for r in pts], [value(r, metric) for r in pts], marker=m, color=c,
                             ms=4, lw=1.2, label=dt)
-            ax.set_xscale("log", base=2)
-            if logy:
-                ax.set_yscale("log")
-                _plain_log(ax, "y")
-            _plain_log(ax, "x")
-            ax.set_title(f"{k}-bit", fontsize=9)
-            ax.set_xlabel("block size", fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.tick_params(labelsize=7)
+            _block_size_axes(ax, logy, f"{k}-bit")
             ax.legend(fontsize=7)
         axes[0][0].set_ylabel(ylab, fontsize=8)
         fig.suptitle(f"{model}: data types", fontsize=10)
