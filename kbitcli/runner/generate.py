@@ -44,6 +44,7 @@ class GenerationResult:
     prefill_seconds: float        # the prompt pass (gives the first token)
     decode_seconds: float         # every later step
     decode_steps: int
+    decode_mode: str = "none"     # how the decode steps ran (see DECODE_MODES; "none": no step)
 
     @property
     def seconds(self) -> float:
@@ -69,7 +70,7 @@ class GenerationResult:
                 "generated_tokens": self.generated_tokens, "prefill_seconds": self.prefill_seconds,
                 "decode_seconds": self.decode_seconds, "tokens_per_second": self.tokens_per_second,
                 "decode_tokens_per_second": self.decode_tokens_per_second,
-                "prefill_tokens_per_second": self.prefill_tokens_per_second}
+                "prefill_tokens_per_second": self.prefill_tokens_per_second, "decode_mode": self.decode_mode}
 
 
 @dataclass
@@ -164,12 +165,101 @@ def encode_prompts(tok: Tokenizer, prompts: Sequence[str], chat: bool = False,
     return out
 
 
+#: decode modes of generate_ids: "dynamic" (the cache grows, shapes change every step),
+#: "static" (fixed shapes: KVCache.start_static), "graph" (static steps captured in CUDA graphs
+#: and replayed: no per-kernel launch cost from Python), "auto" (graph on CUDA, else dynamic)
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+#: static steps attend over the cache in buckets of this many positions (one graph per bucket),
+#: so a long generation budget does not make early steps read the whole cache
+ATTEND_BUCKET = 256
+
+
+class _StaticDecoder:
+    """Decode steps with a static KV cache; in "graph" mode each step is a CUDA graph replay.
+
+    The first step runs eagerly on a side stream (it compiles and warms up every kernel, the
+    Numba ones included); then, per attention bucket, the step is captured once and replayed
+    with the new token copied into a fixed input buffer. If a capture fails, a warning says
+    so and the remaining steps run eagerly (the same static computation, the same results)."""
+
+    def __init__(self, model, cache: KVCache, mask: torch.Tensor, device: torch.device, graph: bool) -> None:
+        self.model, self.cache, self.device = model, cache, device
+        cache.start_static(mask)
+        self.cap = cache.key_mask.shape[1]  # type: ignore[union-attr]
+        self.pos = cache.length                  # host copy of cache.slot
+        self.ids = torch.zeros((mask.shape[0], 1), dtype=torch.long, device=device)
+        self.graph = graph
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+        self.warm = False
+        self.stream = torch.cuda.Stream(device) if graph else None
+        self.captures = 0
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(self.ids, cache=self.cache, last_only=True)[:, -1]
+
+    def _capture(self, attend: int):
+        cur = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(cur)  # type: ignore[union-attr]
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            out = self._forward()
+        cur.wait_stream(self.stream)  # type: ignore[arg-type]
+        self.pool = g.pool()
+        self.captures += 1
+        self.graphs[attend] = (g, out)
+        return g, out
+
+    def step(self, feed: torch.Tensor) -> torch.Tensor:
+        if self.pos >= self.cap:
+            raise RuntimeError("static decode ran past the KV cache's capacity")
+        self.ids.copy_(feed.view(-1, 1))
+        self.cache.attend = min(self.cap, -(-(self.pos + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
+        self.pos += 1
+        if self.graph and self.warm:
+            hit = self.graphs.get(self.cache.attend)
+            if hit is None:
+                try:
+                    hit = self._capture(self.cache.attend)
+                except Exception as e:  # noqa: BLE001 - any capture failure: eager static steps
+                    import warnings
+                    warnings.warn(f"kbit: capturing the decode step in a CUDA graph failed ({type(e).__name__}: "
+                                  f"{e}); decoding without CUDA graphs", RuntimeWarning, stacklevel=3)
+                    self.graph = False
+            if hit is not None:
+                hit[0].replay()
+                return hit[1]
+        if self.stream is not None and not self.warm:
+            cur = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(cur)
+            with torch.cuda.stream(self.stream):
+                out = self._forward()
+            cur.wait_stream(self.stream)
+        else:
+            out = self._forward()
+        self.warm = True
+        return out
+
+
+def resolve_decode_mode(mode: str, device: torch.device) -> str:
+    if mode not in DECODE_MODES:
+        raise UsageError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "graph" if device.type == "cuda" else "dynamic"
+    if mode == "graph" and device.type != "cuda":
+        raise UsageError("CUDA graphs need a CUDA device (use decode mode static or dynamic on the CPU)")
+    return mode
+
+
 @torch.inference_mode()
 def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, sampling: SamplingParams | None = None,
                  eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
-                 on_token: Callable[[int, int], bool] | None = None) -> tuple[list[list[int]], list[str], dict]:
+                 on_token: Callable[[int, int], bool] | None = None,
+                 decode: str = "auto") -> tuple[list[list[int]], list[str], dict]:
     """Token-level generation. on_token(i, token) returns True when sequence i must stop
-    (e.g. a stop string). Returns (new tokens per sequence, finish reasons, timings)."""
+    (e.g. a stop string). decode: one of DECODE_MODES (auto: CUDA graphs on a GPU). Returns
+    (new tokens per sequence, finish reasons, timings; timings["decode_mode"] is the mode
+    the decode steps ran in, "static" when CUDA graphs were asked for but failed)."""
     sampling = sampling or SamplingParams()
     sampling.check()
     if max_new_tokens < 0:
@@ -178,6 +268,7 @@ def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, 
         return [], [], {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0}
     device = next(iter(model.buffers()), None)
     device = device.device if device is not None else next(model.parameters()).device
+    mode = resolve_decode_mode(decode, device)
     B = len(batch)
     L = max(len(s) for s in batch)
     ctx = getattr(model, "context_length", None)
@@ -214,6 +305,7 @@ def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, 
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
     step = 0
     t_first = None
+    static = None
     while True:
         nxt = sample_next(logits.float().cpu(), sampling, gen)
         if t_first is None:
@@ -233,21 +325,29 @@ def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, 
         if all(done) or step >= budget:
             break
         feed = torch.where(torch.tensor(done), torch.full_like(nxt, pad_token_id), nxt).to(device)
+        if mode != "dynamic":
+            if static is None:
+                static = _StaticDecoder(model, cache, mask, device, graph=mode == "graph")
+            logits = static.step(feed)
+            continue
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         logits = model(feed[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
     sync()
     t_end = time.perf_counter()
     if limited_by_ctx:
         reasons = ["context" if r == "length" else r for r in reasons]
-    timings = {"prefill_seconds": t_first - t0, "decode_seconds": t_end - t_first, "decode_steps": step - 1}
+    ran = mode if static is None or mode != "graph" or static.graph else "static"
+    timings = {"prefill_seconds": t_first - t0, "decode_seconds": t_end - t_first, "decode_steps": step - 1,
+               "decode_mode": ran if step > 1 else "none", "graph_captures": static.captures if static else 0}
     return out, reasons, timings
 
 
 def generate(model, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-             on_text: TextCallback | None = None) -> GenerationResult:
-    """Generate a completion for each prompt (one batch, left padded)."""
+             on_text: TextCallback | None = None, decode: str = "auto") -> GenerationResult:
+    """Generate a completion for each prompt (one batch, left padded). decode: see
+    generate_ids (auto: decode steps replayed as CUDA graphs on a GPU)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -263,7 +363,7 @@ def generate(model, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_n
     ids, reasons, tm = generate_ids(model, batch, max_new_tokens,
                                     sampling=SamplingParams(temperature, top_k, top_p, seed),
                                     eos_token_ids=tokenizer.eos_token_ids, pad_token_id=tokenizer.pad_token_id,
-                                    on_token=on_token)
+                                    on_token=on_token, decode=decode)
     completions = []
     for i, p in enumerate(prompts):
         tail = trackers[i].flush() if not trackers[i].stopped or trackers[i].emitted < len(trackers[i].text) else ""
@@ -272,4 +372,5 @@ def generate(model, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_n
         text = trackers[i].text if trackers[i].ids else ""
         completions.append(Completion(p, text, ids[i], len(batch[i]), reasons[i]))
     return GenerationResult(completions, sum(len(b) for b in batch), sum(len(x) for x in ids),
-                            tm["prefill_seconds"], tm["decode_seconds"], tm["decode_steps"])
+                            tm["prefill_seconds"], tm["decode_seconds"], tm["decode_steps"],
+                            tm.get("decode_mode", "none"))

@@ -62,33 +62,91 @@ def positive(args, *fields_: str, arch: str = "model") -> None:
 class KVCache:
     """Keys and values of every layer, preallocated for `capacity` positions (grown when
     exceeded). `length` is the number of positions already stored; a model's forward writes
-    the new positions of every layer with `update` and then calls `advance`."""
+    the new positions of every layer with `update` and then calls `advance`.
+
+    Static mode (`start_static`, for decode steps captured in a CUDA graph): every tensor a
+    decode step touches keeps its address and shape. One new token per sequence is written
+    at the device-side index `slot`, attention runs over the first `attend` positions (the
+    rest masked), and the key mask, the position ids and `slot` are advanced on the device,
+    inside the step, so a replayed graph needs no host-side bookkeeping. `length` then stays
+    at the length where static mode started; `slot` holds the true length on the device."""
 
     def __init__(self, num_layers: int, capacity: int = 0) -> None:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = int(capacity)
         self.length = 0
+        self.static = False
+        self.slot: torch.Tensor | None = None        # [1] long: where the next token goes
+        self.key_mask: torch.Tensor | None = None    # [B, capacity] bool
+        self.positions: torch.Tensor | None = None   # [B, 1] long: the next token's position ids
+        self.k_index: torch.Tensor | None = None     # [capacity] long
+        self.attend = 0                              # positions attention reads (static mode)
+
+    def _grow(self, layer: int, like_k: torch.Tensor, like_v: torch.Tensor, end: int, zero: bool = False) -> None:
+        buf = self.k[layer]
+        cap = max(end, self.capacity, 0 if buf is None else 2 * buf.shape[2])
+        make = torch.Tensor.new_zeros if zero else torch.Tensor.new_empty
+        nk = make(like_k, (like_k.shape[0], like_k.shape[1], cap, like_k.shape[3]))
+        nv = make(like_v, (like_v.shape[0], like_v.shape[1], cap, like_v.shape[3]))
+        if buf is not None:
+            nk[:, :, :self.length] = buf[:, :, :self.length]
+            nv[:, :, :self.length] = self.v[layer][:, :, :self.length]  # type: ignore[index]
+        self.k[layer], self.v[layer] = nk, nv
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: [B, H, S, D] for the new positions -> all keys/values [B, H, length+S, D]."""
+        """k, v: [B, H, S, D] for the new positions -> all keys/values [B, H, length+S, D]
+        (static mode: [B, H, attend, D], the new position written at `slot`)."""
+        if self.static:
+            kb, vb = self.k[layer], self.v[layer]
+            kb.index_copy_(2, self.slot, k)  # type: ignore[union-attr]
+            vb.index_copy_(2, self.slot, v)  # type: ignore[union-attr]
+            return kb[:, :, :self.attend], vb[:, :, :self.attend]  # type: ignore[index]
         end = self.length + k.shape[2]
         buf = self.k[layer]
         if buf is None or end > buf.shape[2]:
-            cap = max(end, self.capacity, 0 if buf is None else 2 * buf.shape[2])
-            nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
-            if buf is not None:
-                nk[:, :, :self.length] = buf[:, :, :self.length]
-                nv[:, :, :self.length] = self.v[layer][:, :, :self.length]  # type: ignore[index]
-            self.k[layer], self.v[layer] = nk, nv
+            self._grow(layer, k, v, end)
         kb, vb = self.k[layer], self.v[layer]
         kb[:, :, self.length:end] = k  # type: ignore[index]
         vb[:, :, self.length:end] = v  # type: ignore[index]
         return kb[:, :, :end], vb[:, :, :end]  # type: ignore[index]
 
     def advance(self, n: int) -> None:
-        self.length += int(n)
+        if self.static:  # on the device, so that a replayed step advances too
+            self.slot.add_(int(n))  # type: ignore[union-attr]
+            self.positions.add_(int(n))  # type: ignore[union-attr]
+        else:
+            self.length += int(n)
+
+    def start_static(self, attention_mask: torch.Tensor) -> None:
+        """Switch to static decode steps after the prompt pass. attention_mask [B, length]:
+        the mask the cache was filled with (1: real token, 0: padding). Every layer's buffers
+        get the full capacity, zeroed past `length` (masked positions are multiplied by a
+        zero weight in attention, which must not meet NaN garbage)."""
+        if self.static:
+            raise ValueError("the KV cache is already in static mode")
+        if any(b is None for b in self.k):
+            raise ValueError("static mode needs a cache filled by a prompt pass")
+        B = attention_mask.shape[0]
+        if tuple(attention_mask.shape) != (B, self.length):
+            raise ValueError(f"attention_mask must be [batch, {self.length}], got {list(attention_mask.shape)}")
+        self.capacity = max(self.capacity, self.length + 1)
+        for i, kb in enumerate(self.k):
+            if kb.shape[2] < self.capacity:  # type: ignore[union-attr]
+                self._grow(i, kb, self.v[i], self.capacity, zero=True)  # type: ignore[arg-type]
+            self.k[i][:, :, self.length:].zero_()  # type: ignore[index]
+            self.v[i][:, :, self.length:].zero_()  # type: ignore[index]
+        dev = attention_mask.device
+        cap = self.k[0].shape[2]  # type: ignore[union-attr]
+        self.key_mask = torch.zeros(B, cap, dtype=torch.bool, device=dev)
+        self.key_mask[:, :self.length] = attention_mask.bool()
+        # the position id of the next token: the real tokens before it (what the dynamic path's
+        # cumulative sum of the mask gives)
+        self.positions = attention_mask.long().sum(-1, keepdim=True)
+        self.slot = torch.tensor([self.length], dtype=torch.long, device=dev)
+        self.k_index = torch.arange(cap, device=dev)
+        self.attend = cap
+        self.static = True
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
@@ -165,6 +223,8 @@ class Step:
 def prepare_step(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  positions: torch.Tensor | None, cache: KVCache | None) -> Step:
     B, S = input_ids.shape
+    if cache is not None and cache.static:
+        return _static_step(input_ids, positions, cache)
     past = cache.length if cache is not None else 0
     T = past + S
     dev = input_ids.device
@@ -184,6 +244,22 @@ def prepare_step(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     idx = torch.arange(T, device=dev)
     return Step(positions=positions.to(dev), key_mask=key_mask, past=past, q_index=idx[past:], k_index=idx,
                 dense=dense)
+
+
+def _static_step(input_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache) -> Step:
+    """The Step of a static-mode decode step (KVCache.start_static): device tensors only, no
+    host synchronisation, the same shapes at every step (the mask is built over the first
+    `cache.attend` positions; the attention mask of the call is the cache's own)."""
+    if input_ids.shape[1] != 1:
+        raise ValueError(f"a static-cache step takes one new token per sequence, got {input_ids.shape[1]}")
+    if input_ids.shape[0] != cache.key_mask.shape[0]:  # type: ignore[union-attr]
+        raise ValueError(f"a static-cache step takes a batch of {cache.key_mask.shape[0]}, "  # type: ignore[union-attr]
+                         f"got {input_ids.shape[0]}")
+    cache.key_mask.index_fill_(1, cache.slot, True)  # type: ignore[union-attr,arg-type]
+    a = cache.attend
+    return Step(positions=cache.positions if positions is None else positions,  # type: ignore[arg-type]
+                key_mask=cache.key_mask[:, :a], past=-1, q_index=cache.slot,  # type: ignore[index,arg-type]
+                k_index=cache.k_index[:a], dense=False)  # type: ignore[index]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Step | torch.Tensor, scale: float,
