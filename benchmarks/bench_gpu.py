@@ -11,14 +11,17 @@ values) and a word-level tokenizer, then:
      it, and for the small model also converts on the CPU and checks that every output
      tensor is bit-identical (the GPU conversion path end to end);
   3. decode tokens/s at batch 1 (128-token prompt, 128 new tokens, EOS ignored), best of
-     --repeats: kbit fp16 (the HF folder), kbit 4-bit packed (fused GEMV decode), 4-bit
-     packed with the GEMV switched off (the whole weight dequantized in every forward),
-     4-bit dequantized on load (fp16), and transformers' fp16 generate as the peer; each
-     with its weight bytes, the bound (bandwidth / weight bytes per token) and the fraction
-     of it reached;
+     --repeats: kbit fp16 (the HF folder) and kbit 4-bit packed (fused GEMV decode), each
+     with its decode steps replayed as CUDA graphs (the runner's default on a GPU; the
+     captures are inside the timed decode) and eager (the growing cache, every kernel
+     launched from Python); 4-bit packed with the GEMV switched off (the whole weight
+     dequantized in every forward), 4-bit dequantized on load (fp16), and transformers'
+     fp16 generate as the peer. Each with the weight bytes one decode step reads (every
+     weight, but one row of an untied embedding table), the bound (copy bandwidth / those
+     bytes) and the fraction of it reached;
   4. kernel-level: the time of all the model's linear layers for one decode token, fused
-     GEMV on packed weights against F.linear on fp16 weights (CUDA events), which
-     separates the kernel from Python's per-launch overhead.
+     GEMV on packed weights against F.linear on fp16 weights (CUDA events), launched
+     eagerly from Python and replayed from one CUDA graph (the kernels alone).
 
     python benchmarks/bench_gpu.py [--models small,7b8] [--repeats 3] [--markdown FILE]
     python benchmarks/bench_gpu.py --device cpu --models tiny    # a dry run of the code
@@ -153,19 +156,40 @@ def set_gemv(model, on: bool) -> int:
     return n
 
 
-def decode_rate(model, ids, new_tokens: int, repeats: int, budget_s: float = 8.0) -> tuple[float, int]:
-    """Best decode tokens/s and the new tokens per run: new_tokens, or fewer when a run would
-    take longer than budget_s (a slow contender must not eat the whole time limit)."""
+def bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every weight, except that of an embedding table only
+    its row is read (a table that is also the tied output head is read whole)."""
+    from torch import nn
+
+    from kbitcli.runner import parameter_bytes
+    total = parameter_bytes(model)
+    tied = bool(getattr(model, "tied", False))
+    embs = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    head = max(embs, key=lambda m: m.weight.numel()) if tied and embs else None
+    for m in embs:
+        if m is not head:
+            w = m.weight
+            total -= w.numel() * w.element_size() - w.shape[1] * w.element_size()
+    return total
+
+
+def decode_rate(model, ids, new_tokens: int, repeats: int, budget_s: float = 8.0,
+                decode: str = "auto") -> tuple[float, int, str]:
+    """Best decode tokens/s, the new tokens per run (new_tokens, or fewer when a run would
+    take longer than budget_s: a slow contender must not eat the whole time limit) and the
+    decode mode the runs used. In graph mode the capture of each run's graphs is inside its
+    decode time (as a user gets it)."""
     from kbitcli.runner import generate_ids
-    _, _, tm = generate_ids(model, [ids], 4, eos_token_ids=[], pad_token_id=0)  # warm-up (JIT compiles)
-    _, _, tm = generate_ids(model, [ids], 4, eos_token_ids=[], pad_token_id=0)
+    kw = dict(eos_token_ids=[], pad_token_id=0, decode=decode)
+    _, _, tm = generate_ids(model, [ids], 4, **kw)  # warm-up (JIT compiles)
+    _, _, tm = generate_ids(model, [ids], 4, **kw)
     est = tm["decode_steps"] / max(tm["decode_seconds"], 1e-9)
     n = max(8, min(new_tokens, int(est * budget_s)))
     best = 0.0
     for _ in range(repeats):
-        _, _, tm = generate_ids(model, [ids], n, eos_token_ids=[], pad_token_id=0)
+        _, _, tm = generate_ids(model, [ids], n, **kw)
         best = max(best, tm["decode_steps"] / tm["decode_seconds"])
-    return best, n
+    return best, n, tm["decode_mode"]
 
 
 def hf_decode_rate(folder: Path, device, ids, new_tokens: int, repeats: int) -> float:
@@ -215,6 +239,18 @@ def kernel_level(model_packed, model_fp16, device, repeats: int = 20) -> tuple[f
         for m, x in zip(dense, xs_d):
             F.linear(x, m.weight)
 
+    def graphed(fn):  # the same launches captured once in a CUDA graph: kernel time alone
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            fn()
+        cur.wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            fn()
+        return g.replay
+
     def timed(fn):
         fn()
         torch.cuda.synchronize()
@@ -229,7 +265,12 @@ def kernel_level(model_packed, model_fp16, device, repeats: int = 20) -> tuple[f
         return best
     bp = sum(m.packed_bytes() for m in packed)
     bd = sum(m.weight.numel() * 2 for m in dense)
-    return timed(run_p), timed(run_d), bp, bd
+    try:
+        gp, gd = timed(graphed(run_p)), timed(graphed(run_d))
+    except Exception as e:  # noqa: BLE001 - report, keep the eager figures
+        print(f"kernel level: CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
+        gp = gd = float("nan")
+    return timed(run_p), timed(run_d), bp, bd, gp, gd
 
 
 def main() -> int:
@@ -251,7 +292,7 @@ def main() -> int:
 
     from kbitcli.convert import convert
     from kbitcli.recipe import Recipe
-    from kbitcli.runner import load, parameter_bytes
+    from kbitcli.runner import load
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -305,17 +346,24 @@ def main() -> int:
             failures.append(f"{name}: conversion failed: {type(e).__name__}: {e}")
             continue
         rows = []
-        contenders = [("kbit fp16 (HF folder)", src, {}, None),
-                      ("kbit 4-bit packed, fused GEMV decode", out, {}, True),
-                      ("kbit 4-bit packed, dequantize every forward", out, {}, False),
-                      ("kbit 4-bit dequantized on load (fp16)", out, {"dequantize_on_load": True}, None)]
+        graph = "graph" if device.type == "cuda" else "dynamic"
+        contenders = [("kbit fp16 (HF folder), CUDA graphs", src, {}, None, graph),
+                      ("kbit 4-bit packed, fused GEMV, CUDA graphs", out, {}, True, graph),
+                      ("kbit fp16 (HF folder), eager", src, {}, None, "dynamic"),
+                      ("kbit 4-bit packed, fused GEMV, eager", out, {}, True, "dynamic"),
+                      ("kbit 4-bit packed, dequantize every forward, CUDA graphs", out, {}, False, graph),
+                      ("kbit 4-bit dequantized on load (fp16), CUDA graphs", out, {"dequantize_on_load": True},
+                       None, graph)]
         fp16_rate = None
-        for label, path, kw, gemv in contenders:
+        for label, path, kw, gemv, decode in contenders:
             try:
                 model, _, _ = load(path, device=device, dtype="float16", **kw)
                 if gemv is not None:
                     set_gemv(model, gemv)
-                rate, ntok = decode_rate(model, ids, args.new_tokens, args.repeats)
+                rate, ntok, ran = decode_rate(model, ids, args.new_tokens, args.repeats, decode=decode)
+                if ran != decode:
+                    failures.append(f"{name}: {label}: decode ran as {ran!r}, not {decode!r} (see the warning)")
+                    label += f" (RAN AS {ran.upper()})"
                 if gemv:
                     used = all(m.fused_gemv for m in model.modules() if hasattr(m, "fused_gemv"))
                     if not used:
@@ -323,7 +371,7 @@ def main() -> int:
                     label += "" if used else " (FELL BACK)"
                 if ntok < args.new_tokens:
                     label += f" [{ntok} new tokens]"
-                wb = parameter_bytes(model)
+                wb = bytes_per_token(model)
                 bound = bw / wb
                 rows.append([label, wb, rate, bound, rate / bound])
                 res[label] = {"tokens_per_s": rate, "weight_bytes": wb, "bound": bound}
@@ -346,7 +394,7 @@ def main() -> int:
                 failures.append(f"{name}: transformers: {type(e).__name__}: {e}")
         for r in rows:
             r.append(r[2] / fp16_rate if fp16_rate else float("nan"))
-        rep.table(["model", "weight bytes", "decode tokens/s (best)", "bandwidth bound tokens/s",
+        rep.table(["model", "weight bytes read per token", "decode tokens/s (best)", "bandwidth bound tokens/s",
                    "fraction of bound", "vs kbit fp16"], rows,
                   title=f"decode at batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
                         f"best of {args.repeats}")
@@ -354,14 +402,18 @@ def main() -> int:
             try:
                 mp, _, _ = load(out, device=device, dtype="float16")
                 md, _, _ = load(src, device=device, dtype="float16")
-                tp, td, bp, bd = kernel_level(mp, md, device)
-                res["kernel"] = {"gemv_s": tp, "fp16_s": td, "packed_bytes": bp, "fp16_bytes": bd}
+                tp, td, bp, bd, gp, gd = kernel_level(mp, md, device)
+                res["kernel"] = {"gemv_s": tp, "fp16_s": td, "packed_bytes": bp, "fp16_bytes": bd,
+                                 "gemv_graph_s": gp, "fp16_graph_s": gd}
                 rep.table(["linear layers of one decode token", "bytes read", "time (best of 20)",
                            "GB/s", "fraction of copy bandwidth"],
-                          [["fused GEMV, packed 4-bit", bp, tp, bp / tp / 1e9, bp / tp / bw],
-                           ["F.linear, fp16", bd, td, bd / td / 1e9, bd / td / bw],
-                           ["ratio GEMV / fp16 time", "", tp / td, "", ""]],
-                          title="kernel level (CUDA events around the layers alone, launches included)")
+                          [["fused GEMV, packed 4-bit, eager launches", bp, tp, bp / tp / 1e9, bp / tp / bw],
+                           ["F.linear, fp16, eager launches", bd, td, bd / td / 1e9, bd / td / bw],
+                           ["fused GEMV, packed 4-bit, one CUDA graph", bp, gp, bp / gp / 1e9, bp / gp / bw],
+                           ["F.linear, fp16, one CUDA graph", bd, gd, bd / gd / 1e9, bd / gd / bw],
+                           ["ratio GEMV / fp16 time (eager)", "", tp / td, "", ""],
+                           ["ratio GEMV / fp16 time (graph)", "", gp / gd, "", ""]],
+                          title="kernel level (CUDA events around the model's linear layers alone)")
                 del mp, md
                 torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001

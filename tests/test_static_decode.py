@@ -100,7 +100,7 @@ def test_static_generation_up_to_the_context_window(tiny_model):
 
 def test_static_cache_errors(tiny_model):
     model = tiny_model("llama")
-    with pytest.raises(UsageError, match="CUDA graphs need a CUDA device"):
+    with pytest.raises(UsageError, match="needs a CUDA device"):
         generate_ids(model, [[5, 6]], 2, decode="graph")
     with pytest.raises(UsageError, match="decode mode"):
         generate_ids(model, [[5, 6]], 2, decode="fast")
@@ -115,3 +115,24 @@ def test_static_cache_errors(tiny_model):
             cache.start_static(mask)
     with pytest.raises(ValueError, match="filled by a prompt pass"):
         KVCache(2, 8).start_static(torch.ones((1, 0), dtype=torch.long))
+
+
+def test_cli_decode_option(tmp_path, capsys):
+    import json
+
+    from kbitcli.cli.main import main
+    make_tiny("llama", tmp_path)
+    capsys.readouterr()
+    runs = {}
+    for mode in ("static", "dynamic"):
+        assert main(["generate", str(tmp_path), "-p", "t5 t6", "-p", "t9", "-n", "5", "--device", "cpu",
+                     "--decode", mode, "--json"]) == 0
+        runs[mode] = json.loads(capsys.readouterr().out)
+    assert runs["static"]["decode_mode"] == "static" and runs["dynamic"]["decode_mode"] == "dynamic"
+    assert [c["token_ids"] for c in runs["static"]["completions"]] == \
+        [c["token_ids"] for c in runs["dynamic"]["completions"]]
+    for bad, msg in ((["--decode", "fast"], "decode mode must be one of"),
+                     (["--decode", "graph", "--device", "cpu"], "needs a CUDA device")):
+        assert main(["generate", str(tmp_path), "-p", "t5"] + bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1 and msg in err, err

@@ -28,6 +28,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template as a user message.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")] = None,
     dequantize_on_load: Annotated[bool, typer.Option("--dequantize-on-load", help="Dequantize kbit weights once at load time (faster, more memory) instead of in every forward.")] = False,
+    decode: Annotated[str, typer.Option("--decode", help="How decode steps run: auto (CUDA graphs on a GPU, else dynamic), graph, static (fixed-shape cache, no graphs) or dynamic (growing cache).")] = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -40,7 +41,9 @@ def generate(
     from ..runner import load
     from ..runner.load import resolve_device
 
+    from ..runner.generate import resolve_decode_mode
     dev = resolve_device(device)  # before any loading: a missing GPU is reported at once
+    resolve_decode_mode(decode, dev)  # a bad --decode before any loading too
     path, _ = resolve_source(model)
     m, tok, _ = load(path, device=dev, dtype=dtype, dequantize_on_load=dequantize_on_load)
     stream = len(prompt) == 1 and not json_out
@@ -54,7 +57,7 @@ def generate(
 
     res = run_generate(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop=stop, chat=chat, system=system,
-                       on_text=on_text if stream else None)
+                       on_text=on_text if stream else None, decode=decode)
     info = m.kbit_info
     if json_out:
         doc = {"model": str(path), "kind": info["kind"], "model_type": info["model_type"], "device": info["device"],
@@ -70,5 +73,5 @@ def generate(
     if not quiet:
         print(f"kbit: {res.generated_tokens} tokens in {res.seconds:.2f} s ({res.tokens_per_second:.2f} tokens/s; "
               f"prompt {res.prefill_tokens_per_second:.1f} tokens/s, decode {res.decode_tokens_per_second:.2f} tokens/s) "
-              f"on {info['device']} {info['dtype']}, {info['kind']}"
+              f"on {info['device']} {info['dtype']}, {info['kind']}, {res.decode_mode} decode"
               + (f" with {info['packed']} packed k-bit layers" if info["packed"] else ""), file=sys.stderr)

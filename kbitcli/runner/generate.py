@@ -247,7 +247,7 @@ def resolve_decode_mode(mode: str, device: torch.device) -> str:
     if mode == "auto":
         return "graph" if device.type == "cuda" else "dynamic"
     if mode == "graph" and device.type != "cuda":
-        raise UsageError("CUDA graphs need a CUDA device (use decode mode static or dynamic on the CPU)")
+        raise UsageError("decode mode graph (CUDA graphs) needs a CUDA device; on the CPU use static or dynamic")
     return mode
 
 
