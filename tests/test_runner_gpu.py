@@ -145,7 +145,7 @@ def test_cuda_graph_decode(arch, spec, tiny, cuda, tmp_path, monkeypatch):
         prompts = [_ids(6, 5), _ids(3, 6)]
         ref, r1, t1 = generate_ids(model, prompts, 20, eos_token_ids=[], pad_token_id=0, decode="dynamic")
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.filterwarnings("error", message="kbit:")  # kbit's own fallback warnings
             got, r2, t2 = generate_ids(model, prompts, 20, eos_token_ids=[], pad_token_id=0)
         assert t2["decode_mode"] == "graph" and t2["graph_captures"] >= 3, t2
         if dtype == "float32":
