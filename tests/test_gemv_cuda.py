@@ -16,6 +16,7 @@ import pytest
 
 from kbitformat import KbitValueError, NumpyOps, QuantSpec, quantize
 from kbitformat.constants import DTYPES
+from kbitformat.reference import decode_values, pack, unpack
 from kbitcli.kernels import cuda_usable
 
 REAL_GPU = os.environ.get("KBIT_REAL_GPU", "") == "1"
@@ -120,3 +121,175 @@ def test_gemv_real_sizes(K, shape, spec):
     for M in (1, 4) if spec == "4:nf:b64" else (1 + shape[0] % 3,):
         args, x, ref, bound = case(*shape, sp, M, seed=shape[0] + M)
         check(K.gemv(*args, x), ref, bound, f"{spec} {shape} M={M}")
+
+
+# ----------------------------------------------------------------------------- bytes layout
+# The runner's "bytes" code layout (kbitcli.kernels.cuda, "bytes" layout): code i of a row
+# at bits [(i % (8//k))*k, +k) of byte i // (8//k), the bytes read as little-endian int32
+# words, the planes' shape (rows, G*k).
+def planes_to_bytes(words: np.ndarray, k: int) -> np.ndarray:
+    """uint32 bit-plane words (rows, G*k) -> uint32 bytes-layout words, same shape (numpy,
+    from the reference's unpacked codes)."""
+    codes = unpack(words, k)  # (rows, G*32) uint8
+    per = 8 // k
+    rows, n = codes.shape
+    c = codes.reshape(rows, n // per, per).astype(np.uint8)
+    b = np.zeros((rows, n // per), dtype=np.uint8)
+    for i in range(per):
+        b |= (c[:, :, i] << np.uint8(i * k)).astype(np.uint8)
+    return np.ascontiguousarray(b).view("<u4").astype(np.uint32).reshape(words.shape)
+
+
+def test_planes_to_bytes_layout():
+    rng = np.random.default_rng(0)
+    for k in (2, 4, 8):
+        codes = rng.integers(0, 1 << k, (3, 64))
+        got = planes_to_bytes(pack(codes, k), k)
+        per_word = 32 // k
+        for r in range(3):
+            for i in range(64):
+                assert (int(got[r, i // per_word]) >> ((i % per_word) * k)) & ((1 << k) - 1) == codes[r, i]
+
+
+def bytes_case(rows, cols, spec, M, seed):
+    args, x, ref, bound = case(rows, cols, spec, M, seed)
+    words, k, B, cols, s, o, cb = args
+    return (planes_to_bytes(words, k), k, B, cols, s, o, cb), x, ref, bound, words
+
+
+BYTES_CASES = [(k, d, M) for k in (2, 4, 8) for d in ("nf", "affine") for M in (1, 3, 8)]
+
+
+@pytest.mark.parametrize("k,dtype,M", BYTES_CASES)
+def test_gemv_bytes_matches_float64_product(K, k, dtype, M):
+    block = (32, 64)[(k + M) % 2]
+    rows, cols = 3 + (k + M) % 3, (70, 100, 150)[(k + 2 * M) % 3]  # never a multiple of the block
+    args, x, ref, bound, _ = bytes_case(rows, cols, QuantSpec(k, dtype, block), M, seed=k * 31 + M)
+    check(K.gemv_bytes(*args, x), ref, bound, f"bytes {dtype} k={k} B={block} {rows}x{cols} M={M}")
+
+
+@pytest.mark.parametrize("k,spec,over", [
+    (4, "4:affine:b32", dict(TV_MAX=32, GRID=1)),   # two column tiles, one CTA looping over row groups
+    (2, "2:nf:b32", dict(GRID=2)),                   # 2 words a block: 64-bit vectors
+    (2, "2:int:b0", {}),                             # one block a row: words per block not a power of 2
+    (8, "8:nf:b32", dict(CBREP=1, R=1, NW=1, NP=1)),  # one codebook copy, one row a warp
+    (4, "4:nf:b64", dict(R=3, C=4, GRID=1)),         # 3 rows a warp, 4-code x chunks
+])
+def test_gemv_bytes_launch_shapes(K, k, spec, over):
+    cols = 1100 if "TV_MAX" in over else 90
+    rows = 2 * 4 * over.get("R", 2) + 3
+    args, x, ref, bound, _ = bytes_case(rows, cols, QuantSpec.parse(spec), 2, seed=k + len(over))
+    check(K.gemv_bytes(*args, x, **over), ref, bound, f"bytes {spec} {over}")
+
+
+@pytest.mark.parametrize("spec", ["2:nf:b32", "4:nf:b64", "4:affine:b32", "8:int:b32", "8:affine:b0"])
+def test_dequantize_bytes_bit_identical(K, spec):
+    sp = QuantSpec.parse(spec)
+    args, _, _, _, words = bytes_case(5, 77, sp, 1, seed=len(spec))
+    _, k, B, cols, s, o, cb = args
+    ref = NumpyOps.dequantize(words, k, B, cols, s, o, cb)
+    got = K.dequantize_bytes(*args)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), spec
+
+
+def test_bytes_torch_wrappers(K):
+    torch = pytest.importorskip("torch")
+    args, x, ref, bound, words = bytes_case(6, 100, QuantSpec(4, "affine", 64), 2, seed=5)
+    bw, k, B, cols, s, o, cb = args
+    dev = "cuda" if REAL_GPU else "cpu"
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    got = K.gemv_bytes_torch(t(bw.view(np.int32)), k, B, cols, t(s), t(o), t(cb), t(x).to(torch.float16))
+    assert got.device.type == dev and got.dtype == torch.float32
+    x16 = x.astype(np.float16).astype(np.float64)
+    wd = NumpyOps.dequantize(words, k, B, cols, s, o, cb)
+    check(got.cpu().numpy(), x16 @ wd.astype(np.float64).T,
+          1e-5 * (np.abs(x16) @ np.abs(wd).astype(np.float64).T) + 1e-30, "gemv_bytes_torch")
+    dq = K.dequantize_bytes_torch(t(bw.view(np.int32)), k, B, cols, t(s), t(o), t(cb))
+    assert dq.device.type == dev
+    assert np.array_equal(dq.cpu().numpy().view(np.uint32), wd.view(np.uint32))
+    sym, _, _, _, _ = bytes_case(4, 64, QuantSpec(2, "nf", 32), 1, seed=6)
+    bw2, k2, B2, cols2, s2, _, cb2 = sym
+    got2 = K.gemv_bytes_torch(t(bw2.view(np.int32)), k2, B2, cols2, t(s2), None, t(cb2), t(x[:1, :64]))
+    assert got2.shape == (1, 4)
+
+
+def test_bytes_refuses_bad_input(K):
+    args, x, _, _ = case(3, 64, QuantSpec(3, "nf", 32), 1, seed=1)  # k=3 has no bytes layout
+    with pytest.raises(KbitValueError, match="2, 4 or 8"):
+        K.gemv_bytes(*args, x)
+    args, x, _, _, _ = bytes_case(3, 64, QuantSpec(4, "nf", 32), 1, seed=1)
+    with pytest.raises(KbitValueError, match="input rows"):
+        K.gemv_bytes(*args, np.zeros((K.GEMV_MAX_M + 1, 64), np.float32))
+    bw, k, B, cols, s, o, cb = args
+    with pytest.raises(KbitValueError):
+        K.gemv_bytes(bw[:, :-1], k, B, cols, s, o, cb, x)
+    with pytest.raises(KbitValueError):
+        K.dequantize_bytes(bw, k, B, cols, s[:, :0], o, cb)
+
+
+def codes_to_bytes(codes: np.ndarray, k: int) -> np.ndarray:
+    """codes (rows, n) < 2**k -> uint32 bytes-layout words (rows, n*k/32)."""
+    per = 8 // k
+    rows, n = codes.shape
+    c = codes.reshape(rows, n // per, per).astype(np.uint8)
+    b = np.zeros((rows, n // per), dtype=np.uint8)
+    for i in range(per):
+        b |= (c[:, :, i] << np.uint8(i * k)).astype(np.uint8)
+    return np.ascontiguousarray(b).view("<u4").astype(np.uint32)
+
+
+def random_bytes_case(rows, cols, k, B, affine, M, seed):
+    """Random codes, codebook, scales (a zero block) and offsets at real sizes without
+    quantizing (numpy's unpack of planes is slow there); the reference weight from the
+    reference's decode_values."""
+    rng = np.random.default_rng(seed)
+    B = B or -(-cols // 32) * 32
+    nb = -(-cols // B)
+    codes = rng.integers(0, 1 << k, (rows, nb * B), dtype=np.uint8)
+    cb = np.sort(rng.standard_normal(1 << k)).astype(np.float32)
+    s = rng.uniform(0.01, 0.1, (rows, nb)).astype(np.float32)
+    s[0, 0] = 0.0
+    o = -rng.uniform(0.0, 0.2, (rows, nb)).astype(np.float32) if affine else None
+    wd = decode_values(codes.reshape(rows, nb, B), cb, s, o).reshape(rows, -1)[:, :cols]
+    x = rng.standard_normal((M, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ wd.astype(np.float64).T
+    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(wd).astype(np.float64).T) + 1e-30
+    return (codes_to_bytes(codes, k), k, B, cols, s, o, cb), x, ref, bound, wd
+
+
+@pytest.mark.skipif(not REAL_GPU, reason="real-model sizes need a real GPU (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("shape", [(576, 576), (4096, 4096), (11008, 4096), (4096, 11008), (20000, 1000)])
+@pytest.mark.parametrize("kind", ["4:b64", "4:affine:b64", "8:b64", "2:b32", "4:b0"])
+def test_gemv_bytes_real_sizes(K, shape, kind):
+    k, B = int(kind[0]), int(kind.rsplit(":b", 1)[1])
+    affine = "affine" in kind
+    for M in (1, 8) if kind == "4:b64" else (1 + shape[0] % 3,):
+        args, x, ref, bound, wd = random_bytes_case(*shape, k, B, affine, M, seed=shape[0] + M)
+        check(K.gemv_bytes(*args, x), ref, bound, f"bytes {kind} {shape} M={M}")
+    dq = K.dequantize_bytes(*args)
+    assert np.array_equal(dq.view(np.uint32), wd.view(np.uint32))
+
+
+@pytest.mark.skipif(not REAL_GPU, reason="CUDA graphs need a real GPU")
+def test_bytes_kernels_capture_in_cuda_graph(K):
+    """gemv_bytes_torch and dequantize_bytes_torch inside a torch CUDA graph: replays give
+    the eager results (the kernels allocate, copy and sync nothing once compiled)."""
+    torch = pytest.importorskip("torch")
+    args, x, ref, bound, _ = bytes_case(1024, 1000, QuantSpec(4, "affine", 64), 3, seed=9)
+    bw, k, B, cols, s, o, cb = args
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
+    codes, ts, to, tcb, tx = t(bw.view(np.int32)), t(s), t(o), t(cb), t(x)
+    eager = K.gemv_bytes_torch(codes, k, B, cols, ts, to, tcb, tx)  # compiles
+    eager_dq = K.dequantize_bytes_torch(codes, k, B, cols, ts, to, tcb)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
+        y = K.gemv_bytes_torch(codes, k, B, cols, ts, to, tcb, tx)
+        d = K.dequantize_bytes_torch(codes, k, B, cols, ts, to, tcb)
+    tx.copy_(tx * 2)
+    g.replay()
+    torch.cuda.synchronize()
+    check(y.cpu().numpy(), 2 * ref, 2 * bound, "graph replay")
+    assert torch.equal(d, eager_dq)
+    check(eager.cpu().numpy(), ref, bound, "eager")

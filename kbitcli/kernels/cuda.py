@@ -664,3 +664,539 @@ def gemv_torch(codes, k, B, cols, scales, offsets, codebook, x):
     kern, grid = _gemv_config(k, M, affine, rows)
     _launch_on_torch_stream(kern, grid, TPB, x.device, dw, B, G, ds, do, _cached_view(codebook), dx, dxs, _view(out))
     return out
+
+
+# ----------------------------------------------------------------------------- "bytes" layout
+# The runner's internal layout (not the file format): the codes c_0 .. c_{nb*B-1} of a row
+# packed little-endian, 8//k codes per byte, so that uint32 word t of a row holds codes
+# 32/k*t .. 32/k*t + 32/k - 1, code i of the word at bits [i*k, i*k + k). The array has
+# the bit planes' shape (rows, G*k) (G = nb*B/32), and a word never straddles a block
+# (B is a multiple of 32). k must divide 8 (2, 4 or 8).
+#
+# GEMV (gemv_bytes_*): the kernel is generated per configuration (like _gemv_source) as
+# straight-line code over scalar variables.
+#   * A lane works on "vectors" of V consecutive words (V = 4, 16 bytes, or 2 when a block
+#     holds a number of words that is not a multiple of 4), loaded with one 128-bit (64-bit)
+#     load: lane l of a warp reads vector l, l+32, ... of a row, so a warp's load covers
+#     512 contiguous bytes. A vector holds P = 32*V/k codes, all in one block.
+#   * A warp works on R rows at once with the same vector positions, so each x value read
+#     from shared memory serves R rows (and each decoded weight serves M input rows).
+#   * The CTA stages a tile of x (TV vectors wide) into shared memory in a padded layout:
+#     the P columns of vector q at q*(P+4), so the 128-bit loads of 8 lanes (a quarter warp)
+#     hit 8 different 16-byte bank groups ((P+4)/4 is odd): conflict-free.
+#   * Codes are taken out of the word registers with a constant shift and mask each, and
+#     looked up in a shared-memory copy of the codebook: for k <= 4 the 2**k entries lie in
+#     different banks (lanes that read the same entry get a broadcast), so one copy is
+#     conflict-free; for k = 8 each lane gets its own copy (entry e of lane l at e*32 + l,
+#     bank l) when the shared memory allows it.
+#   * Per vector and row the products are summed in float32 (NP interleaved chains) and
+#     the block's scale is applied once: acc += p * s (+ o * sum of the vector's x for
+#     affine types). The next vector's words and scales are loaded before the current one
+#     is used (software prefetch).
+#   * CTAs loop over groups of NW*R rows (grid = min(row groups, a few per SM)); columns
+#     are walked tile by tile in the outer loop, so x is staged once per tile per CTA.
+#     After a tile each warp writes its lanes' accumulators to shared memory and lane j
+#     adds the 32 partial sums of accumulator j in a fixed order (4 chains), then adds the
+#     result to out (stored for the first tile). No atomics: results are deterministic.
+# Only device arrays are passed, nothing is allocated or copied by Numba, so a launch on
+# torch's current stream can be captured in a CUDA graph (compile on a warm-up call first).
+BYTES_KS = (2, 4, 8)
+_BYTES_KERNELS: dict = {}
+_SHARED_BUDGET = 46 * 1024  # bytes of static shared memory a kernel may use (limit 48 KiB)
+
+if SIMULATOR:
+    @cuda.jit(device=True)
+    def _vload4(a, i):
+        return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+    @cuda.jit(device=True)
+    def _vload2(a, i):
+        return a[i], a[i + 1]
+
+    _VECTOR_LOADS = False
+else:  # pragma: no cover - needs a GPU (or numba-cuda's compile_ptx)
+    try:
+        from llvmlite import ir as _ir
+        from numba import types as _nbtypes
+        try:
+            from numba.cuda import cgutils as _cgutils
+            from numba.cuda.extending import intrinsic as _intrinsic
+        except ImportError:
+            from numba.core import cgutils as _cgutils
+            from numba.core.extending import intrinsic as _intrinsic
+
+        def _make_vload(n):
+            @_intrinsic
+            def vload(typingctx, arr, idx):
+                """Elements idx .. idx+n-1 of a 1-D array of a 32-bit type, as one n*32-bit
+                load (idx a multiple of n, the array's data aligned to n*4 bytes)."""
+                if not isinstance(arr, _nbtypes.Array) or arr.ndim != 1 or not isinstance(idx, _nbtypes.Integer):
+                    return None
+                sig = _nbtypes.UniTuple(arr.dtype, n)(arr, idx)
+
+                def codegen(context, builder, sig, args):
+                    aryty, idxty = sig.args
+                    ary = context.make_array(aryty)(context, builder, value=args[0])
+                    i = context.cast(builder, args[1], idxty, _nbtypes.intp)
+                    ptr = _cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
+                    lty = context.get_value_type(aryty.dtype)
+                    vptr = builder.bitcast(ptr, _ir.VectorType(lty, n).as_pointer(ptr.type.addrspace))
+                    vec = builder.load(vptr, align=4 * n)
+                    vals = [builder.extract_element(vec, _ir.Constant(_ir.IntType(32), j)) for j in range(n)]
+                    return context.make_tuple(builder, sig.return_type, vals)
+                return sig, codegen
+            return vload
+
+        _vload4 = _make_vload(4)
+        _vload2 = _make_vload(2)
+        _VECTOR_LOADS = True
+    except Exception:  # an old numba without these hooks: scalar loads
+        @cuda.jit(device=True)
+        def _vload4(a, i):
+            return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+        @cuda.jit(device=True)
+        def _vload2(a, i):
+            return a[i], a[i + 1]
+
+        _VECTOR_LOADS = False
+
+
+def _check_bytes_k(k: int) -> int:
+    k = check_bits(k)
+    if k not in BYTES_KS:
+        raise KbitValueError(f"the bytes layout holds k = 2, 4 or 8 bits, got {k}")
+    return k
+
+
+class BytesGemvConfig:
+    """Launch shape of a bytes GEMV (see the comment above): V words per lane vector, R rows
+    per warp, NW warps per CTA, C codes per x chunk, NP partial-sum chains, CBREP codebook
+    copies (1 or 32), TV vectors per x tile, at most CTAS_PER_SM CTAs per multiprocessor."""
+
+    __slots__ = ("V", "R", "NW", "C", "NP", "CBREP", "TV", "CTAS_PER_SM")
+
+    def __init__(self, V, R, NW, C, NP, CBREP, TV, CTAS_PER_SM):
+        self.V, self.R, self.NW, self.C, self.NP = V, R, NW, C, NP
+        self.CBREP, self.TV, self.CTAS_PER_SM = CBREP, TV, CTAS_PER_SM
+
+    def key(self):
+        return (self.V, self.R, self.NW, self.C, self.NP, self.CBREP, self.TV)
+
+    def __repr__(self):
+        return "BytesGemvConfig(" + ", ".join(f"{a}={getattr(self, a)}" for a in self.__slots__) + ")"
+
+
+#: overrides of the default launch shape (the benchmark sweeps these): name -> value
+BYTES_TUNING: dict = {}
+
+
+def _bytes_shared_bytes(k, M, cfg_V, R, NW, CBREP, TV) -> int:
+    P = 32 * cfg_V // k
+    return 4 * ((1 << k) * CBREP + M * TV * (P + 4) + 2 * R * M * (NW * 32 + 1))
+
+
+def bytes_gemv_config(k: int, M: int, B: int, rows: int, NV: int, **over) -> BytesGemvConfig:
+    """The launch shape for one call (defaults, then BYTES_TUNING, then `over`)."""
+    t = dict(BYTES_TUNING)
+    t.update(over)
+    WB = B * k // 32
+    V = t.get("V") or (4 if WB % 4 == 0 else 2)
+    if WB % V:
+        V = 2
+    P = 32 * V // k
+    if M <= 2:
+        R, C = 4, 8
+    elif M <= 4:
+        R, C = 2, 8
+    else:
+        R, C = 2, 4
+    if SIMULATOR:
+        R = min(R, 2)
+    R = int(t.get("R", R))
+    C = int(t.get("C", C))
+    if P % C or C % 4:
+        C = 4
+    NW = int(t.get("NW", 2 if SIMULATOR else 4))
+    NP = int(t.get("NP", 2 if R * M <= 4 else 1))
+    if R * M > 32:
+        raise KbitValueError(f"rows per warp {R} x input rows {M} > 32")
+    CBREP = int(t.get("CBREP", 32 if k == 8 else 1))
+    tv_need = max(32, -(-NV // 32) * 32)
+    tv_max = int(t.get("TV_MAX", 1 << 20))
+
+    def fits(cbrep, tv):
+        return _bytes_shared_bytes(k, M, V, R, NW, cbrep, tv) <= _SHARED_BUDGET
+
+    if CBREP > 1 and not fits(CBREP, 32):
+        CBREP = 1
+    while NW > 1 and not fits(CBREP, 32):
+        NW //= 2
+    TV = min(tv_need, max(32, tv_max // 32 * 32))
+    while TV > 32 and not fits(CBREP, TV):
+        TV -= 32
+    if not fits(CBREP, TV):
+        raise KbitValueError(f"no bytes GEMV launch shape fits the shared memory (k={k}, M={M})")
+    # fewer tiles of equal width: same number of tiles, less staging of padding columns
+    ntiles = -(-NV // TV)
+    per_tile = -(-NV // ntiles)
+    TV = max(32, -(-per_tile // 32) * 32)
+    ctas = int(t.get("CTAS_PER_SM", 8))
+    return BytesGemvConfig(V, R, NW, C, NP, CBREP, TV, ctas)
+
+
+def _bytes_code_expr(k: int, cbrep: int, w: str, pos: int) -> str:
+    """Shared-codebook index of code `pos` of word variable `w`."""
+    mask = (1 << k) - 1
+    sh = pos * k
+    if cbrep == 1:
+        if sh == 0:
+            return f"({w} & U{mask})"
+        if sh + k == 32:
+            return f"({w} >> U{sh})"
+        return f"(({w} >> U{sh}) & U{mask})"
+    # entry e of lane l at e*32 + l: the code shifted to bit 5
+    m5 = mask << 5
+    if sh < 5:
+        return f"((({w} << U{5 - sh}) & U{m5}) | lane_u)"
+    if sh == 5:
+        return f"(({w} & U{m5}) | lane_u)"
+    return f"((({w} >> U{sh - 5}) & U{m5}) | lane_u)"
+
+
+def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int) -> str:
+    V, R, NW, C, NP, CBREP, TV = cfg.V, cfg.R, cfg.NW, cfg.C, cfg.NP, cfg.CBREP, cfg.TV
+    P = 32 * V // k
+    PP = P + 4
+    CPW = 32 // k  # codes per word
+    NT = NW * 32
+    NTP = NT + 1
+    RM = R * M
+    vl = "_vload4" if V == 4 else "_vload2"
+    L = []
+    e = L.append
+    e("def kern(words, NV, WB, s, o, cb, x, out):")
+    e("    tid = cuda.threadIdx.x")
+    e("    warp = tid // 32")
+    e("    lane = tid - warp * 32")
+    e("    lane_u = u32(lane)")
+    e("    rows = out.shape[1]")
+    e("    cols = x.shape[1]")
+    e(f"    cbs = cuda.shared.array({(1 << k) * CBREP}, dtype=f32)")
+    e(f"    xs = cuda.shared.array({M * TV * PP}, dtype=f32{'' if SIMULATOR else ', alignment=16'})")
+    e(f"    red = cuda.shared.array({2 * RM * NTP}, dtype=f32)")
+    e(f"    for q in range(tid, {(1 << k) * CBREP}, {NT}):")
+    e(f"        cbs[q] = cb[q >> {5 if CBREP > 1 else 0}]")
+    e(f"    nrg = (rows + {R * NW - 1}) // {R * NW}")
+    e(f"    ntiles = (NV + {TV - 1}) // {TV}")
+    e("    par = 0")
+    e("    for tile in range(ntiles):")
+    e("        cuda.syncthreads()")
+    e(f"        cbase = tile * {TV * P}")
+    e(f"        for q in range(tid, {M * TV * P}, {NT}):")
+    e(f"            m = q // {TV * P}")
+    e(f"            c = q - m * {TV * P}")
+    e("            col = cbase + c")
+    e("            xv = f32(0.0)")
+    e("            if col < cols:")
+    e("                xv = x[m, col]")
+    e(f"            xs[m * {TV * PP} + (c // {P}) * {PP} + (c % {P})] = xv")
+    e("        cuda.syncthreads()")
+    e(f"        vt0 = tile * {TV}")
+    e(f"        vend = vt0 + {TV}")
+    e("        if vend > NV:")
+    e("            vend = NV")
+    e("        for rg in range(cuda.blockIdx.x, nrg, cuda.gridDim.x):")
+    e(f"            rbase = rg * {R * NW} + warp * {R}")
+    for rr in range(R):
+        e(f"            rl{rr} = rbase + {rr}")
+        e(f"            if rl{rr} >= rows:")
+        e(f"                rl{rr} = rows - 1")
+        e(f"            wb{rr} = rl{rr} * NV * {V}")
+        for m in range(M):
+            e(f"            a{rr}_{m} = f32(0.0)")
+    e("            vi = vt0 + lane")
+
+    def load(prefix, vexpr, indent):
+        sp = " " * indent
+        if wbshift >= 0:
+            e(f"{sp}bn = ({vexpr} * {V}) >> {wbshift}")
+        else:
+            e(f"{sp}bn = ({vexpr} * {V}) // WB")
+        for rr in range(R):
+            names = ", ".join(f"{prefix}{rr}_{j}" for j in range(V))
+            e(f"{sp}{names} = {vl}(words, wb{rr} + {vexpr} * {V})")
+            e(f"{sp}{prefix}s{rr} = s[rl{rr}, bn]")
+            if affine:
+                e(f"{sp}{prefix}o{rr} = o[rl{rr}, bn]")
+
+    def zero(prefix, indent):
+        sp = " " * indent
+        for rr in range(R):
+            for j in range(V):
+                e(f"{sp}{prefix}{rr}_{j} = U0")
+            e(f"{sp}{prefix}s{rr} = f32(0.0)")
+            if affine:
+                e(f"{sp}{prefix}o{rr} = f32(0.0)")
+
+    e("            if vi < vend:")
+    load("n", "vi", 16)
+    e("            else:")
+    zero("n", 16)
+    e("            while vi < vend:")
+    for rr in range(R):
+        for j in range(V):
+            e(f"                c{rr}_{j} = n{rr}_{j}")
+        e(f"                cs{rr} = ns{rr}")
+        if affine:
+            e(f"                co{rr} = no{rr}")
+    e("                vn = vi + 32")
+    e("                if vn < vend:")
+    load("n", "vn", 20)
+    e(f"                xo = (vi - vt0) * {PP}")
+    for rr in range(R):
+        for m in range(M):
+            for h in range(NP):
+                e(f"                p{rr}_{m}_{h} = f32(0.0)")
+    if affine:
+        for m in range(M):
+            e(f"                xsum{m} = f32(0.0)")
+    for ch in range(P // C):
+        for m in range(M):
+            for q in range(C // 4):
+                names = ", ".join(f"x{m}_{4 * q + t}" for t in range(4))
+                e(f"                {names} = _vload4(xs, {m * TV * PP} + xo + {ch * C + 4 * q})")
+            if affine:
+                e(f"                xsum{m} += " + " + ".join(f"x{m}_{i}" for i in range(C)))
+        for rr in range(R):
+            for i in range(C):
+                ci = ch * C + i
+                e(f"                v = cbs[{_bytes_code_expr(k, CBREP, f'c{rr}_{ci // CPW}', ci % CPW)}]")
+                for m in range(M):
+                    e(f"                p{rr}_{m}_{ci % NP} += v * x{m}_{i}")
+    for rr in range(R):
+        for m in range(M):
+            psum = " + ".join(f"p{rr}_{m}_{h}" for h in range(NP))
+            extra = f" + co{rr} * xsum{m}" if affine else ""
+            e(f"                a{rr}_{m} += ({psum}) * cs{rr}{extra}")
+    e("                vi = vn")
+    # reduction over the warp's lanes: accumulator j of every lane to shared memory, one
+    # barrier, lane j < R*M adds the 32 values of accumulator j in a fixed order
+    e(f"            rb = par * {RM * NTP}")
+    for rr in range(R):
+        for m in range(M):
+            e(f"            red[rb + {(rr * M + m) * NTP} + tid] = a{rr}_{m}")
+    e("            cuda.syncthreads()")
+    e(f"            if lane < {RM}:")
+    e(f"                q0 = rb + lane * {NTP} + warp * 32")
+    e("                t0 = red[q0]")
+    e("                t1 = red[q0 + 1]")
+    e("                t2 = red[q0 + 2]")
+    e("                t3 = red[q0 + 3]")
+    e("                for q in range(4, 32, 4):")
+    e("                    t0 += red[q0 + q]")
+    e("                    t1 += red[q0 + q + 1]")
+    e("                    t2 += red[q0 + q + 2]")
+    e("                    t3 += red[q0 + q + 3]")
+    e("                t = (t0 + t1) + (t2 + t3)")
+    e(f"                rj = lane // {M}")
+    e(f"                mj = lane - rj * {M}")
+    e("                r = rbase + rj")
+    e("                if r < rows:")
+    e("                    if tile == 0:")
+    e("                        out[mj, r] = t")
+    e("                    else:")
+    e("                        out[mj, r] = out[mj, r] + t")
+    e("            par = 1 - par")
+    return "\n".join(L) + "\n"
+
+
+def bytes_gemv_pyfunc(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int):
+    """The Python function of one bytes GEMV kernel (before cuda.jit; for compile_ptx).
+    wbshift: log2 of the words per block when that is a power of two, else -1."""
+    ns = {"cuda": cuda, "f32": np.float32, "u32": np.uint32, "_vload4": _vload4, "_vload2": _vload2}
+    ns.update({f"U{v}": np.uint32(v) for v in set(range(33)) | {(1 << k) - 1, ((1 << k) - 1) << 5}})
+    src = _bytes_gemv_source(k, M, affine, cfg, wbshift)
+    exec(compile(src, f"<kbit bytes gemv k={k} M={M} affine={affine} {cfg}>", "exec"), ns)  # noqa: S102
+    return ns["kern"]
+
+
+def _wbshift(k: int, B: int) -> int:
+    WB = B * k // 32
+    return WB.bit_length() - 1 if WB & (WB - 1) == 0 else -1
+
+
+def _bytes_gemv_kernel(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int):
+    key = (k, M, affine, wbshift) + cfg.key()
+    kern = _BYTES_KERNELS.get(key)
+    if kern is None:
+        kern = _BYTES_KERNELS[key] = cuda.jit(bytes_gemv_pyfunc(k, M, affine, cfg, wbshift))
+    return kern
+
+
+_NSM: list = []
+
+
+def _sm_count() -> int:
+    if not _NSM:
+        n = 0
+        if not SIMULATOR:
+            try:
+                n = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+            except Exception:  # pragma: no cover
+                n = 0
+        _NSM.append(n)
+    return _NSM[0]
+
+
+def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
+    """(kernel, grid, threads) of a bytes GEMV launch."""
+    cfg = bytes_gemv_config(k, M, B, rows, NV, **over)
+    kern = _bytes_gemv_kernel(k, M, affine, cfg, _wbshift(k, B))
+    nrg = -(-rows // (cfg.R * cfg.NW))
+    nsm = _sm_count()
+    grid = nrg if nsm == 0 else min(nrg, nsm * cfg.CTAS_PER_SM)
+    if "GRID" in over:
+        grid = min(nrg, int(over["GRID"]))
+    return kern, max(1, grid), cfg.NW * 32
+
+
+def _bytes_dims(words, k, B, cols, s, o, cb):
+    B, k, cols = check_block(B), _check_bytes_k(k), int(cols)
+    rows, nb = check_words(words, k, B, cols, s, o)
+    check_codebook(cb, None, k)
+    return B, k, cols, rows, nb, nb * B // 32
+
+
+def gemv_bytes_device(words, k, B, cols, s, o, cb, x, **over):
+    """out (M, rows) float32 = x (M, cols) @ W.T for W in the bytes layout, on the GPU
+    (device arrays, or host arrays copied over). `over`: launch-shape overrides (tests)."""
+    B, k, cols, rows, nb, G = _bytes_dims(words, k, B, cols, s, o, cb)
+    M = _check_gemv_x(x, cols)
+    affine = o is not None
+    cfg_V = bytes_gemv_config(k, M, B, rows, 1, **over).V
+    NV = G * k // cfg_V
+    dw = _dev(words, np.uint32).reshape(rows * G * k)
+    ds = _dev(s, F32)
+    do = _dev(o, F32) if affine else ds
+    out = cuda.device_array((M, rows), dtype=F32)
+    kern, grid, threads = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
+    kern[grid, threads](dw, NV, B * k // 32, ds, do, _dev(cb, F32), _dev(x, F32), out)
+    return out
+
+
+def gemv_bytes(words, k, B, cols, s, o, cb, x, **over) -> np.ndarray:
+    """Host version of gemv_bytes_device (numpy in, numpy out)."""
+    return gemv_bytes_device(words, k, B, cols, s, o, cb, np.ascontiguousarray(x, dtype=F32), **over).copy_to_host()
+
+
+# dequantize (bytes layout): one thread per output weight, a 2-D grid (column blocks,
+# rows looped by gridDim.y), stores coalesced; bit-identical to the reference (v = cb[c]*s,
+# + o for affine, each rounded to float32, as _dequantize_kernel).
+_DQ_MAX_GRID_Y = 65535
+
+
+@cuda.jit
+def _dequantize_bytes_kernel(words, k, W, B, s, o, affine, cb, out):
+    """words: flat uint32 (rows*W,); out (rows, cols)."""
+    col = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    rows = out.shape[0]
+    cols = out.shape[1]
+    if col >= cols:
+        return
+    cpw = 32 // k
+    t = col // cpw
+    sh = np.uint32((col - t * cpw) * k)
+    mask = np.uint32((1 << k) - 1)
+    b = col // B
+    for r in range(cuda.blockIdx.y, rows, cuda.gridDim.y):
+        c = (words[r * W + t] >> sh) & mask
+        ov = o[r, b] if affine else np.float32(0.0)
+        out[r, col] = _decode(cb[c], s[r, b], ov, affine)
+
+
+def _dq_bytes_grid(rows, cols):
+    threads = min(TPB, max(32, -(-cols // 32) * 32))
+    return (max(1, -(-cols // threads)), max(1, min(rows, _DQ_MAX_GRID_Y))), threads
+
+
+def dequantize_bytes_device(words, k, B, cols, s, o, cb):
+    """dequantize of the bytes layout on device arrays (or host arrays, copied): float32
+    (rows, cols) device array, bit-identical to the reference."""
+    B, k, cols, rows, nb, G = _bytes_dims(words, k, B, cols, s, o, cb)
+    affine = o is not None
+    dw = _dev(words, np.uint32).reshape(rows * G * k)
+    ds = _dev(s, F32)
+    do = _dev(o, F32) if affine else ds
+    out = cuda.device_array((rows, cols), dtype=F32)
+    grid, threads = _dq_bytes_grid(rows, cols)
+    _dequantize_bytes_kernel[grid, threads](dw, k, G * k, B, ds, do, affine, _dev(cb, F32), out)
+    return out
+
+
+def dequantize_bytes(words, k, B, cols, s, o, cb) -> np.ndarray:
+    return dequantize_bytes_device(words, k, B, cols, s, o, cb).copy_to_host()
+
+
+def _check_torch_bytes(codes, k: int, B: int, cols: int, scales, offsets, codebook) -> tuple[int, int, int]:
+    """(B, k, cols) checked against KbitLinear-style torch buffers."""
+    B, k, cols = check_block(B), _check_bytes_k(k), int(cols)
+    rows, nb = check_words(codes, k, B, cols, scales, offsets)
+    check_codebook(codebook, None, k)
+    _check_torch_codes(codes, k, B, nb * B // 32, scales)
+    return B, k, cols
+
+
+def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, **over):
+    """torch wrapper of the bytes GEMV: codes int32 (rows, G*k) in the bytes layout,
+    scales/offsets float32 (rows, nb) (offsets None for symmetric types), codebook float32
+    (2**k,), x (M, cols) in any float dtype -> float32 (M, rows) on x's device. On CUDA the
+    kernel runs on torch's current stream with no copies or syncs (capturable in a CUDA
+    graph once a first call has compiled it); CPU tensors (Numba's CUDA simulator, in the
+    tests) are copied over and back."""
+    import torch
+    B, k, cols = _check_torch_bytes(codes, k, B, cols, scales, offsets, codebook)
+    x = x.to(torch.float32).contiguous()
+    M = _check_gemv_x(x, cols)
+    if not codes.is_cuda:
+        return torch.from_numpy(gemv_bytes(
+            codes.numpy().view(np.uint32), k, B, cols, scales.numpy(),
+            None if offsets is None else offsets.numpy(), codebook.numpy(), x.numpy(), **over))
+    rows = codes.shape[0]
+    G = codes.shape[1] // k
+    affine = offsets is not None
+    V = bytes_gemv_config(k, M, B, rows, 1, **over).V
+    if codes.data_ptr() % (4 * V):
+        raise KbitValueError(f"packed codes must be {4 * V}-byte aligned for the bytes GEMV")
+    NV = G * k // V
+    out = torch.empty((M, rows), dtype=torch.float32, device=x.device)
+    dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
+    ds = _cached_view(scales)
+    do = _cached_view(offsets) if affine else ds
+    kern, grid, threads = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
+    _launch_on_torch_stream(kern, grid, threads, x.device, dw, NV, B * k // 32, ds, do, _cached_view(codebook),
+                            _view(x), _view(out))
+    return out
+
+
+def dequantize_bytes_torch(codes, k, B, cols, scales, offsets, codebook):
+    """dequantize of the bytes layout for torch tensors: float32 (rows, cols), bit-identical
+    to the reference; on CUDA launched on torch's current stream (capturable), CPU tensors
+    (the simulator) copied over and back."""
+    import torch
+    B, k, cols = _check_torch_bytes(codes, k, B, cols, scales, offsets, codebook)
+    if not codes.is_cuda:
+        return torch.from_numpy(dequantize_bytes(
+            codes.numpy().view(np.uint32), k, B, cols, scales.numpy(),
+            None if offsets is None else offsets.numpy(), codebook.numpy()))
+    rows = codes.shape[0]
+    W = codes.shape[1]
+    affine = offsets is not None
+    out = torch.empty((rows, cols), dtype=torch.float32, device=codes.device)
+    dw = _cached_view(codes).view(np.uint32).reshape(rows * W)
+    ds = _cached_view(scales)
+    do = _cached_view(offsets) if affine else ds
+    grid, threads = _dq_bytes_grid(rows, cols)
+    _launch_on_torch_stream(_dequantize_bytes_kernel, grid, threads, codes.device,
+                            dw, k, W, B, ds, do, affine, _cached_view(codebook), _view(out))
+    return out
