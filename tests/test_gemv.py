@@ -123,3 +123,97 @@ def test_gemv_plan_reused_and_checked():
         gemv_plan(words[:, :-1], k, B, cols, s, o, cb)
     with pytest.raises(KbitValueError):
         gemv_plan(words, k, B, cols, s, o, cb[:-1])
+
+
+# ----------------------------------------------------------------------------- the byte layout
+def spec_bytes(words: np.ndarray, k: int) -> np.ndarray:
+    """The runner's byte layout written straight from its definition, independent of the code
+    under test: the reference's codes of a row, 32 // k to a uint32 word, code i of the word at
+    bits [i*k, i*k + k)."""
+    from kbitformat.reference import unpack
+    codes = unpack(np.asarray(words, np.uint32), k).astype(np.uint64)
+    rows = codes.shape[0]
+    per = 32 // k
+    c = codes.reshape(rows, -1, per)
+    w = np.zeros(c.shape[:2], dtype=np.uint64)
+    for i in range(per):
+        w |= c[:, :, i] << np.uint64(i * k)
+    return w.astype(np.uint32)
+
+
+@pytest.mark.parametrize("k", (2, 4, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_bytes_matches_float64_product(dtype, k):
+    """The byte-layout GEMV, every dtype (affine ones with offsets), blocks of 32, 64 and a whole
+    row, cols not a multiple of the block, 1 row and odd row counts, M = 1..8."""
+    i = 0
+    for block in (32, 64, 0):
+        for cols in (100, 200):
+            for M in range(1, 9):
+                rows = (1, 7, 13)[i % 3]
+                i += 1
+                args, x, ref, bound = case(rows, cols, QuantSpec(k, dtype, block), M, seed=k * 131 + cols + M)
+                words, *rest = args
+                by = spec_bytes(words, k)
+                check(gemv(by, *rest, x, layout="bytes"), ref, bound,
+                      f"bytes {dtype} k={k} B={block} cols={cols} M={M} rows={rows}")
+
+
+def test_gemv_bytes_chunks_int32_padding_and_plan(monkeypatch):
+    """Several parallel chunks, int32 words, float64 x; codes in the padding of the last block
+    (set to the largest code) do not count; a plan repeats gemv's results."""
+    import kbitcli.kernels.cpu as C
+    from kbitcli.kernels.cpu import gemv_plan
+    monkeypatch.setattr(C, "GEMV_CHUNK_WEIGHTS", 1000)
+    for spec, M in ((QuantSpec(4, "nf", 64), 8), (QuantSpec(2, "affine", 32), 3), (QuantSpec(8, "fp", 64), 2)):
+        k = spec.bits
+        args, x, ref, bound = case(301, 70, spec, M, seed=M)
+        words, _, B, cols, s, o, cb = args
+        by = spec_bytes(words, k)
+        nbytes = by.shape[1] * 4
+        b8 = by.view(np.uint8).reshape(by.shape[0], nbytes)
+        per = 8 // k
+        first_pad = cols // per  # bytes from here hold only padding codes (or some, for cols % per)
+        b8[:, first_pad + (cols % per > 0):] = 0xFF
+        if cols % per:
+            b8[:, first_pad] |= np.uint8((0xFF << ((cols % per) * k)) & 0xFF)
+        assert np.array_equal(C.dequantize_bytes(by, k, B, cols, s, o, cb).view(np.uint32),
+                              NumpyOps.dequantize(words, k, B, cols, s, o, cb).view(np.uint32))
+        got = gemv(by.view(np.int32), k, B, cols, s, o, cb, x.astype(np.float64), layout="bytes")
+        check(got, ref, bound, f"{spec} bytes")
+        plan = gemv_plan(by, k, B, cols, s, o, cb, "bytes")
+        assert np.array_equal(plan(x), got)
+        check(gemv(by, k, B, cols, s, o, cb, np.concatenate([x] * 5), layout="bytes"),
+              np.concatenate([ref] * 5), np.concatenate([bound] * 5), f"{spec} bytes M={5 * M}")
+
+
+@pytest.mark.parametrize("k", (2, 4, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_bytes_bit_identical(dtype, k):
+    """kbitcli.kernels.cpu.dequantize_bytes gives the reference's float32 values bit for bit."""
+    from kbitcli.kernels.cpu import dequantize_bytes
+    for block, cols in ((32, 100), (64, 150), (0, 77)):
+        args, _, _, _ = case(9, cols, QuantSpec(k, dtype, block), 1, seed=k + cols)
+        words, _, B, _, s, o, cb = args
+        want = NumpyOps.dequantize(words, k, B, cols, s, o, cb)
+        got = dequantize_bytes(spec_bytes(words, k), k, B, cols, s, o, cb)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (dtype, k, block)
+
+
+def test_bytes_refuses_bad_input():
+    from kbitcli.kernels.cpu import dequantize_bytes, gemv_plan
+    args, x, _, _ = case(3, 64, QuantSpec(3, "nf", 32), 1, seed=1)
+    with pytest.raises(KbitValueError, match="byte code layout"):
+        gemv(*args, x, layout="bytes")
+    with pytest.raises(KbitValueError, match="byte code layout"):
+        dequantize_bytes(*args)
+    with pytest.raises(KbitValueError, match="code layout must be"):
+        gemv(*args, x, layout="nibbles")
+    args, x, _, _ = case(3, 64, QuantSpec(4, "nf", 32), 1, seed=1)
+    words, k, B, cols, s, o, cb = args
+    with pytest.raises(KbitValueError):
+        gemv_plan(words[:, :-1], k, B, cols, s, o, cb, "bytes")
+    with pytest.raises(KbitValueError, match="packed words"):
+        dequantize_bytes(words.astype(np.uint16), k, B, cols, s, o, cb)
+    with pytest.raises(KbitValueError, match="x must be"):
+        gemv(*args, np.zeros((1, 63), np.float32), layout="bytes")

@@ -63,6 +63,18 @@ constant (the plane loop unrolled). Its dot product ``_dot`` is the one piece of
 compiled with fast-math (reassociation, FMA) so that it vectorises: the GEMV is not
 bit-identical to dequantize + matmul (another summation order), only within float32
 rounding of it, and its order is fixed by the compiled code, never by the threads.
+
+``gemv(..., layout="bytes")`` is the same GEMV over the runner's byte layout of the codes
+(k = 2, 4, 8: 8 // k codes per byte, code i at bits [(i % (8//k)) * k, +k) of byte i // (8//k),
+the int32 words of the same shape as the planes; see kbitcli/runner/layers.py). A block is
+decoded with one look-up per byte in ``byte_table`` (256 rows of the 8 // k codebook values a
+byte stands for, moved as uint64: one at k = 4, two at k = 2; at k = 8 the codebook itself),
+then dotted as above: ~0.2 ns per weight on 2 threads against ~0.3 for the bit planes (the
+unpacking is gone). A LUT GEMV (T-MAC style: per call, tables of 256 partial dot products per
+byte position, one look-up + add per byte and row) was measured slower here (0.2-0.6 ns per
+weight at M = 1, worse at M > 1: the tables, 1 KiB per byte position, do not stay in L1), as
+was a nibble unpack with cb[code] gathers (~10% slower). ``dequantize_bytes`` is dequantize
+for the byte layout, with the reference's float32 operations (bit-identical).
 """
 from __future__ import annotations
 
@@ -500,6 +512,22 @@ def _dot(v, x, n):
 
 
 @njit(cache=True, inline="always")
+def _block_sums(x, B, cols, nb, affine):
+    """(M, nb) float32: x summed over each block (what the offsets of affine types multiply);
+    zeros when not affine."""
+    M = x.shape[0]
+    xsum = np.zeros((M, nb), dtype=np.float32)
+    if affine:
+        for m in range(M):
+            for b in range(nb):
+                a = np.float32(0.0)
+                for c in range(b * B, min(cols, b * B + B)):
+                    a += x[m, c]
+                xsum[m, b] = a
+    return xsum
+
+
+@njit(cache=True, inline="always")
 def _gemv_rows(words, k, B, cols, s, o, affine, cb, spread, x, xsum, r0, r1, cbuf, c64, v, acc, out):
     """out[:, r0:r1]: each row decoded block by block into v, dotted with every row of x."""
     M = x.shape[0]
@@ -534,14 +562,7 @@ def _gemv_kernel(words, k, B, cols, s, o, affine, cb, spread, x, rpc, out):
     rows = words.shape[0]
     M = x.shape[0]
     nb = s.shape[1]
-    xsum = np.zeros((M, nb), dtype=np.float32)  # x summed over each block (affine offsets)
-    if affine:
-        for m in range(M):
-            for b in range(nb):
-                a = np.float32(0.0)
-                for c in range(b * B, min(cols, b * B + B)):
-                    a += x[m, c]
-                xsum[m, b] = a
+    xsum = _block_sums(x, B, cols, nb, affine)
     nchunks = (rows + rpc - 1) // rpc
     for ch in prange(nchunks):
         cbuf = np.empty(B, dtype=np.uint8)
@@ -561,6 +582,114 @@ def _gemv_kernel(words, k, B, cols, s, o, affine, cb, spread, x, rpc, out):
         else:
             _gemv_rows(words, k, B, cols, s, o, affine, cb, spread, x, xsum, r0, r1, cbuf, c64, v, acc, out)
 
+
+# ----------------------------------------------------------------------------- byte layout
+#: code layouts of gemv: the format's bit planes, the runner's bytes
+CODE_LAYOUTS = ("planes", "bytes")
+#: widths with the runner's "bytes" code layout (8 // k whole codes per byte)
+BYTE_LAYOUT_BITS = (2, 4, 8)
+
+
+def byte_table(cb, k: int) -> np.ndarray:
+    """float32 (256, 8 // k): row b holds cb[code] of the 8 // k codes byte b packs, in order
+    (code t of a byte at bits [t*k, t*k + k)). For k = 8 it is the codebook itself."""
+    per = 8 // k
+    b = np.arange(256)
+    idx = (b[:, None] >> (np.arange(per) * k)) & ((1 << k) - 1)
+    return np.ascontiguousarray(np.asarray(cb, dtype=F32)[idx], dtype=F32)
+
+
+@njit(cache=True, inline="always")
+def _decode_bytes(cblk, nbytes, k, tab, tab64, v, v64):
+    """v[:nbytes * 8 // k] = cb[codes] of the bytes cblk[:nbytes]: one table load per byte,
+    the 8 // k float32 values moved as uint64 (k = 4: one, k = 2: two; k = 8: one float)."""
+    if k == 4:
+        for j in range(nbytes):
+            v64[j] = tab64[cblk[j]]
+    elif k == 2:
+        for j in range(nbytes):
+            c = np.intp(cblk[j]) * 2
+            v64[2 * j] = tab64[c]
+            v64[2 * j + 1] = tab64[c + 1]
+    else:
+        for j in range(nbytes):
+            v[j] = tab[cblk[j]]
+
+
+@njit(cache=True, inline="always")
+def _gemv_bytes_rows(c8, k, B, cols, s, o, affine, tab, tab64, x, xsum, r0, r1, v, v64, acc, out):
+    """out[:, r0:r1] for the byte layout: each block's bytes decoded into v, dotted with x."""
+    M = x.shape[0]
+    nb = s.shape[1]
+    bpb = B * k // 8  # bytes per block
+    for r in range(r0, r1):
+        crow = c8[r]
+        for m in range(M):
+            acc[m] = np.float32(0.0)
+        for b in range(nb):
+            c0 = b * B
+            nv = min(B, cols - c0)  # the padding past cols is never dotted
+            _decode_bytes(crow[b * bpb:(b + 1) * bpb], (nv * k + 7) // 8, k, tab, tab64, v, v64)
+            sv = s[r, b]
+            if affine:
+                ov = o[r, b]
+                for m in range(M):
+                    acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv + ov * xsum[m, b]
+            else:
+                for m in range(M):
+                    acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv
+        for m in range(M):
+            out[m, r] = acc[m]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _gemv_bytes_kernel(c8, k, B, cols, s, o, affine, tab, tab64, x, rpc, out):
+    rows = c8.shape[0]
+    M = x.shape[0]
+    nb = s.shape[1]
+    xsum = _block_sums(x, B, cols, nb, affine)
+    nchunks = (rows + rpc - 1) // rpc
+    for ch in prange(nchunks):
+        v = np.empty(B, dtype=np.float32)
+        v64 = v.view(np.uint64)
+        acc = np.empty(M, dtype=np.float32)
+        r0 = ch * rpc
+        r1 = min(rows, r0 + rpc)
+        if k == 4:
+            _gemv_bytes_rows(c8, 4, B, cols, s, o, affine, tab, tab64, x, xsum, r0, r1, v, v64, acc, out)
+        elif k == 2:
+            _gemv_bytes_rows(c8, 2, B, cols, s, o, affine, tab, tab64, x, xsum, r0, r1, v, v64, acc, out)
+        else:
+            _gemv_bytes_rows(c8, 8, B, cols, s, o, affine, tab, tab64, x, xsum, r0, r1, v, v64, acc, out)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _dequantize_bytes_kernel(c8, k, B, cols, s, o, affine, cb, per, out):
+    """dequantize for the byte layout, with the reference's float32 operations (no fast-math)."""
+    rows = c8.shape[0]
+    nb = s.shape[1]
+    cpb = 8 // k  # codes per byte
+    mask = (1 << k) - 1
+    bpb = B * k // 8
+    nblocks = rows * nb
+    nchunks = (nblocks + per - 1) // per
+    for ch in prange(nchunks):
+        L0 = ch * per
+        L1 = min(nblocks, L0 + per)
+        for L in range(L0, L1):
+            r = L // nb
+            b = L - r * nb
+            c0 = b * B
+            orow = out[r, c0:min(cols, c0 + B)]
+            cblk = c8[r, b * bpb:(b + 1) * bpb]
+            sv = s[r, b]
+            ov = o[r, b] if affine else np.float32(0.0)
+            for t in range(orow.size):
+                code = (np.uint32(cblk[t // cpb]) >> np.uint32((t % cpb) * k)) & np.uint32(mask)
+                if affine:
+                    orow[t] = np.float32(np.float32(cb[code] * sv) + ov)
+                else:
+                    orow[t] = np.float32(cb[code] * sv)
 
 # ----------------------------------------------------------------------------- the ops
 def _f32(a) -> np.ndarray:
@@ -675,34 +804,48 @@ def _gemv_array(name: str, a, kinds: str, what: str) -> np.ndarray:
     return a
 
 
-def gemv(words, k, B, cols, s, o, cb, x) -> np.ndarray:
+def _check_gemv_args(words, k, B, cols, s, o, cb, layout: str):
+    """(B, k, cols, words) after the checks of gemv / gemv_plan (x apart)."""
+    if layout not in CODE_LAYOUTS:
+        raise KbitValueError(f"gemv: code layout must be one of {', '.join(CODE_LAYOUTS)}, got {layout!r}")
+    B, k, cols = check_block(B), check_bits(k), int(cols)
+    if layout == "bytes":
+        k = _byte_bits(k)
+    words = _gemv_array("packed words", words, "ui", "uint32 (or int32) words")
+    if words.dtype.itemsize != 4:
+        raise KbitValueError(f"gemv: packed words must be uint32 (or int32), got {words.dtype}")
+    for name, a in (("scales", s), ("offsets", o), ("codebook", cb)):
+        if a is not None:
+            _gemv_array(name, a, "f", "floats")
+    check_words(words, k, B, cols, s, o)
+    check_codebook(cb, None, k)
+    return B, k, cols, words
+
+
+def gemv(words, k, B, cols, s, o, cb, x, layout: str = "planes") -> np.ndarray:
     """out (M, rows) float32 = x @ W.T for a packed weight W = dequantize(words, k, B, cols,
     s, o, cb), read straight from the packed words (W is never built): the decode step of the
     runner, where x has a few rows (M = 1..8; any M >= 1 works).
 
     words uint32 (or int32, viewed as uint32) (rows, G*k); s, o float32 (rows, nb) (o None for
-    symmetric types); cb float32 (2**k,); x float (M, cols). Each row of W is decoded block by
-    block (the bit planes of a group spread to 32 byte codes, then cb[code] into a float32
-    buffer) and dotted with every row of x; the sum over a block is float32 and is multiplied
+    symmetric types); cb float32 (2**k,); x float (M, cols). layout "planes" (the format's bit
+    planes) or "bytes" (the runner's byte layout, k = 2, 4, 8: see dequantize_bytes). Each row
+    of W is decoded block by block (bit planes: a group's planes spread to 32 byte codes, then
+    cb[code]; bytes: one look-up per byte in byte_table, 8 // k values at once) into a float32
+    buffer and dotted with every row of x; the sum over a block is float32 and is multiplied
     by the block's scale once (affine: plus offset * the block's sum of x). The columns past
     `cols` (the padding of the last block) are never read. Not bit-identical to
     dequantize + matmul (the sum runs in another order, with fused multiply-adds); the error
     is that of a float32 dot product, within about cols * 2**-24 * sum|x||w| per output."""
-    B, k, cols = check_block(B), check_bits(k), int(cols)
-    words = _gemv_array("packed words", words, "ui", "uint32 (or int32) words")
-    if words.dtype.itemsize != 4:
-        raise KbitValueError(f"gemv: packed words must be uint32 (or int32), got {words.dtype}")
-    for name, a in (("scales", s), ("offsets", o), ("codebook", cb), ("x", x)):
-        if a is not None:
-            _gemv_array(name, a, "f", "floats")
-    rows, nb = check_words(words, k, B, cols, s, o)
-    check_codebook(cb, None, k)
+    B, k, cols, words = _check_gemv_args(words, k, B, cols, s, o, cb, layout)
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        _gemv_array("x", x, "f", "floats")
     if len(x.shape) != 2 or x.shape[1] != cols:
         raise KbitValueError(f"x must be (M, {cols}), got {tuple(x.shape)}")
     M = x.shape[0]
     if M < 1:
         raise KbitValueError("the fused GEMV takes at least 1 input row, got 0")
-    return gemv_plan(words, k, B, cols, s, o, cb, checked=True)(x)
+    return GemvPlan(words, k, B, cols, s, o, cb, layout)(x)
 
 
 class GemvPlan:
@@ -710,17 +853,21 @@ class GemvPlan:
     converted once, so a call costs only the kernel (the runner calls it 210 times a token
     for SmolLM2; the checks and conversions were ~30 us a call). Callable: plan(x) -> out."""
 
-    __slots__ = ("words", "k", "B", "cols", "s", "ov", "affine", "cb", "rows", "rpc")
+    __slots__ = ("words", "k", "B", "cols", "s", "ov", "affine", "cb", "rows", "rpc", "layout", "tab", "tab64")
 
-    def __init__(self, words, k, B, cols, s, o, cb):
+    def __init__(self, words, k, B, cols, s, o, cb, layout: str = "planes"):
         self.words = np.ascontiguousarray(words).view(np.uint32)
-        self.k, self.B, self.cols = k, B, cols
+        self.k, self.B, self.cols, self.layout = k, B, cols, layout
         self.s = _f32(s)
         self.affine = o is not None
         self.ov = _f32(o) if self.affine else self.s
         self.cb = _f32(cb)
         self.rows = self.words.shape[0]
         self.rpc = max(1, GEMV_CHUNK_WEIGHTS // (self.s.shape[1] * B))
+        if layout == "bytes":
+            self.words = _code_bytes(self.words)
+            self.tab = byte_table(self.cb, k).reshape(-1)
+            self.tab64 = self.tab.view(np.uint64) if k < 8 else np.zeros(1, np.uint64)
 
     def __call__(self, x) -> np.ndarray:
         if x.dtype != F32 or not x.flags.c_contiguous:
@@ -728,22 +875,49 @@ class GemvPlan:
         if x.ndim != 2 or x.shape[1] != self.cols or x.shape[0] < 1:
             raise KbitValueError(f"x must be (M >= 1, {self.cols}), got {tuple(x.shape)}")
         out = np.empty((x.shape[0], self.rows), dtype=F32)
-        _gemv_kernel(self.words, self.k, self.B, self.cols, self.s, self.ov, self.affine, self.cb, SPREAD, x,
-                     self.rpc, out)
+        if self.layout == "bytes":
+            _gemv_bytes_kernel(self.words, self.k, self.B, self.cols, self.s, self.ov, self.affine, self.tab,
+                               self.tab64, x, self.rpc, out)
+        else:
+            _gemv_kernel(self.words, self.k, self.B, self.cols, self.s, self.ov, self.affine, self.cb, SPREAD, x,
+                         self.rpc, out)
         return out
 
 
-def gemv_plan(words, k, B, cols, s, o, cb, checked: bool = False) -> GemvPlan:
-    """GemvPlan for a packed weight, after the same checks as gemv (skipped when the caller
-    has just made them: checked=True)."""
+def gemv_plan(words, k, B, cols, s, o, cb, layout: str = "planes", checked: bool = False) -> GemvPlan:
+    """GemvPlan for a packed weight (layout "planes" or "bytes"), after the same checks as
+    gemv (skipped when the caller has just made them: checked=True)."""
     if not checked:
-        B, k, cols = check_block(B), check_bits(k), int(cols)
-        words = _gemv_array("packed words", words, "ui", "uint32 (or int32) words")
-        if words.dtype.itemsize != 4:
-            raise KbitValueError(f"gemv: packed words must be uint32 (or int32), got {words.dtype}")
-        for name, a in (("scales", s), ("offsets", o), ("codebook", cb)):
-            if a is not None:
-                _gemv_array(name, a, "f", "floats")
-        check_words(words, k, B, cols, s, o)
-        check_codebook(cb, None, k)
-    return GemvPlan(words, k, B, cols, s, o, cb)
+        B, k, cols, words = _check_gemv_args(words, k, B, cols, s, o, cb, layout)
+    return GemvPlan(words, k, B, cols, s, o, cb, layout)
+
+
+def _byte_bits(k: int) -> int:
+    k = check_bits(k)
+    if k not in BYTE_LAYOUT_BITS:
+        raise KbitValueError(f"the byte code layout holds k = 2, 4 or 8 bits, got {k}")
+    return k
+
+
+def _code_bytes(words) -> np.ndarray:
+    """(rows, bytes) uint8 view of C-contiguous (rows, W) 32-bit words."""
+    words = np.ascontiguousarray(words)
+    return words.view(np.uint8).reshape(words.shape[0], words.shape[1] * 4)
+
+
+def dequantize_bytes(words, k, B, cols, s, o, cb) -> np.ndarray:
+    """CpuOps.dequantize for the runner's byte layout (words: int32/uint32 (rows, G*k), each
+    word 32 // k consecutive codes, code i at bits [i*k, i*k + k)): the same float32 values,
+    bit for bit, as dequantizing the bit planes the bytes were converted from."""
+    B, k, cols = check_block(B), _byte_bits(k), int(cols)
+    words = _gemv_array("packed words", words, "ui", "uint32 (or int32) words")
+    if words.dtype.itemsize != 4:
+        raise KbitValueError(f"packed words must be uint32 (or int32), got {words.dtype}")
+    check_words(words, k, B, cols, s, o)
+    check_codebook(cb, None, k)
+    s = _f32(s)
+    affine = o is not None
+    out = np.empty((words.shape[0], cols), dtype=F32)
+    _dequantize_bytes_kernel(_code_bytes(words), k, B, cols, s, _f32(o) if affine else s, affine, _f32(cb),
+                             _per_chunk(B), out)
+    return out

@@ -30,6 +30,19 @@ its outputs agree with the dequantized weight's to float32 rounding (about cols 
 relative to sum|x||w|), not bit for bit; more input rows (prompt passes, perplexity) and the
 "in_out" layout (GPT-2's Conv1D) keep dequantize + matmul, bit-identical to a model
 dequantized on load. `fused_gemv = False` on a layer switches the fused path off.
+
+Code layouts. The codes buffer starts in the format's bit planes ("planes"). For k = 2, 4, 8 a
+layer switches it, at its first forward, to the runner's "bytes" layout (use_byte_layout: the
+same int32 tensor of the same shape, converted in place, so memory stays k bits per weight):
+the codes of a row little-endian, 8 // k to a byte (code i at bits [(i % (8//k)) * k, +k) of
+byte i // (8//k)), i.e. 32 // k consecutive codes per int32 word, code i of the word at bits
+[i*k, i*k + k). Decoding it needs no bit-plane unpacking (CPU decode GEMV: one table look-up
+per byte, kbitcli.kernels.cpu.gemv(layout="bytes"), ~1.5x faster than the planes'); the
+dequantized values are the same, bit for bit. On CUDA the switch happens only when
+kbitcli.kernels.cuda has dequantize_bytes_torch and gemv_bytes_torch. k = 3, 5, 6, 7 keep the
+planes; so does a layer (or the class) with `byte_layout = False` before its first forward.
+state_dict() always holds the format's planes (converted on save; a loaded state dict puts
+the layer back on planes until its next forward).
 """
 from __future__ import annotations
 
@@ -73,12 +86,68 @@ def unpack_codes(words: torch.Tensor, k: int) -> torch.Tensor:
     return acc.view(torch.uint8).view(rows, -1)                          # (rows, G, 4) int64 -> (rows, G*32) bytes
 
 
-def dequantize_torch(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
-                     offsets: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:
-    """float32 (rows, cols), identical to kbitformat.reference.NumpyOps.dequantize.
-    scales/offsets: float32 (rows, blocks) (decoded); codebook: float32 (2**k,)."""
+#: code layouts of KbitLinear's codes buffer: the format's bit planes, or bytes (k = 2, 4, 8)
+CODE_LAYOUTS = ("planes", "bytes")
+#: widths that get the byte layout: 8 // k whole codes per byte
+BYTE_LAYOUT_BITS = (2, 4, 8)
+
+
+def _check_byte_bits(k: int) -> int:
+    if int(k) not in BYTE_LAYOUT_BITS:
+        raise ValueError(f"the byte code layout holds k = 2, 4 or 8 bits, got {k}")
+    return int(k)
+
+
+def codes_to_bytes(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """codes uint8 (rows, n), n a multiple of 32 // k * 4 -> int32 (rows, n * k // 32) in the byte
+    layout: 8 // k codes per byte, code i at bits [(i % (8//k)) * k, +k) of byte i // (8//k), the
+    bytes read as little-endian int32 words (so a word holds 32 // k consecutive codes, code i of
+    the word at bits [i*k, i*k + k))."""
+    k = _check_byte_bits(k)
+    rows = codes.shape[0]
+    per = 8 // k
+    c = codes.contiguous().view(rows, -1, per)
+    b = c[..., 0].clone()
+    for t in range(1, per):
+        b |= c[..., t] << (t * k)
+    return b.view(torch.int32)
+
+
+def bytes_to_codes(words: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of codes_to_bytes: int32 (rows, W) in the byte layout -> codes uint8 (rows, W * 32 // k)."""
+    k = _check_byte_bits(k)
     rows = words.shape[0]
-    codes = unpack_codes(words, k)
+    b = words.contiguous().view(torch.uint8).view(rows, -1)
+    if k == 8:
+        return b
+    mask = (1 << k) - 1
+    return torch.stack([(b >> (t * k)) & mask for t in range(8 // k)], dim=-1).view(rows, -1)
+
+
+def planes_to_bytes(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Bit-plane words (the format: int32 (rows, G*k)) -> the same codes in the byte layout, an
+    int32 tensor of the same shape, on the same device (CPU or CUDA)."""
+    return codes_to_bytes(unpack_codes(words, k), k)
+
+
+def bytes_to_planes(words: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of planes_to_bytes: byte-layout words -> the format's bit-plane words (int32)."""
+    k = _check_byte_bits(k)
+    rows = words.shape[0]
+    c = bytes_to_codes(words, k).view(rows, -1, 32).to(torch.int64)          # (rows, G, 32)
+    shifts = torch.arange(32, device=words.device, dtype=torch.int64)
+    planes = torch.stack([(((c >> j) & 1) << shifts).sum(dim=-1) for j in range(k)], dim=-1)  # (rows, G, k)
+    planes = torch.where(planes >= 1 << 31, planes - (1 << 32), planes)    # uint32 -> int32 bits
+    return planes.to(torch.int32).view(rows, -1)
+
+
+def dequantize_torch(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
+                     offsets: torch.Tensor | None, codebook: torch.Tensor, layout: str = "planes") -> torch.Tensor:
+    """float32 (rows, cols), identical to kbitformat.reference.NumpyOps.dequantize.
+    scales/offsets: float32 (rows, blocks) (decoded); codebook: float32 (2**k,); layout: the
+    words' code layout ("planes", the format's, or "bytes", see codes_to_bytes)."""
+    rows = words.shape[0]
+    codes = bytes_to_codes(words, k) if layout == "bytes" else unpack_codes(words, k)
     nb = scales.shape[1]
     v = codebook[codes[:, :nb * block].long()].view(rows, nb, block)
     v = v * scales[..., None]
@@ -123,14 +192,33 @@ def numba_gemv_plan():
 
 
 def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
-                     offsets: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:
-    """The same as dequantize_torch for CPU tensors, with the Numba CPU kernel."""
+                     offsets: torch.Tensor | None, codebook: torch.Tensor, layout: str = "planes") -> torch.Tensor:
+    """The same as dequantize_torch for CPU tensors, with the Numba CPU kernel (byte layout:
+    kbitcli.kernels.cpu.dequantize_bytes)."""
     fn = numba_dequantize()
     if fn is None:
         raise RuntimeError("the Numba CPU kernels (kbitcli.kernels.cpu) cannot be imported")
+    if layout == "bytes":
+        from kbitcli.kernels.cpu import dequantize_bytes as fn
     out = fn(words.numpy().view(np.uint32), k, block, cols, scales.numpy(),
              None if offsets is None else offsets.numpy(), codebook.numpy())
     return torch.from_numpy(out)
+
+
+_cuda_byte_kernels = None
+
+
+def cuda_byte_kernels():
+    """(dequantize_bytes_torch, gemv_bytes_torch) of kbitcli.kernels.cuda, or None when that
+    module cannot be imported or does not have them (yet). Looked up once."""
+    global _cuda_byte_kernels
+    if _cuda_byte_kernels is None:
+        try:
+            from kbitcli.kernels import cuda
+            _cuda_byte_kernels = (cuda.dequantize_bytes_torch, cuda.gemv_bytes_torch)
+        except Exception:  # noqa: BLE001 - no CUDA kernels for the byte layout: layers keep the bit planes
+            _cuda_byte_kernels = False
+    return _cuda_byte_kernels or None
 
 
 def dequantize_numba_cuda(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
@@ -168,11 +256,15 @@ class KbitLinear(nn.Module):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.kernel = kernel
+        #: layout of the codes buffer: "planes" (the format's, as loaded) or "bytes" (see
+        #: use_byte_layout; chosen at the first forward when byte_layout is True)
+        self.code_layout = "planes"
+        self._layout_chosen = False
         #: decode steps (few input rows) through a fused dequantize+matvec kernel that reads
         #: only the packed words (the CUDA kernel on a GPU); False: always dequantize the
         #: whole weight and matmul (also what "torch" kernel does)
         self.fused_gemv = True
-        self._cpu_plan = None  # (kbitcli.kernels.cpu.GemvPlan, codes.data_ptr()) made on first use
+        self._cpu_plan = None  # (kbitcli.kernels.cpu.GemvPlan, codes.data_ptr(), code_layout) made on first use
         self.bits, self.block_size, self.shape, self.layout, self.dtype = int(bits), int(block_size), tuple(shape), layout, dtype
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
@@ -199,10 +291,66 @@ class KbitLinear(nn.Module):
                    t(qt.codebook.astype(np.float32)), qt.spec.bits, qt.block_size, tuple(qt.shape),
                    None if bias is None else t(np.asarray(bias, np.float32)), layout, dtype, kernel)
 
+    #: class default: at its first forward a layer with k in BYTE_LAYOUT_BITS converts its codes
+    #: to the byte layout (use_byte_layout), on a GPU only when kbitcli.kernels.cuda has the byte
+    #: kernels. Set False (on the class or on a layer, before its first forward) to keep the planes.
+    byte_layout = True
+
+    def use_byte_layout(self) -> bool:
+        """Convert the codes buffer to the byte layout in place (the same int32 tensor, the same
+        memory: 8 // k codes per byte, 32 // k per word, code i of a word at bits [i*k, i*k + k)).
+        The decode GEMV and the dequantizer then skip the bit-plane unpacking; the values are
+        the same, bit for bit. False (nothing done) when k is not 2, 4 or 8; True when the codes
+        are (already) bytes. The state dict keeps the format's bit planes (converted on save)."""
+        self._layout_chosen = True
+        if self.code_layout == "bytes":
+            return True
+        if self.bits not in BYTE_LAYOUT_BITS:
+            return False
+        with torch.no_grad():
+            self.codes.copy_(planes_to_bytes(self.codes, self.bits))
+        self.code_layout = "bytes"
+        return True
+
+    def use_plane_layout(self) -> None:
+        """Convert the codes buffer back to the format's bit planes in place (and keep them:
+        no byte layout at later forwards)."""
+        self._layout_chosen = True
+        if self.code_layout == "bytes":
+            with torch.no_grad():
+                self.codes.copy_(bytes_to_planes(self.codes, self.bits))
+            self.code_layout = "planes"
+
+    def _choose_layout(self) -> None:
+        self._layout_chosen = True
+        if not self.byte_layout or self.bits not in BYTE_LAYOUT_BITS or self.code_layout != "planes":
+            return
+        if self.codes.is_cuda and self.kernel != "torch" and cuda_byte_kernels() is None:
+            return  # the bit-plane CUDA kernels beat a torch dequantize of the bytes
+        self.use_byte_layout()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.code_layout == "bytes" and prefix + "codes" in destination:  # the format's layout on disk
+            destination[prefix + "codes"] = bytes_to_planes(self.codes, self.bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "codes" in state_dict and len(error_msgs) == n_errors:  # bit planes copied into the buffer
+            self.code_layout = "planes"
+            self._layout_chosen = False
+            self._cpu_plan = None
+
     def dequantized(self) -> torch.Tensor:
-        """The weight in its stored layout, float32 reference values cast to self.dtype."""
+        """The weight in its stored layout, float32 reference values cast to self.dtype (the
+        same values from either code layout)."""
         args = (self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets, self.codebook)
-        if self.kernel == "torch":
+        if self.code_layout == "bytes":
+            w = self._dequantized_bytes(args)
+        elif self.kernel == "torch":
             w = dequantize_torch(*args)
         elif self.codes.device.type == "cpu":
             w = dequantize_numba(*args) if self.kernel == "numba" or numba_dequantize() else dequantize_torch(*args)
@@ -219,6 +367,27 @@ class KbitLinear(nn.Module):
                 w = dequantize_torch(*args)
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
+    def _dequantized_bytes(self, args) -> torch.Tensor:
+        if self.kernel == "torch":
+            return dequantize_torch(*args, layout="bytes")
+        if self.codes.device.type == "cpu":
+            if self.kernel == "numba" or numba_dequantize():
+                return dequantize_numba(*args, layout="bytes")
+            return dequantize_torch(*args, layout="bytes")
+        try:
+            fns = cuda_byte_kernels()
+            if fns is None:
+                raise RuntimeError("kbitcli.kernels.cuda has no dequantize_bytes_torch")
+            return fns[0](*args)
+        except Exception as e:  # noqa: BLE001 - any failure: the torch code gives the same values
+            if self.kernel == "numba":
+                raise
+            import warnings
+            warnings.warn(f"kbit: the Numba CUDA dequantizer of the byte layout failed ({type(e).__name__}: {e}); "
+                          "using the torch code", RuntimeWarning, stacklevel=3)
+            self.kernel = "torch"
+            return dequantize_torch(*args, layout="bytes")
+
     @property
     def weight(self) -> torch.Tensor:  # for code that inspects .weight (e.g. a tied head)
         return self.dequantized() if self.layout == "out_in" else self.dequantized().t()
@@ -232,7 +401,13 @@ class KbitLinear(nn.Module):
             return None
         if x.is_cuda:
             try:
-                from kbitcli.kernels.cuda import gemv_torch
+                if self.code_layout == "bytes":
+                    fns = cuda_byte_kernels()
+                    if fns is None:
+                        raise RuntimeError("kbitcli.kernels.cuda has no gemv_bytes_torch")
+                    gemv_torch = fns[1]
+                else:
+                    from kbitcli.kernels.cuda import gemv_torch
                 y = gemv_torch(self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets,
                                self.codebook, x.reshape(n, self.in_features))
             except Exception as e:  # noqa: BLE001 - any failure: dequantize + matmul gives the same values
@@ -243,14 +418,15 @@ class KbitLinear(nn.Module):
                 return None
         elif x.device.type == "cpu" and self.codes.device.type == "cpu":
             plan = self._cpu_plan
-            if plan is None or plan[1] != self.codes.data_ptr():
+            if plan is None or plan[1] != self.codes.data_ptr() or plan[2] != self.code_layout:
                 fn = numba_gemv_plan()
                 if fn is None:
                     return None
                 plan = self._cpu_plan = (fn(self.codes.numpy().view(np.uint32), self.bits, self.block_size,
                                             self.shape[1], self.scales.numpy(),
                                             None if self.offsets is None else self.offsets.numpy(),
-                                            self.codebook.numpy()), self.codes.data_ptr())
+                                            self.codebook.numpy(), self.code_layout),
+                                         self.codes.data_ptr(), self.code_layout)
             x2 = x.detach().reshape(n, self.in_features)
             if x2.dtype != torch.float32 or not x2.is_contiguous():
                 x2 = x2.to(torch.float32).contiguous()
@@ -262,6 +438,8 @@ class KbitLinear(nn.Module):
         return y.to(self.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._layout_chosen:
+            self._choose_layout()
         y = self._gemv(x)
         if y is not None:
             return y
@@ -280,4 +458,4 @@ class KbitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"block_size={self.block_size}, layout={self.layout}, bias={self.bias is not None}, "
-                f"kernel={self.kernel}")
+                f"kernel={self.kernel}, code_layout={self.code_layout}")
