@@ -1049,8 +1049,19 @@ def _sm_count() -> int:
     return _NSM[0]
 
 
+_BYTES_LAUNCHES: dict = {}
+
+
 def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
-    """(kernel, grid, threads) of a bytes GEMV launch."""
+    """(kernel, grid, threads) of a bytes GEMV launch (cached: the decode step's host cost)."""
+    key = (k, M, affine, B, rows, NV, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
+    hit = _BYTES_LAUNCHES.get(key)
+    if hit is None:
+        hit = _BYTES_LAUNCHES[key] = _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over)
+    return hit
+
+
+def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
     cfg = bytes_gemv_config(k, M, B, rows, NV, **over)
     kern = _bytes_gemv_kernel(k, M, affine, cfg, _wbshift(k, B))
     nrg = -(-rows // (cfg.R * cfg.NW))
