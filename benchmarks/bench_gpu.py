@@ -273,6 +273,32 @@ def kernel_level(model_packed, model_fp16, device, repeats: int = 20) -> tuple[f
     return timed(run_p), timed(run_d), bp, bd, gp, gd
 
 
+def profile_decode(model, ids, steps: int = 16, top: int = 12) -> list[list]:
+    """Kernels of `steps` graph-replayed decode steps (torch.profiler, CUPTI: Numba's kernels
+    too): per kernel name, calls per step, GPU microseconds per step, share of GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kbitcli.runner import generate_ids
+    kw = dict(eos_token_ids=[], pad_token_id=0)
+    generate_ids(model, [ids], 4, **kw)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate_ids(model, [ids], steps + 1, **kw)
+        torch.cuda.synchronize()
+    rows: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = ev.time_range.elapsed_us()
+            r = rows.setdefault(ev.name[:70], [0, 0.0])
+            r[0] += 1
+            r[1] += t
+    total = sum(r[1] for r in rows.values()) or 1.0
+    out = [[name, n / steps, t / steps, t / total] for name, (n, t) in rows.items()]
+    out.sort(key=lambda r: -r[2])
+    kernels = sum(r[1] for r in out)
+    return out[:top] + [["all kernels (prompt pass included)", kernels, total / steps, 1.0]]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="small,7b8", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -351,13 +377,21 @@ def main() -> int:
                       ("kbit 4-bit packed, fused GEMV, CUDA graphs", out, {}, True, graph),
                       ("kbit fp16 (HF folder), eager", src, {}, None, "dynamic"),
                       ("kbit 4-bit packed, fused GEMV, eager", out, {}, True, "dynamic"),
+                      ("kbit 4-bit packed, fused GEMV on the format's bit planes, CUDA graphs", out,
+                       {"byte_layout": False}, True, graph),
                       ("kbit 4-bit packed, dequantize every forward, CUDA graphs", out, {}, False, graph),
                       ("kbit 4-bit dequantized on load (fp16), CUDA graphs", out, {"dequantize_on_load": True},
                        None, graph)]
         fp16_rate = None
         for label, path, kw, gemv, decode in contenders:
             try:
+                kw = dict(kw)
+                byte_layout = kw.pop("byte_layout", True)
                 model, _, _ = load(path, device=device, dtype="float16", **kw)
+                if not byte_layout:  # before the first forward, which would switch the codes to bytes
+                    for m in model.modules():
+                        if hasattr(m, "byte_layout"):
+                            m.byte_layout = False
                 if gemv is not None:
                     set_gemv(model, gemv)
                 rate, ntok, ran = decode_rate(model, ids, args.new_tokens, args.repeats, decode=decode)
@@ -399,6 +433,17 @@ def main() -> int:
                   title=f"decode at batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
                         f"best of {args.repeats}")
         if device.type == "cuda":
+            for label, path in (("4-bit packed", out), ("fp16", src)):
+                try:
+                    m, _, _ = load(path, device=device, dtype="float16")
+                    rep.table(["kernel", "calls per step", "GPU us per step", "share"], profile_decode(m, ids),
+                              title=f"profile of 16 graph-replayed decode steps, {label} (torch.profiler; the "
+                                    "prompt pass is included in the totals)")
+                    del m
+                    torch.cuda.empty_cache()
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    failures.append(f"{name}: profile {label}: {type(e).__name__}: {e}")
             try:
                 mp, _, _ = load(out, device=device, dtype="float16")
                 md, _, _ = load(src, device=device, dtype="float16")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Check kbit on a machine with a real NVIDIA GPU (KBIT_REAL_GPU=1), about 5 minutes on an H200
+# Check kbit on a machine with a real NVIDIA GPU (KBIT_REAL_GPU=1), about 7 minutes on an H200
 # (steps 1, 3 and 4 alone, issue 2's CUDA checks, about 3: KBIT_GPU_STEPS below):
+#   0. benchmarks/bench_gemv_cuda.py: the CUDA GEMV kernels alone (byte layout and bit planes)
+#      against fp16 F.linear, timed inside CUDA graphs, with a launch-shape sweep;
 #   1. tests/test_gemv_cuda.py + tests/test_runner_gpu.py: the fused CUDA GEMV at real
 #      layer sizes against a float64 product; every architecture's logits on CUDA against
 #      transformers; 4-bit packed (CUDA dequantizer + GEMV) against dequantize-on-load and CPU;
@@ -27,8 +29,8 @@
 #   KBIT_GPU_NO_INSTALL  1: install nothing
 #   KBIT_GPU_MODELS      bench_gpu.py models (default 7b8; "small,7b8" adds the SmolLM2 shape and
 #                        the GPU-vs-CPU conversion bit check)
-#   KBIT_GPU_STEPS       which steps (default: gemv-runner-tests bench-gpu kernel-tests kernel-bench)
-#   KBIT_GPU_T_TESTS / _T_BENCH / _T_KTESTS / _T_KBENCH   per-step time limits (s)
+#   KBIT_GPU_STEPS       which steps (default: gemv-bench gemv-runner-tests bench-gpu kernel-tests kernel-bench)
+#   KBIT_GPU_T_GBENCH / _T_TESTS / _T_BENCH / _T_KTESTS / _T_KBENCH   per-step time limits (s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -156,12 +158,14 @@ run_step() {
   echo "-- $name: exit ${RC[$name]} in $(( $(date +%s) - t0 )) s"
 }
 # shellcheck disable=SC2086
-STEPS=" ${KBIT_GPU_STEPS:-gemv-runner-tests bench-gpu kernel-tests kernel-bench} "
+STEPS=" ${KBIT_GPU_STEPS:-gemv-bench gemv-runner-tests bench-gpu kernel-tests kernel-bench} "
 step() {  # step NAME SECONDS command...  (only the steps named in KBIT_GPU_STEPS)
   case $STEPS in *" $1 "*) run_step "$@";; *) echo; echo "== $1: not selected (KBIT_GPU_STEPS)";; esac
 }
-step gemv-runner-tests "${KBIT_GPU_T_TESTS:-200}" "$PY" -m pytest -q -p no:cacheprovider -x -rs \
-  tests/test_gemv_cuda.py tests/test_runner_gpu.py ${KBIT_GPU_PYTEST:-}
+step gemv-bench "${KBIT_GPU_T_GBENCH:-100}" "$PY" benchmarks/bench_gemv_cuda.py \
+  --json "$LOG/bench_gemv_cuda.json" --markdown "$LOG/bench_gemv_cuda.md"
+step gemv-runner-tests "${KBIT_GPU_T_TESTS:-240}" "$PY" -m pytest -q -p no:cacheprovider -rs \
+  tests/test_runner_gpu.py tests/test_gemv_cuda.py ${KBIT_GPU_PYTEST:-}
 step bench-gpu "${KBIT_GPU_T_BENCH:-200}" "$PY" benchmarks/bench_gpu.py --models "${KBIT_GPU_MODELS:-7b8}" \
   --repeats 3 --markdown "$LOG/bench_gpu.md" --json "$LOG/bench_gpu.json"
 # shellcheck disable=SC2086
