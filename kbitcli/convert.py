@@ -11,8 +11,12 @@ Three stages overlap, in order and with bounded queues, so the output bytes are 
 as one after the other and memory stays at about one tensor:
   * read-ahead: a thread asks the source to bring the next tensor into the page cache
     (Source.prefetch; for safetensors posix_fadvise WILLNEED, which costs no memory here);
-  * the main thread reads the tensor into one reused float32 buffer (no fresh allocation
-    per tensor), runs the kernels and measures the error;
+  * the main thread quantizes the tensor and measures its error: on the CPU, for the common
+    recipes (fixed codebooks, no search, fp16/fp32 scales; bfloat16/float16/float32 sources)
+    with one fused parallel kernel reading the source's memory-mapped values
+    (kbitcli.kernels.cpu_fused); otherwise by reading it into one reused float32 buffer (no
+    fresh allocation per tensor) and running kbitformat.quantize / quantization_error. Both
+    give the same bytes;
   * a writer thread checksums and writes the results and finishes shards (the copy of a
     shard's data behind its header and the fsync), at most one tensor behind.
 An error in a thread is raised in the main thread at its next hand-over; Ctrl-C stops the
@@ -260,6 +264,35 @@ def _keep(add, source, p: Plan) -> tuple[str, float]:
     return str(arr.dtype), arr.dtype.itemsize * 8.0
 
 
+def _fused_ok(ops, p: Plan) -> bool:
+    """True when the tensor takes the fused CPU kernel (kbitcli.kernels.cpu_fused)."""
+    if getattr(ops, "name", None) != "cpu" or p.spec is None:
+        return False
+    from .kernels import cpu_fused
+    return cpu_fused.supported(p.spec, p.dtype)
+
+
+def _quantize_tensor(src, p: Plan, ops, scratch, measure_error: bool):
+    """(QuantizedTensor, relative error or None) of one tensor.
+
+    The CPU's common case (a fixed codebook, no search, fp16/fp32 scales, a bfloat16,
+    float16 or float32 source) runs the fused kernel, one parallel pass over the source's
+    stored values (cpu_fused.quantize_fused); everything else loads float32 values (into
+    `scratch` when the source can) and runs kbitformat.quantize and quantization_error.
+    Both give the same bits: the same output bytes and the same recorded error."""
+    if _fused_ok(ops, p):
+        from .kernels import cpu_fused
+        raw = getattr(src, "raw_view", None) or src.load_raw
+        got = cpu_fused.quantize_fused(raw(p.name), p.dtype, p.spec, p.name, shape=p.shape, orig_dtype=p.dtype)
+        if got is not None:
+            qt, err = got
+            return qt, (err if measure_error else None)
+    x = src.load(p.name, out=scratch) if scratch is not None else src.load(p.name)
+    qt = quantize(x, p.spec, p.name, ops=ops, orig_dtype=p.dtype)
+    err = quantization_error(x, qt, ops) if measure_error else None
+    return qt, err
+
+
 def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cpu",
             shard_size: int = 2 * 1024**3, force: bool = False, resume: bool = False,
             provenance: dict | None = None, progress: ProgressFn | None = None,
@@ -302,7 +335,8 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
         # one float32 buffer for every tensor the source can read into one (no fresh
         # allocation, and no page faults on new memory, per tensor)
         fast = getattr(src, "load_into_dtypes", frozenset()) if isinstance(src, BaseSource) else frozenset()
-        need = max((int(np.prod(p.shape)) for p in todo if p.spec is not None and p.dtype in fast), default=0)
+        need = max((int(np.prod(p.shape)) for p in todo if p.spec is not None and p.dtype in fast
+                    and not _fused_ok(ops, p)), default=0)
         scratch = np.empty(need, dtype=np.float32) if need else None
         nxt = 1
         for i, p in enumerate(plans):
@@ -317,10 +351,7 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
                 stored, bpw = _keep(functools.partial(out_q.submit, writer.add_tensor), src, p)
                 rep = TensorReport(p.name, p.shape, p.dtype, False, None, stored, bpw, None, 0.0)
             else:
-                x = src.load(p.name, out=scratch) if p.dtype in fast else src.load(p.name)
-                qt = quantize(x, p.spec, p.name, ops=ops, orig_dtype=p.dtype)
-                err = quantization_error(x, qt, ops) if measure_error else None
-                del x
+                qt, err = _quantize_tensor(src, p, ops, scratch if p.dtype in fast else None, measure_error)
                 out_q.submit(writer.add_quantized, p.name, qt, {"error": err})
                 rep = TensorReport(p.name, p.shape, p.dtype, True, p.spec.label(), "kbit",
                                    qt.bits_per_weight, err, 0.0)

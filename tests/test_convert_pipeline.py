@@ -119,22 +119,22 @@ def test_user_error_in_the_writer_is_raised_as_itself(tmp_path, monkeypatch):
 def test_ctrl_c_stops_the_threads_and_keeps_finished_shards(tmp_path, monkeypatch):
     make_bf16(tmp_path / "src", n=8)
     recipe = Recipe(QuantSpec(4, "int", 64))
-    real = conv.quantize
+    real = conv._quantize_tensor
     seen = []
 
-    def interrupt_at_fifth(x, spec, name, **k):
-        seen.append(name)
+    def interrupt_at_fifth(src, p, *a):
+        seen.append(p.name)
         if len(seen) == 5:
             raise KeyboardInterrupt
-        return real(x, spec, name, **k)
+        return real(src, p, *a)
 
-    monkeypatch.setattr(conv, "quantize", interrupt_at_fifth)
+    monkeypatch.setattr(conv, "_quantize_tensor", interrupt_at_fifth)
     with pytest.raises(KeyboardInterrupt):
         conv.convert(tmp_path / "src", tmp_path / "out", recipe, shard_size=20_000)
     work = conv.partial_dir(tmp_path / "out")
     assert sorted(work.glob(".shard-*.safetensors.tmp")) and not list(work.glob("*.data.tmp"))
     assert not [t for t in threading.enumerate() if t.name.startswith("kbit-")]
-    monkeypatch.setattr(conv, "quantize", real)
+    monkeypatch.setattr(conv, "_quantize_tensor", real)
     s = conv.convert(tmp_path / "src", tmp_path / "out", recipe, shard_size=20_000, resume=True)
     assert s.resumed >= 1
     serial_convert(tmp_path / "src", tmp_path / "ref", recipe, 20_000)
