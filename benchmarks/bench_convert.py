@@ -251,6 +251,16 @@ s = convert(sys.argv[1], sys.argv[2], Recipe(QuantSpec(4, "int", 64)), force=Tru
 print(json.dumps({"seconds": s.seconds, "output_bytes": s.output_bytes}))
 """
 
+# The same CLI conversion with the fused CPU kernel switched off (the general path:
+# float32 buffer, kbitformat.quantize + quantization_error): the before/after in one run.
+GENERAL = r"""
+import sys
+from kbitcli import convert
+convert._fused_ok = lambda ops, p: False
+from kbitcli.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def env2() -> dict:
     e = dict(os.environ)
@@ -328,6 +338,20 @@ def one_size(size_gb: float, a, rep: Report, results: list) -> None:
                 print(f"[{size_gb:g} GB] convert(measure_error=False) failed: {noerr['stderr'][-1500:]}")
                 noerr = None
             shutil.rmtree(out, ignore_errors=True)
+        general = None
+        if not a.no_general:
+            gen_cmd = [sys.executable, "-c", GENERAL, "quantize", str(src), str(out), *SPEC_ARGS, "--quiet",
+                       "--json", "--force"]
+            general = []
+            for k in range(a.repeat):
+                g = run_measured(gen_cmd, env=env2())
+                shutil.rmtree(out, ignore_errors=True)
+                if g["rc"] != 0:
+                    print(f"[{size_gb:g} GB] general path failed: {g['stderr'][-1500:]}")
+                    general = None
+                    break
+                general.append(g)
+                print(f"[{size_gb:g} GB] kbit quantize, fused kernel off: {g['wall']:.1f} s", flush=True)
         naive = None
         if not a.no_naive:
             naive = run_measured([sys.executable, "-c", NAIVE, str(src)], env=env2())
@@ -336,7 +360,7 @@ def one_size(size_gb: float, a, rep: Report, results: list) -> None:
         largest_q = max(2 * int(np.prod(s)) for n, s in tensors if len(s) == 2 and ".layers." in n)
         results.append({"size": size_gb, "ck": ck, "cold": cold, "warm": warm, "evicted": evicted, "kbit": r,
                         "colds": colds, "warms": warms, "cold_run": cold_run,
-                        "summary": summ, "naive": naive, "noerr": noerr, "largest_q": largest_q, "layers": layers,
+                        "summary": summ, "naive": naive, "noerr": noerr, "general": general, "largest_q": largest_q, "layers": layers,
                         "cmd": " ".join(["kbit", "quantize", "SRC", "OUT", *SPEC_ARGS, "--quiet", "--json", "--force"])})
     finally:
         if not a.keep:
@@ -427,6 +451,20 @@ def report_sizes(results: list, rep: Report) -> None:
              + (f"{n_runs} runs of each, alternating: the cat, wall and in-process columns give the median "
                 "(min-max); the kbit MB/s and the ratios are of medians. " if n_runs > 1 else "") +
              f"Command: `{results[0]['cmd']}`.")
+    gr = [x for x in results if x.get("general")]
+    if gr:
+        rep.table(["checkpoint", "fused (default) wall s", "general path wall s", "general / fused (medians)",
+                   "fused MB/s", "general MB/s", "general peak RSS"],
+                  [[f"{x['ck']['total'] / GB:.2f} GB", spread(x["kbit"]["walls"]),
+                    spread([g["wall"] for g in x["general"]]),
+                    f"{np.median([g['wall'] for g in x['general']]) / np.median(x['kbit']['walls']):.2f}x",
+                    f"{x['ck']['total'] / np.median(x['kbit']['walls']) / MB:.0f}",
+                    f"{x['ck']['total'] / np.median([g['wall'] for g in x['general']]) / MB:.0f}",
+                    f"{max(g['maxrss'] for g in x['general']) / GB:.2f} GB"] for x in gr],
+                  title="Fused kernel vs the general path (same run, warm page cache)")
+        rep.note("The general path is the same CLI command with kbitcli.convert._fused_ok patched to False "
+                 "(float32 buffer, kbitformat.quantize + quantization_error with CpuOps); its runs follow the "
+                 "fused ones, so both see the same machine. Both write the same bytes.")
     cr = [x for x in results if x.get("cold_run")]
     if cr:
         rep.table(["checkpoint", "kbit wall s, cold-ish (1 run)", "kbit MB/s", "vs cold-ish cat (median)",
@@ -490,6 +528,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-naive", action="store_true", help="skip the load-everything baseline")
     ap.add_argument("--no-library-row", action="store_true",
                     help="skip the extra run of convert(measure_error=False) through the library")
+    ap.add_argument("--no-general", action="store_true",
+                    help="skip the runs with the fused CPU kernel switched off (the general path)")
     ap.add_argument("--no-embedded", action="store_true", help="skip the SmolLM2-135M conversion")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     ap.add_argument("--quick", action="store_true", help="one ~1 GB checkpoint")
