@@ -40,13 +40,13 @@ for p in (ROOT, ROOT / "formats"):
         sys.path.insert(0, str(p))
 
 SHAPES = "4096x4096,11008x4096,4096x11008,32000x4096"
-SWEEP = [  # (label, BYTES_TUNING overrides) for the bytes GEMV, k=4
-    ("R2 NW4", dict(R=2, NW=4)),
-    ("R4 NW8", dict(R=4, NW=8)),
-    ("R4 NW2", dict(R=4, NW=2, CTAS_PER_SM=16)),
-    ("R8 NW4", dict(R=8, NW=4, NP=1)),
-    ("R4 NW4 4/SM", dict(R=4, NW=4, CTAS_PER_SM=4)),
-    ("R1 NW4", dict(R=1, NW=4, CTAS_PER_SM=16)),
+SWEEP = [  # (label, BYTES_TUNING overrides) for the bytes GEMV, k=4 (default: R4 NW8, 8 CTAs/SM)
+    ("R4 NW4", dict(R=4, NW=4)),
+    ("R2 NW8", dict(R=2, NW=8)),
+    ("R4 NW16", dict(R=4, NW=16)),
+    ("R8 NW8", dict(R=8, NW=8, NP=1)),
+    ("R4 NW8 4/SM", dict(R=4, NW=8, CTAS_PER_SM=4)),
+    ("R2 NW16", dict(R=2, NW=16)),
 ]
 
 

@@ -26,6 +26,7 @@
 # tried. The script prints which one it uses.
 #   KBIT_GPU_SIZES       benchmark sizes (default 4096x4096,16384x16384)
 #   KBIT_GPU_PYTEST      extra pytest arguments
+#   KBIT_GPU_TEST_K      a pytest -k expression for the GEMV and runner tests (e.g. "graph or float16")
 #   KBIT_GPU_NO_INSTALL  1: install nothing
 #   KBIT_GPU_MODELS      bench_gpu.py models (default 7b8; "small,7b8" adds the SmolLM2 shape and
 #                        the GPU-vs-CPU conversion bit check)
@@ -165,7 +166,7 @@ step() {  # step NAME SECONDS command...  (only the steps named in KBIT_GPU_STEP
 step gemv-bench "${KBIT_GPU_T_GBENCH:-100}" "$PY" benchmarks/bench_gemv_cuda.py \
   --json "$LOG/bench_gemv_cuda.json" --markdown "$LOG/bench_gemv_cuda.md"
 step gemv-runner-tests "${KBIT_GPU_T_TESTS:-240}" "$PY" -m pytest -q -p no:cacheprovider -rs \
-  tests/test_runner_gpu.py tests/test_gemv_cuda.py ${KBIT_GPU_PYTEST:-}
+  tests/test_runner_gpu.py tests/test_gemv_cuda.py ${KBIT_GPU_TEST_K:+-k "$KBIT_GPU_TEST_K"} ${KBIT_GPU_PYTEST:-}
 step bench-gpu "${KBIT_GPU_T_BENCH:-200}" "$PY" benchmarks/bench_gpu.py --models "${KBIT_GPU_MODELS:-7b8}" \
   --repeats 3 --markdown "$LOG/bench_gpu.md" --json "$LOG/bench_gpu.json"
 # shellcheck disable=SC2086

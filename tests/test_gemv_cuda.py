@@ -271,6 +271,33 @@ def test_gemv_bytes_real_sizes(K, shape, kind):
     assert np.array_equal(dq.view(np.uint32), wd.view(np.uint32))
 
 
+@pytest.mark.parametrize("spec,M,over", [("4:nf:b64", 1, {}), ("4:affine:b32", 3, {}), ("8:nf:b32", 2, {}),
+                                         ("2:int:b64", 1, {}), ("4:nf:b64", 2, dict(TV_MAX=32))])
+def test_gemv_bytes_float16_in_and_out(K, spec, M, over):
+    """float16 x is read by the kernel (exactly converted): the same bits as the float32 x it
+    converts to; a float16 output is the float32 result rounded once (rows of one column
+    tile; several tiles refuse it, and gemv_bytes_torch then returns float32)."""
+    cols = 1100 if over else 90
+    args, x, _, _, _ = bytes_case(11, cols, QuantSpec.parse(spec), M, seed=M + len(spec))
+    x16 = x.astype(np.float16)
+    ref = K.gemv_bytes(*args, x16.astype(np.float32), **over)
+    got = K.gemv_bytes_device(*args, x16, x_dtype=np.float16, **over).copy_to_host()
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    if over:
+        with pytest.raises(KbitValueError, match="one column tile"):
+            K.gemv_bytes_device(*args, x16, x_dtype=np.float16, out_dtype=np.float16, **over)
+        return
+    got16 = K.gemv_bytes_device(*args, x16, x_dtype=np.float16, out_dtype=np.float16, **over).copy_to_host()
+    assert got16.dtype == np.float16 and np.array_equal(got16.view(np.uint16), ref.astype(np.float16).view(np.uint16))
+    torch = pytest.importorskip("torch")
+    if REAL_GPU:
+        bw, k, B, cols_, s, o, cb = args
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
+        y = K.gemv_bytes_torch(t(bw.view(np.int32)), k, B, cols_, t(s), None if o is None else t(o), t(cb),
+                               t(x16), out_dtype=torch.float16)
+        assert y.dtype == torch.float16 and torch.equal(y.cpu(), torch.from_numpy(ref.astype(np.float16)))
+
+
 @pytest.mark.skipif(not REAL_GPU, reason="CUDA graphs need a real GPU")
 def test_bytes_kernels_capture_in_cuda_graph(K):
     """gemv_bytes_torch and dequantize_bytes_torch inside a torch CUDA graph: replays give

@@ -817,7 +817,8 @@ def bytes_gemv_config(k: int, M: int, B: int, rows: int, NV: int, **over) -> Byt
     C = int(t.get("C", C))
     if P % C or C % 4:
         C = 4
-    NW = int(t.get("NW", 2 if SIMULATOR else 4))
+    # 8 warps a CTA: measured on an H200 (4096x4096, k=4, M=1: 10.3 us against 13.2 with 4)
+    NW = int(t.get("NW", 2 if SIMULATOR else 8))
     NP = int(t.get("NP", 2 if R * M <= 4 else 1))
     if R * M > 32:
         raise KbitValueError(f"rows per warp {R} x input rows {M} > 32")
@@ -899,7 +900,7 @@ def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshi
     e("            col = cbase + c")
     e("            xv = f32(0.0)")
     e("            if col < cols:")
-    e("                xv = x[m, col]")
+    e("                xv = f32(x[m, col])")  # x float32 or float16 (exact conversion)
     e(f"            xs[m * {TV * PP} + (c // {P}) * {PP} + (c % {P})] = xv")
     e("        cuda.syncthreads()")
     e(f"        vt0 = tile * {TV}")
@@ -1079,9 +1080,11 @@ def _bytes_dims(words, k, B, cols, s, o, cb):
     return B, k, cols, rows, nb, nb * B // 32
 
 
-def gemv_bytes_device(words, k, B, cols, s, o, cb, x, **over):
+def gemv_bytes_device(words, k, B, cols, s, o, cb, x, x_dtype=F32, out_dtype=F32, **over):
     """out (M, rows) float32 = x (M, cols) @ W.T for W in the bytes layout, on the GPU
-    (device arrays, or host arrays copied over). `over`: launch-shape overrides (tests)."""
+    (device arrays, or host arrays copied over). `over`: launch-shape overrides (tests).
+    x_dtype / out_dtype float16: the kernel reads x / writes out in float16 (what
+    gemv_bytes_torch does for float16 models; out float16 only for rows of one column tile)."""
     B, k, cols, rows, nb, G = _bytes_dims(words, k, B, cols, s, o, cb)
     M = _check_gemv_x(x, cols)
     affine = o is not None
@@ -1090,10 +1093,24 @@ def gemv_bytes_device(words, k, B, cols, s, o, cb, x, **over):
     dw = _dev(words, np.uint32).reshape(rows * G * k)
     ds = _dev(s, F32)
     do = _dev(o, F32) if affine else ds
-    out = cuda.device_array((M, rows), dtype=F32)
     kern, grid, threads = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
-    kern[grid, threads](dw, NV, B * k // 32, ds, do, _dev(cb, F32), _dev(x, F32), out)
+    if np.dtype(out_dtype) != F32 and not _bytes_one_tile(k, M, B, rows, NV, over):
+        raise KbitValueError("a float16 output needs rows of one column tile")
+    out = cuda.device_array((M, rows), dtype=out_dtype)
+    kern[grid, threads](dw, NV, B * k // 32, ds, do, _dev(cb, F32), _dev(x, x_dtype), out)
     return out
+
+
+def _bytes_one_tile(k, M, B, rows, NV, over) -> bool:
+    """Whether a bytes GEMV launch covers the columns in one tile (each output written once)."""
+    key = (k, M, B, rows, NV, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
+    hit = _BYTES_ONE_TILE.get(key)
+    if hit is None:
+        hit = _BYTES_ONE_TILE[key] = -(-NV // bytes_gemv_config(k, M, B, rows, NV, **over).TV) == 1
+    return hit
+
+
+_BYTES_ONE_TILE: dict = {}
 
 
 def gemv_bytes(words, k, B, cols, s, o, cb, x, **over) -> np.ndarray:
@@ -1158,16 +1175,24 @@ def _check_torch_bytes(codes, k: int, B: int, cols: int, scales, offsets, codebo
     return B, k, cols
 
 
-def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, **over):
+def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, out_dtype=None, **over):
     """torch wrapper of the bytes GEMV: codes int32 (rows, G*k) in the bytes layout,
     scales/offsets float32 (rows, nb) (offsets None for symmetric types), codebook float32
     (2**k,), x (M, cols) in any float dtype -> float32 (M, rows) on x's device. On CUDA the
     kernel runs on torch's current stream with no copies or syncs (capturable in a CUDA
     graph once a first call has compiled it); CPU tensors (Numba's CUDA simulator, in the
-    tests) are copied over and back."""
+    tests) are copied over and back.
+
+    A float16 x is read by the kernel as it is (converted exactly to float32 inside), and with
+    out_dtype=torch.float16 the result is float16 when the kernel writes each output once
+    (rows of one column tile: the float32 sum rounded once, what .to(float16) of the float32
+    result gives); otherwise it is float32. Each saves a conversion kernel per call (decode
+    steps of a float16 model)."""
     import torch
     B, k, cols = _check_torch_bytes(codes, k, B, cols, scales, offsets, codebook)
-    x = x.to(torch.float32).contiguous()
+    if x.dtype not in (torch.float32, torch.float16) or not codes.is_cuda:
+        x = x.to(torch.float32)
+    x = x.contiguous()
     M = _check_gemv_x(x, cols)
     if not codes.is_cuda:
         return torch.from_numpy(gemv_bytes(
@@ -1180,11 +1205,14 @@ def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, **over):
     if codes.data_ptr() % (4 * V):
         raise KbitValueError(f"packed codes must be {4 * V}-byte aligned for the bytes GEMV")
     NV = G * k // V
-    out = torch.empty((M, rows), dtype=torch.float32, device=x.device)
+    kern, grid, threads = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
+    odt = torch.float32
+    if out_dtype == torch.float16 and _bytes_one_tile(k, M, B, rows, NV, over):
+        odt = torch.float16
+    out = torch.empty((M, rows), dtype=odt, device=x.device)
     dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
     ds = _cached_view(scales)
     do = _cached_view(offsets) if affine else ds
-    kern, grid, threads = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
     _launch_on_torch_stream(kern, grid, threads, x.device, dw, NV, B * k // 32, ds, do, _cached_view(codebook),
                             _view(x), _view(out))
     return out

@@ -405,11 +405,15 @@ class KbitLinear(nn.Module):
                     fns = cuda_byte_kernels()
                     if fns is None:
                         raise RuntimeError("kbitcli.kernels.cuda has no gemv_bytes_torch")
-                    gemv_torch = fns[1]
+                    # float16 in and (without a bias, so the result is rounded once) out in
+                    # the kernel itself: no conversion kernels around it
+                    y = fns[1](self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets,
+                               self.codebook, x.reshape(n, self.in_features),
+                               out_dtype=self.dtype if self.bias is None else torch.float32)
                 else:
                     from kbitcli.kernels.cuda import gemv_torch
-                y = gemv_torch(self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets,
-                               self.codebook, x.reshape(n, self.in_features))
+                    y = gemv_torch(self.codes, self.bits, self.block_size, self.shape[1], self.scales,
+                                   self.offsets, self.codebook, x.reshape(n, self.in_features))
             except Exception as e:  # noqa: BLE001 - any failure: dequantize + matmul gives the same values
                 import warnings
                 warnings.warn(f"kbit: the fused CUDA GEMV failed ({type(e).__name__}: {e}); dequantizing "
@@ -435,7 +439,9 @@ class KbitLinear(nn.Module):
             return None
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(self.dtype).view(*x.shape[:-1], self.out_features)
+        if y.dtype != self.dtype:
+            y = y.to(self.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._layout_chosen:
