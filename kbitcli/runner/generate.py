@@ -307,7 +307,10 @@ def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, 
     t_first = None
     static = None
     while True:
-        nxt = sample_next(logits.float().cpu(), sampling, gen)
+        if sampling.temperature == 0:  # greedy: the arg max on the device, only B ids come back
+            nxt = logits.argmax(dim=-1).cpu()
+        else:
+            nxt = sample_next(logits.float().cpu(), sampling, gen)
         if t_first is None:
             sync()
             t_first = time.perf_counter()
