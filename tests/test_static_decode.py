@@ -13,22 +13,20 @@ from kbitcli.runner import generate_ids, load
 import importlib
 gen_mod = importlib.import_module("kbitcli.runner.generate")  # the module (the package exports a function of that name)
 from kbitcli.runner.models.base import KVCache
-from test_runner import ARCHS, _ids, make_tiny
+from test_runner import ARCHS, _ids, make_tiny, tiny  # noqa: F401 - tiny: a fixture
 
 torch.set_num_threads(2)
 TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    cache = {}
+def tiny_model(tiny):  # noqa: F811 - test_runner's fixture of saved tiny models, loaded once here
+    models = {}
 
     def get(arch):
-        if arch not in cache:
-            d = tmp_path_factory.mktemp(arch.replace("-", "_"))
-            make_tiny(arch, d)
-            cache[arch] = load(d)[0]
-        return cache[arch]
+        if arch not in models:
+            models[arch] = load(tiny(arch)[0])[0]
+        return models[arch]
     return get
 
 
