@@ -16,7 +16,9 @@ bytes each call must read (codes, scales, offsets, x; the output), that rate as 
 of a measured device-to-device copy (read + write bytes / time), the ratio to fp16 F.linear,
 and the host cost of one eager call (the Python + Numba launch overhead that CUDA graphs
 remove). A sweep of launch shapes of the bytes GEMV (BYTES_TUNING: R rows a warp, NW
-warps a CTA, CTAs per SM) follows, so one run tells which default to keep. Each variant
+warps a CTA, CTAs per SM, SPLIT column slices of split-K) follows, so one run tells which
+default to keep; each main shape also gets a split-K row (SPLIT="auto", or 2 where "auto"
+picks no split). Each variant
 fails soft (the error is printed, the run goes on); the run stops adding variants after
 --time-limit seconds.
 
@@ -41,6 +43,15 @@ for p in (ROOT, ROOT / "formats"):
 
 SHAPES = "4096x4096,11008x4096,4096x11008,32000x4096"
 SWEEP = [  # (label, BYTES_TUNING overrides) for the bytes GEMV, k=4 (default: R4 NW8, 8 CTAs/SM)
+    # split-K first (the newest option; the sweep is cut at --time-limit): S column slices in
+    # S times the CTAs, a float32 workspace and a second kernel adding the S partials
+    ("R4 NW8 SPLIT2", dict(R=4, NW=8, SPLIT=2)),
+    ("R4 NW8 SPLIT4", dict(R=4, NW=8, SPLIT=4)),
+    ("R4 NW8 SPLIT8", dict(R=4, NW=8, SPLIT=8)),
+    ("R2 NW8 SPLIT2", dict(R=2, NW=8, SPLIT=2)),
+    ("R2 NW8 SPLIT4", dict(R=2, NW=8, SPLIT=4)),
+    ("R2 NW8 SPLIT8", dict(R=2, NW=8, SPLIT=8)),
+    ("SPLIT auto", dict(SPLIT="auto")),
     ("R4 NW4", dict(R=4, NW=4)),
     ("R2 NW8", dict(R=2, NW=8)),
     ("R4 NW16", dict(R=4, NW=16)),
@@ -60,7 +71,7 @@ def parse_args(argv=None):
     ap.add_argument("--launches", type=int, default=20, help="launches captured per graph (default 20)")
     ap.add_argument("--replays", type=int, default=10, help="timed graph replays (default 10)")
     ap.add_argument("--sweep-shapes", default="4096x4096", help="shapes of the launch-shape sweep ('' none)")
-    ap.add_argument("--time-limit", type=float, default=50.0, help="no new variant after this many seconds (default 50)")
+    ap.add_argument("--time-limit", type=float, default=75.0, help="no new variant after this many seconds (default 75)")
     ap.add_argument("--json", help="write the results as JSON here")
     ap.add_argument("--markdown", help="write the results as a markdown table here")
     ap.add_argument("--dry-run", action="store_true",
@@ -224,7 +235,7 @@ def main(argv=None) -> int:
             if ref and name != "fp16 F.linear":
                 row["vs_fp16"] = ref / t
             if cfg_over is not None:
-                row["config"] = repr(cfg_over)
+                row["config"] = cfg_over if isinstance(cfg_over, str) else repr(cfg_over)
             results.append(row)
             print(f"  {name:24s} {t * 1e6:9.2f} us  {row['GBps']:8.1f} GB/s"
                   + (f"  {row['frac_copy_bw']:5.1%} of copy" if "frac_copy_bw" in row else "")
@@ -252,9 +263,20 @@ def main(argv=None) -> int:
         return codes, s, o, cb, x
 
     def cfg_for(k, rows, W, tun=None):
-        tun = tun or {}
+        """The launch shape (a string with the split-K slices where S > 1)."""
+        tun = dict(K.BYTES_TUNING, **(tun or {}))
         V = K.bytes_gemv_config(k, M, B, rows, 1, **tun).V
-        return K.bytes_gemv_config(k, M, B, rows, max(1, W // V), **tun)
+        NV = max(1, W // V)
+        S, NVS = K.bytes_gemv_split(k, M, B, rows, NV, **tun) if hasattr(K, "bytes_gemv_split") else (1, NV)
+        cfg = K.bytes_gemv_config(k, M, B, rows, NVS, **tun)
+        return cfg if S == 1 else f"{cfg!r} SPLIT S={S} NVS={NVS} of NV={NV}"
+
+    def split_row(k, rows, W):
+        """(label, tuning) of the split-K row of a main shape: "auto", or 2 slices where auto
+        picks none (there the rows alone give enough CTAs, or no SM count: the simulator)."""
+        V = K.bytes_gemv_config(k, M, B, rows, 1).V
+        S, _ = K.bytes_gemv_split(k, M, B, rows, max(1, W // V), SPLIT="auto")
+        return (f"split-K auto S={S}", dict(SPLIT="auto")) if S > 1 else ("split-K S=2", dict(SPLIT=2))
 
     def gemv_bytes_count(codes, s, o, x, rows):
         return (codes.numel() * 4 + s.numel() * 4 * (2 if o is not None else 1) + x.numel() * 4 + M * rows * 4)
@@ -282,6 +304,13 @@ def main(argv=None) -> int:
             print(f"  fp16 F.linear FAILED: {e}")
         run(f"bytes k={k0}", shape, k0, nbytes, lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x),
             cfg_over=cfg_for(k0, rows, codes.shape[1]))
+        try:
+            label, tun = split_row(k0, rows, codes.shape[1])
+            run(f"bytes k={k0} {label}", shape, k0, nbytes,
+                lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x), tuning=tun,
+                cfg_over=cfg_for(k0, rows, codes.shape[1], tun))
+        except Exception as e:
+            print(f"  bytes k={k0} split-K: no config ({e})")
         if shape == shapes[0]:  # correctness spot check against dequantize + F.linear
             try:
                 y = K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x)
@@ -291,6 +320,11 @@ def main(argv=None) -> int:
                 ok = bool(((y.double() - y64).abs() <= bound).all())
                 print(f"  check: bytes GEMV vs float64 dequantize-product: {'ok' if ok else 'MISMATCH'}")
                 info["spot_check_ok"] = ok
+                for S in (4, 3):  # split-K too (3: uneven slices)
+                    ys = K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x, SPLIT=S)
+                    ok = bool(((ys.double() - y64).abs() <= bound).all())
+                    print(f"  check: split-K S={S} vs float64 dequantize-product: {'ok' if ok else 'MISMATCH'}")
+                    info[f"spot_check_split{S}_ok"] = ok
                 del w
             except Exception as e:
                 print(f"  check FAILED: {e}")

@@ -320,3 +320,111 @@ def test_bytes_kernels_capture_in_cuda_graph(K):
     check(y.cpu().numpy(), 2 * ref, 2 * bound, "graph replay")
     assert torch.equal(d, eager_dq)
     check(eager.cpu().numpy(), ref, bound, "eager")
+
+
+# ----------------------------------------------------------------------------- bytes split-K
+# over SPLIT = S: the columns cut into S slices handled by different CTAs, partial sums in a
+# float32 workspace, a second kernel adds them in slice order (kbitcli.kernels.cuda,
+# bytes_gemv_split). Column counts are multiples of nothing in particular, so slices are
+# uneven and the last vector of a row is partly padding.
+SPLIT_CASES = [(k, d, M, S) for k in (2, 4, 8) for d in ("nf", "affine") for M in (1, 3) for S in (2, 3)
+               if (k + M + S + len(d)) % 2 == 0 or k == 4]
+
+
+@pytest.mark.parametrize("k,dtype,M,S", SPLIT_CASES)
+def test_gemv_bytes_split_k_matches_float64_product(K, k, dtype, M, S):
+    block = (32, 64)[(k + S) % 2]
+    rows, cols = 5 + (k + M) % 3, (230, 301, 357)[(k + M + S) % 3] * 8 // k  # 14 to 22 vectors a row
+    args, x, ref, bound, _ = bytes_case(rows, cols, QuantSpec(k, dtype, block), M, seed=k * 13 + M + S)
+    NV = args[0].shape[1] // K.bytes_gemv_config(k, M, block, rows, 1).V
+    S_eff, NVS = K.bytes_gemv_split(k, M, block, rows, NV, SPLIT=S)
+    assert S_eff == S and NVS * (S - 1) < NV <= NVS * S, (NV, S_eff, NVS)
+    got = K.gemv_bytes(*args, x, SPLIT=S)
+    check(got, ref, bound, f"bytes split-K S={S} {dtype} k={k} B={block} {rows}x{cols} M={M}")
+    again = K.gemv_bytes(*args, x, SPLIT=S)  # deterministic: no atomics, fixed order
+    assert np.array_equal(got.view(np.uint32), again.view(np.uint32))
+
+
+@pytest.mark.parametrize("spec,over", [
+    ("8:affine:b32", dict(SPLIT=2, TV_MAX=32, GRID=1)),  # two tiles a slice, one CTA a slice looping over row groups
+    ("2:nf:b32", dict(SPLIT=3, GRID=2)),                  # 64-bit vectors
+    ("4:int:b0", dict(SPLIT=2)),                          # one block a row (words per block not a power of 2)
+    ("4:nf:b64", dict(SPLIT=50)),                         # more slices than vectors: one vector a slice
+])
+def test_gemv_bytes_split_k_launch_shapes(K, spec, over):
+    sp = QuantSpec.parse(spec)
+    rows, cols = 11, 1100 if "TV_MAX" in over else 150
+    args, x, ref, bound, _ = bytes_case(rows, cols, sp, 2, seed=len(over) + sp.bits)
+    check(K.gemv_bytes(*args, x, **over), ref, bound, f"bytes split-K {spec} {over}")
+
+
+def test_gemv_bytes_split_one_is_the_default(K):
+    """SPLIT=1 (and "auto" in the simulator, which has no SM count) is the one-pass kernel:
+    the same bits as no option at all."""
+    args, x, _, _, _ = bytes_case(7, 150, QuantSpec(4, "affine", 32), 2, seed=21)
+    ref = K.gemv_bytes(*args, x)
+    for over in (dict(SPLIT=1), dict(SPLIT="auto")):
+        got = K.gemv_bytes(*args, x, **over)
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), over
+    assert K._bytes_gemv_launch(4, 2, True, 32, 7, 5)[3] is None
+
+
+def test_gemv_bytes_split_auto_heuristic(K, monkeypatch):
+    """SPLIT="auto": S such that row-group CTAs x S >= 4 x SMs, at most 8 and NV/32 (slices
+    of whole multiples of 32 vectors); S = 1 when the rows alone fill the GPU."""
+    monkeypatch.setattr(K, "_sm_count", lambda: 132)
+    monkeypatch.setattr(K, "BYTES_TUNING", {"R": 4, "NW": 8})
+    assert K.bytes_gemv_split(4, 1, 64, 4096, 128, SPLIT="auto") == (4, 32)       # 4096x4096 k=4: 128 CTAs
+    assert K.bytes_gemv_split(4, 1, 64, 11008, 128, SPLIT="auto") == (2, 64)      # 344 CTAs
+    assert K.bytes_gemv_split(4, 1, 64, 4096, 344, SPLIT="auto") == (4, 96)       # 4096x11008
+    assert K.bytes_gemv_split(4, 1, 64, 32000, 128, SPLIT="auto") == (1, 128)     # 1000 CTAs: no split
+    assert K.bytes_gemv_split(4, 1, 64, 4096, 40, SPLIT="auto") == (1, 40)        # too few vectors
+    assert K.bytes_gemv_split(4, 1, 64, 4096, 128) == (1, 128)                    # off by default
+    assert K.bytes_gemv_split(4, 1, 64, 4096, 128, SPLIT=3) == (3, 43)
+
+
+@pytest.mark.parametrize("spec,M,S", [("4:nf:b64", 1, 2), ("4:affine:b32", 3, 3), ("8:nf:b32", 2, 2)])
+def test_gemv_bytes_split_k_float16_in_and_out(K, spec, M, S):
+    """Split-K with float16 x (exactly converted: the bits of the float32 x it converts to)
+    and a float16 output: the reduction's float32 sum rounded once."""
+    over = dict(SPLIT=S)
+    args, x, _, _, _ = bytes_case(5, 300, QuantSpec.parse(spec), M, seed=M + S + len(spec))
+    x16 = x.astype(np.float16)
+    ref = K.gemv_bytes(*args, x16.astype(np.float32), **over)
+    got = K.gemv_bytes_device(*args, x16, x_dtype=np.float16, **over).copy_to_host()
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    got16 = K.gemv_bytes_device(*args, x16, x_dtype=np.float16, out_dtype=np.float16, **over).copy_to_host()
+    assert got16.dtype == np.float16 and np.array_equal(got16.view(np.uint16), ref.astype(np.float16).view(np.uint16))
+    torch = pytest.importorskip("torch")
+    bw, k, B, cols_, s, o, cb = args
+    dev = "cuda" if REAL_GPU else "cpu"
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    y = K.gemv_bytes_torch(t(bw.view(np.int32)), k, B, cols_, t(s), None if o is None else t(o), t(cb),
+                           t(x16), out_dtype=torch.float16, **over)
+    if REAL_GPU:
+        assert y.dtype == torch.float16 and torch.equal(y.cpu(), torch.from_numpy(ref.astype(np.float16)))
+    else:  # the simulator path of the wrapper returns float32
+        assert np.array_equal(y.numpy().view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.skipif(not REAL_GPU, reason="CUDA graphs need a real GPU")
+def test_bytes_split_k_captures_in_cuda_graph(K):
+    """Split-K (two kernels, a torch-allocated workspace) inside a torch CUDA graph."""
+    torch = pytest.importorskip("torch")
+    args, x, ref, bound, _ = bytes_case(1024, 1000, QuantSpec(4, "affine", 64), 1, seed=19)
+    bw, k, B, cols, s, o, cb = args
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
+    codes, ts, to, tcb, tx = t(bw.view(np.int32)), t(s), t(o), t(cb), t(x)
+    eager = K.gemv_bytes_torch(codes, k, B, cols, ts, to, tcb, tx, SPLIT=4)  # compiles
+    torch.cuda.synchronize()
+    check(eager.cpu().numpy(), ref, bound, "split-K eager")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
+        y = K.gemv_bytes_torch(codes, k, B, cols, ts, to, tcb, tx, SPLIT=4)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
+    tx.copy_(tx * 2)
+    g.replay()
+    torch.cuda.synchronize()
+    check(y.cpu().numpy(), 2 * ref, 2 * bound, "split-K graph replay")

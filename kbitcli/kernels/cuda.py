@@ -865,7 +865,11 @@ def _bytes_code_expr(k: int, cbrep: int, w: str, pos: int) -> str:
     return f"((({w} >> U{sh - 5}) & U{m5}) | lane_u)"
 
 
-def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int) -> str:
+def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int, split: bool = False) -> str:
+    """Source of one bytes GEMV kernel. split: the split-K variant (see "split-K" below): CTA
+    (x, y) works on the vectors [y*NVS, min((y+1)*NVS, NV)) of its rows and writes its partial
+    sums to out[y, m, row] of a float32 workspace (S, M, rows); without it the source is the
+    one-pass kernel's, unchanged."""
     V, R, NW, C, NP, CBREP, TV = cfg.V, cfg.R, cfg.NW, cfg.C, cfg.NP, cfg.CBREP, cfg.TV
     P = 32 * V // k
     PP = P + 4
@@ -876,12 +880,12 @@ def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshi
     vl = "_vload4" if V == 4 else "_vload2"
     L = []
     e = L.append
-    e("def kern(words, NV, WB, s, o, cb, x, out):")
+    e("def kern(words, NV, WB, s, o, cb, x, out" + (", NVS):" if split else "):"))
     e("    tid = cuda.threadIdx.x")
     e("    warp = tid // 32")
     e("    lane = tid - warp * 32")
     e("    lane_u = u32(lane)")
-    e("    rows = out.shape[1]")
+    e(f"    rows = out.shape[{2 if split else 1}]")
     e("    cols = x.shape[1]")
     e(f"    cbs = cuda.shared.array({(1 << k) * CBREP}, dtype=f32)")
     e(f"    xs = cuda.shared.array({M * TV * PP}, dtype=f32{'' if SIMULATOR else ', alignment=16'})")
@@ -889,11 +893,23 @@ def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshi
     e(f"    for q in range(tid, {(1 << k) * CBREP}, {NT}):")
     e(f"        cbs[q] = cb[q >> {5 if CBREP > 1 else 0}]")
     e(f"    nrg = (rows + {R * NW - 1}) // {R * NW}")
-    e(f"    ntiles = (NV + {TV - 1}) // {TV}")
+    if split:  # this CTA's slice of the vectors: [v0, v1)
+        e("    sl = cuda.blockIdx.y")
+        e("    v0 = sl * NVS")
+        e("    v1 = v0 + NVS")
+        e("    if v1 > NV:")
+        e("        v1 = NV")
+        e(f"    ntiles = (v1 - v0 + {TV - 1}) // {TV}")
+    else:
+        e(f"    ntiles = (NV + {TV - 1}) // {TV}")
     e("    par = 0")
     e("    for tile in range(ntiles):")
     e("        cuda.syncthreads()")
-    e(f"        cbase = tile * {TV * P}")
+    if split:
+        e(f"        vt0 = v0 + tile * {TV}")
+        e(f"        cbase = vt0 * {P}")
+    else:
+        e(f"        cbase = tile * {TV * P}")
     e(f"        for q in range(tid, {M * TV * P}, {NT}):")
     e(f"            m = q // {TV * P}")
     e(f"            c = q - m * {TV * P}")
@@ -903,10 +919,11 @@ def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshi
     e("                xv = f32(x[m, col])")  # x float32 or float16 (exact conversion)
     e(f"            xs[m * {TV * PP} + (c // {P}) * {PP} + (c % {P})] = xv")
     e("        cuda.syncthreads()")
-    e(f"        vt0 = tile * {TV}")
+    if not split:
+        e(f"        vt0 = tile * {TV}")
     e(f"        vend = vt0 + {TV}")
-    e("        if vend > NV:")
-    e("            vend = NV")
+    e(f"        if vend > {'v1' if split else 'NV'}:")
+    e(f"            vend = {'v1' if split else 'NV'}")
     e("        for rg in range(cuda.blockIdx.x, nrg, cuda.gridDim.x):")
     e(f"            rbase = rg * {R * NW} + warp * {R}")
     for rr in range(R):
@@ -1003,22 +1020,25 @@ def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshi
     e(f"                rj = lane // {M}")
     e(f"                mj = lane - rj * {M}")
     e("                r = rbase + rj")
+    dst = "out[sl, mj, r]" if split else "out[mj, r]"
     e("                if r < rows:")
     e("                    if tile == 0:")
-    e("                        out[mj, r] = t")
+    e(f"                        {dst} = t")
     e("                    else:")
-    e("                        out[mj, r] = out[mj, r] + t")
+    e(f"                        {dst} = {dst} + t")
     e("            par = 1 - par")
     return "\n".join(L) + "\n"
 
 
-def bytes_gemv_pyfunc(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int):
+def bytes_gemv_pyfunc(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int, split: bool = False):
     """The Python function of one bytes GEMV kernel (before cuda.jit; for compile_ptx).
-    wbshift: log2 of the words per block when that is a power of two, else -1."""
+    wbshift: log2 of the words per block when that is a power of two, else -1; split: the
+    split-K variant (arguments ..., out = the (S, M, rows) float32 workspace, NVS)."""
     ns = {"cuda": cuda, "f32": np.float32, "u32": np.uint32, "_vload4": _vload4, "_vload2": _vload2}
     ns.update({f"U{v}": np.uint32(v) for v in set(range(33)) | {(1 << k) - 1, ((1 << k) - 1) << 5}})
-    src = _bytes_gemv_source(k, M, affine, cfg, wbshift)
-    exec(compile(src, f"<kbit bytes gemv k={k} M={M} affine={affine} {cfg}>", "exec"), ns)  # noqa: S102
+    src = _bytes_gemv_source(k, M, affine, cfg, wbshift, split)
+    name = f"<kbit bytes gemv k={k} M={M} affine={affine}{' split-K' if split else ''} {cfg}>"
+    exec(compile(src, name, "exec"), ns)  # noqa: S102
     return ns["kern"]
 
 
@@ -1027,11 +1047,11 @@ def _wbshift(k: int, B: int) -> int:
     return WB.bit_length() - 1 if WB & (WB - 1) == 0 else -1
 
 
-def _bytes_gemv_kernel(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int):
-    key = (k, M, affine, wbshift) + cfg.key()
+def _bytes_gemv_kernel(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int, split: bool = False):
+    key = (k, M, affine, wbshift) + cfg.key() + (("split",) if split else ())
     kern = _BYTES_KERNELS.get(key)
     if kern is None:
-        kern = _BYTES_KERNELS[key] = cuda.jit(bytes_gemv_pyfunc(k, M, affine, cfg, wbshift))
+        kern = _BYTES_KERNELS[key] = cuda.jit(bytes_gemv_pyfunc(k, M, affine, cfg, wbshift, split))
     return kern
 
 
@@ -1050,11 +1070,69 @@ def _sm_count() -> int:
     return _NSM[0]
 
 
+# split-K (off by default: BYTES_TUNING["SPLIT"] / over SPLIT = S, or "auto"): at M = 1 the
+# one-pass kernel is latency-bound, not bandwidth-bound (4096x4096, k=4 on an H200: 128 CTAs
+# of 8 warps for 132 SMs, each lane walking all the columns of its rows; k=2 takes as long as
+# k=4). With S > 1 the vectors of a row are cut into S slices of NVS vectors (the last one
+# shorter) and CTA (x, y) of a grid (row-group CTAs, S) works on slice y only (x staged for
+# that slice only, tiles sized for NVS vectors): S times the CTAs, each over 1/S of the
+# columns. Each slice's sums (the same per-slice arithmetic as the one-pass kernel) are
+# stored, not added, into a float32 workspace (S, M, rows) allocated by the caller (torch:
+# torch.empty, so CUDA graphs capture it in their pool), and a second kernel
+# (_bytes_splitk_reduce, one thread an output) adds the S partials in slice order and writes
+# out once: float32, or float16 rounded once from the float32 sum. No atomics: deterministic
+# (the same bits on every call; not the bits of S = 1, which adds in another order). Both
+# kernels go on torch's stream; nothing is allocated, copied or synced by Numba.
+# "auto": S so that row-group CTAs x S >= SPLIT_CTAS (4) x SMs, at most SPLIT_MAX (8) and
+# at most NV/32 (each lane a vector a slice at least), NVS rounded up to a multiple of 32
+# vectors (lanes evenly loaded); S = 1 where the rows alone give enough CTAs (32000x4096) and
+# in the simulator (no SM count).
+@cuda.jit
+def _bytes_splitk_reduce(ws, out):
+    """out[m, r] = ws[0, m, r] + ws[1, m, r] + ... (float32, in slice order), rounded once to
+    out's dtype; one thread per output."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    rows = out.shape[1]
+    if i < out.shape[0] * rows:
+        m = i // rows
+        r = i - m * rows
+        t = ws[0, m, r]
+        for q in range(1, ws.shape[0]):
+            t += ws[q, m, r]
+        out[m, r] = t
+
+
+def bytes_gemv_split(k: int, M: int, B: int, rows: int, NV: int, **over) -> tuple[int, int]:
+    """(S, NVS) of a bytes GEMV call: S column slices of NVS vectors each (S = 1: the one-pass
+    kernel, NVS = NV). From BYTES_TUNING / `over` "SPLIT" (default 1; "auto": see above)."""
+    t = dict(BYTES_TUNING)
+    t.update(over)
+    sp = t.get("SPLIT", 1)
+    if sp == "auto":
+        nsm = _sm_count()
+        if nsm == 0:
+            return 1, NV
+        cfg = bytes_gemv_config(k, M, B, rows, NV, **over)
+        nrg = -(-rows // (cfg.R * cfg.NW))
+        S = math.ceil(float(t.get("SPLIT_CTAS", 4)) * nsm / nrg)
+        S = min(S, int(t.get("SPLIT_MAX", 8)), NV // 32)
+        if S <= 1:
+            return 1, NV
+        NVS = -(-(-(-NV // S)) // 32) * 32
+    else:
+        S = int(sp or 1)
+        if S <= 1:
+            return 1, NV
+        NVS = -(-NV // min(S, NV))
+    return -(-NV // NVS), NVS
+
+
 _BYTES_LAUNCHES: dict = {}
 
 
 def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
-    """(kernel, grid, threads) of a bytes GEMV launch (cached: the decode step's host cost)."""
+    """(kernel, grid, threads, split) of a bytes GEMV launch (cached: the decode step's host
+    cost); split None for the one-pass kernel, else (S, NVS, reduce grid, reduce threads)."""
     key = (k, M, affine, B, rows, NV, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
     hit = _BYTES_LAUNCHES.get(key)
     if hit is None:
@@ -1063,14 +1141,17 @@ def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
 
 
 def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
-    cfg = bytes_gemv_config(k, M, B, rows, NV, **over)
-    kern = _bytes_gemv_kernel(k, M, affine, cfg, _wbshift(k, B))
+    S, NVS = bytes_gemv_split(k, M, B, rows, NV, **over)
+    cfg = bytes_gemv_config(k, M, B, rows, NVS, **over)
+    kern = _bytes_gemv_kernel(k, M, affine, cfg, _wbshift(k, B), S > 1)
     nrg = -(-rows // (cfg.R * cfg.NW))
     nsm = _sm_count()
     grid = nrg if nsm == 0 else min(nrg, nsm * cfg.CTAS_PER_SM)
     if "GRID" in over:
         grid = min(nrg, int(over["GRID"]))
-    return kern, max(1, grid), cfg.NW * 32
+    if S == 1:
+        return kern, max(1, grid), cfg.NW * 32, None
+    return kern, (max(1, grid), S), cfg.NW * 32, (S, NVS, max(1, -(-M * rows // TPB)), TPB)
 
 
 def _bytes_dims(words, k, B, cols, s, o, cb):
@@ -1084,7 +1165,8 @@ def gemv_bytes_device(words, k, B, cols, s, o, cb, x, x_dtype=F32, out_dtype=F32
     """out (M, rows) float32 = x (M, cols) @ W.T for W in the bytes layout, on the GPU
     (device arrays, or host arrays copied over). `over`: launch-shape overrides (tests).
     x_dtype / out_dtype float16: the kernel reads x / writes out in float16 (what
-    gemv_bytes_torch does for float16 models; out float16 only for rows of one column tile)."""
+    gemv_bytes_torch does for float16 models; out float16 only for rows of one column tile,
+    or with split-K, where the reduction kernel writes out). over SPLIT: split-K (see above)."""
     B, k, cols, rows, nb, G = _bytes_dims(words, k, B, cols, s, o, cb)
     M = _check_gemv_x(x, cols)
     affine = o is not None
@@ -1093,11 +1175,17 @@ def gemv_bytes_device(words, k, B, cols, s, o, cb, x, x_dtype=F32, out_dtype=F32
     dw = _dev(words, np.uint32).reshape(rows * G * k)
     ds = _dev(s, F32)
     do = _dev(o, F32) if affine else ds
-    kern, grid, threads = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
-    if np.dtype(out_dtype) != F32 and not _bytes_one_tile(k, M, B, rows, NV, over):
-        raise KbitValueError("a float16 output needs rows of one column tile")
+    kern, grid, threads, split = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
+    if np.dtype(out_dtype) != F32 and split is None and not _bytes_one_tile(k, M, B, rows, NV, over):
+        raise KbitValueError("a float16 output needs rows of one column tile (or split-K)")
     out = cuda.device_array((M, rows), dtype=out_dtype)
-    kern[grid, threads](dw, NV, B * k // 32, ds, do, _dev(cb, F32), _dev(x, x_dtype), out)
+    if split is None:
+        kern[grid, threads](dw, NV, B * k // 32, ds, do, _dev(cb, F32), _dev(x, x_dtype), out)
+        return out
+    S, NVS, rgrid, rthreads = split
+    ws = cuda.device_array((S, M, rows), dtype=F32)
+    kern[grid, threads](dw, NV, B * k // 32, ds, do, _dev(cb, F32), _dev(x, x_dtype), ws, NVS)
+    _bytes_splitk_reduce[rgrid, rthreads](ws, out)
     return out
 
 
@@ -1186,8 +1274,10 @@ def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, out_dtype=
     A float16 x is read by the kernel as it is (converted exactly to float32 inside), and with
     out_dtype=torch.float16 the result is float16 when the kernel writes each output once
     (rows of one column tile: the float32 sum rounded once, what .to(float16) of the float32
-    result gives); otherwise it is float32. Each saves a conversion kernel per call (decode
-    steps of a float16 model)."""
+    result gives, and always with split-K, whose reduction kernel writes out); otherwise it is
+    float32. Each saves a conversion kernel per call (decode steps of a float16 model).
+    over / BYTES_TUNING "SPLIT" = S or "auto": split-K (two kernels, a float32 workspace from
+    torch's allocator; see the comment above bytes_gemv_split)."""
     import torch
     B, k, cols = _check_torch_bytes(codes, k, B, cols, scales, offsets, codebook)
     if x.dtype not in (torch.float32, torch.float16) or not codes.is_cuda:
@@ -1205,16 +1295,23 @@ def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, out_dtype=
     if codes.data_ptr() % (4 * V):
         raise KbitValueError(f"packed codes must be {4 * V}-byte aligned for the bytes GEMV")
     NV = G * k // V
-    kern, grid, threads = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
+    kern, grid, threads, split = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
     odt = torch.float32
-    if out_dtype == torch.float16 and _bytes_one_tile(k, M, B, rows, NV, over):
+    if out_dtype == torch.float16 and (split is not None or _bytes_one_tile(k, M, B, rows, NV, over)):
         odt = torch.float16
     out = torch.empty((M, rows), dtype=odt, device=x.device)
     dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
     ds = _cached_view(scales)
     do = _cached_view(offsets) if affine else ds
+    if split is None:
+        _launch_on_torch_stream(kern, grid, threads, x.device, dw, NV, B * k // 32, ds, do, _cached_view(codebook),
+                                _view(x), _view(out))
+        return out
+    S, NVS, rgrid, rthreads = split
+    ws = torch.empty((S, M, rows), dtype=torch.float32, device=x.device)  # torch's pool: graph-capturable
     _launch_on_torch_stream(kern, grid, threads, x.device, dw, NV, B * k // 32, ds, do, _cached_view(codebook),
-                            _view(x), _view(out))
+                            _view(x), _view(ws), NVS)
+    _launch_on_torch_stream(_bytes_splitk_reduce, rgrid, rthreads, x.device, _view(ws), _view(out))
     return out
 
 
