@@ -113,6 +113,56 @@ def f32_to_f16_bits(u, out):
         out[i] = np.uint16(_f32_to_f16(u[i]))
 
 
+# ----------------------------------------------------------------------------- uniform codes
+@njit(cache=True, inline="always")
+def _ucode_guess(y, ua, ub, top):
+    """floor(clamp(y * ua + ub, 0, top)): the uniform codebooks' guess of the code (see
+    uniform_search); NaN gives 0."""
+    w = y * ua + ub
+    w = w if w > np.float32(0.0) else np.float32(0.0)
+    w = w if w < top else top
+    return np.int32(w)
+
+
+@njit(cache=True)
+def _ucode_guesses(ys, ua, ub, top, out):
+    for i in range(ys.size):
+        out[i] = _ucode_guess(ys[i], ua, ub, top)
+
+
+def uniform_search(mids: np.ndarray) -> tuple[np.float32, np.float32, np.float32] | None:
+    """(ua, ub, top) of the direct code search for (nearly) evenly spaced midpoints, or None.
+
+    The exact code of y is t(y) = #{i : mids[i] < y}. For evenly spaced midpoints the guess
+    j(y) = floor(clamp(y * ua + ub, 0, n - 0.5)) with ua = 1 / spacing and ub = 0.5 - mids[0]
+    * ua lies within half a step of the nearest midpoint's index, and then the code is
+    j + (mids[j] < y), one compare. That holds exactly when j(y) is t(y) or t(y) - 1 for every
+    float32 y; as j and t are both non-decreasing step functions of y (float32 multiply and
+    add by a positive constant, clamp and floor are monotone), it suffices to check it where
+    either steps: j(mids[i]) <= i (else j would pass t at or below mids[i]) and
+    j(nextafter(mids[i], +inf)) >= i (else t would pass j + 1 just above mids[i]), for every
+    i. The check runs here, with the kernel's own compiled guess, and None (the general
+    search) is returned when it fails for any midpoint."""
+    m = np.ascontiguousarray(mids, dtype=F32)
+    n = m.size
+    if n < 2 or not np.all(np.isfinite(m)) or not np.all(np.diff(m) > 0):
+        return None
+    d = (float(m[-1]) - float(m[0])) / (n - 1)
+    if np.max(np.abs(np.diff(m.astype(np.float64)) - d)) > 1e-3 * d:
+        return None  # not evenly spaced (nf, fp, dynamic)
+    ua = F32(1.0 / d)
+    ub = F32(0.5 - float(m[0]) / d)
+    top = F32(n - 0.5)
+    at = np.empty(n, np.int32)
+    above = np.empty(n, np.int32)
+    _ucode_guesses(m, ua, ub, top, at)
+    _ucode_guesses(np.nextafter(m, F32(np.inf)), ua, ub, top, above)
+    i = np.arange(n)
+    if np.all(at <= i) and np.all(above >= i):
+        return ua, ub, top
+    return None
+
+
 # ----------------------------------------------------------------------------- the kernel
 @njit(cache=True, inline="always")
 def _load_block(raw, kind, f16, g, nv, B, xbuf):
@@ -132,143 +182,280 @@ def _load_block(raw, kind, f16, g, nv, B, xbuf):
         xbuf[i] = np.float32(0.0)
 
 
+@njit(cache=True, inline="always")
+def _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method, mids, mext, steps, lut, lo, sc, lut_steps,
+                 amin, sh, half, ua, ub, top, xbuf, ybuf, c32, cbuf, tu, tf):
+    """Quantize the block of nv weights starting at flat index gs: xbuf = its float32 values,
+    cbuf = its codes (B of them, the padding included). Returns (flags, raw scale, fp16 bits
+    of the scale, fp16 bits of the offset, decoded scale, decoded offset)."""
+    flag = 0
+    _load_block(raw, kind, f16, gs, nv, B, xbuf)
+    # stats and the raw scale (search "none": ratio 1, shift 0)
+    xi = xbuf.view(np.uint32)
+    if affine:
+        lo_v = np.float32(0.0)
+        hi_v = np.float32(0.0)
+        am = np.uint32(0)
+        for i in range(nv):
+            v = xbuf[i]
+            lo_v = v if v < lo_v else lo_v
+            hi_v = v if v > hi_v else hi_v
+            t = xi[i] & np.uint32(0x7FFFFFFF)
+            am = t if t > am else am
+        if am >= np.uint32(0x7F800000):
+            flag |= BAD_NONFINITE
+            sraw = np.float32(0.0)
+            lraw = np.float32(0.0)
+        else:
+            lo_r = lo_v * np.float32(1.0)
+            hi_r = hi_v * np.float32(1.0)
+            sraw = np.float32(hi_r - lo_r)
+            lraw = np.float32(lo_r + np.float32(0.0) * sraw)
+            if not np.isfinite(sraw):
+                flag |= BAD_RANGE
+                sraw = np.float32(0.0)
+    else:
+        am = np.uint32(0)
+        for i in range(nv):
+            t = xi[i] & np.uint32(0x7FFFFFFF)
+            am = t if t > am else am
+        if am >= np.uint32(0x7F800000):
+            flag |= BAD_NONFINITE
+            am = np.uint32(0)
+        tu[0] = am
+        sraw = tf[0] * np.float32(1.0)
+        lraw = np.float32(0.0)
+    # the encodings
+    if enc == 1:
+        tf[0] = sraw
+        h = _f32_to_f16(tu[0])
+        if h >= np.uint32(0x7C00):
+            flag |= BAD_FP16
+            h = np.uint32(0)
+        elif f16[h] < sraw:
+            h += np.uint32(1)
+            if h >= np.uint32(0x7C00):
+                flag |= BAD_FP16
+                h = np.uint32(0)
+        sv = f16[h]
+        if affine:
+            tf[0] = lraw
+            oh = _f32_to_f16(tu[0])
+            ov = f16[oh]
+        else:
+            oh = np.uint32(0)
+            ov = np.float32(0.0)
+    else:
+        h = np.uint32(0)
+        oh = np.uint32(0)
+        sv = sraw
+        ov = lraw
+    _normalize_block(xbuf, nv, B, sv, ov, affine, ybuf)
+    if ua > np.float32(0.0):  # evenly spaced codebook: one guess and one compare a value
+        for i in range(B):
+            y = ybuf[i]
+            j = _ucode_guess(y, ua, ub, top)
+            cbuf[i] = np.uint8(j + np.int32(mids[j] < y))
+    else:
+        _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half)
+    return flag, sraw, h, oh, sv, ov
+
+
+@njit(cache=True, inline="always")
+def _store_block(r, b, B, k, affine, enc, h, oh, sv, ov, cbuf, words, s_out, s16_out, o_out, o16_out):
+    """Write the block's scale, offset and packed words."""
+    if enc == 1:
+        s16_out[r, b] = np.uint16(h)
+        if affine:
+            o16_out[r, b] = np.uint16(oh)
+    else:
+        s_out[r, b] = sv
+        if affine:
+            o_out[r, b] = ov
+    c64 = cbuf.view(np.uint64)
+    gpb = B // 32
+    w0 = b * gpb * k
+    for gi in range(gpb):
+        for j in range(k):
+            words[r, w0 + gi * k + j] = _pack_plane(c64, gi, j)
+
+
+#: pieces of one row chunk summed side by side by one thread (independent float64 chains)
+CHAINS = 8
+#: values of each piece buffered between the quantization and the sums
+SLAB = 2048
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _fused_kernel(raw, kind, f16, rows, cols, B, k, affine, enc, step, cb, method, mids, mext, steps, lut,
-                  lo, sc, lut_steps, amin, sh, half, words, s_out, s16_out, o_out, o16_out, dd, xx, bad, rawmax):
+                  lo, sc, lut_steps, amin, sh, half, ua, ub, top, measure,
+                  words, s_out, s16_out, o_out, o16_out, dd, xx, bad, rawmax):
     nb = s_out.shape[1]
-    gpb = B // 32
     nrc = (rows + step - 1) // step
-    npieces = ERROR_PIECES
-    for u in prange(nrc * npieces):
-        rc = u // npieces
-        c = u - rc * npieces
+    G = CHAINS
+    ngroups = ERROR_PIECES // G
+    for u in prange(nrc * ngroups):
+        rc = u // ngroups
+        grp = u - rc * ngroups
         r0 = rc * step
         n = (min(rows, r0 + step) - r0) * cols
-        pstep = (n + npieces - 1) // npieces
-        f0 = c * pstep
-        f1 = min(n, f0 + pstep)
-        a_dd = 0.0
-        a_xx = 0.0
+        pstep = (n + ERROR_PIECES - 1) // ERROR_PIECES
+        base = r0 * cols
         flag = 0
         mx = np.float32(0.0)
-        if f0 < f1:
-            xbuf = np.empty(B, dtype=np.float32)
-            ybuf = np.empty(B, dtype=np.float32)
-            c32 = np.empty(B, dtype=np.uint32)
-            cbuf = np.empty(B, dtype=np.uint8)
-            c64 = cbuf.view(np.uint64)
-            tu = np.empty(1, dtype=np.uint32)  # float32 <-> bits of one value
-            tf = tu.view(np.float32)
-            g0 = r0 * cols + f0  # the piece's flat range [g0, g1)
-            g1 = r0 * cols + f1
-            r = g0 // cols
-            b = (g0 - r * cols) // B
-            while True:
-                gs = r * cols + b * B  # flat index of the block's first weight
-                if gs >= g1:
-                    break
-                nv = min(B, cols - b * B)
-                _load_block(raw, kind, f16, gs, nv, B, xbuf)
-                # stats and the raw scale (search "none": ratio 1, shift 0)
-                if affine:
-                    lo_v = np.float32(0.0)
-                    hi_v = np.float32(0.0)
-                    am = np.uint32(0)
-                    xi = xbuf.view(np.uint32)
-                    for i in range(nv):
-                        v = xbuf[i]
-                        lo_v = v if v < lo_v else lo_v
-                        hi_v = v if v > hi_v else hi_v
-                        t = xi[i] & np.uint32(0x7FFFFFFF)
-                        am = t if t > am else am
-                    if am >= np.uint32(0x7F800000):
-                        flag |= BAD_NONFINITE
-                        sraw = np.float32(0.0)
-                        lraw = np.float32(0.0)
-                    else:
-                        lo_r = lo_v * np.float32(1.0)
-                        hi_r = hi_v * np.float32(1.0)
-                        sraw = np.float32(hi_r - lo_r)
-                        lraw = np.float32(lo_r + np.float32(0.0) * sraw)
-                        if not np.isfinite(sraw):
-                            flag |= BAD_RANGE
-                            sraw = np.float32(0.0)
-                else:
-                    am = np.uint32(0)
-                    xi = xbuf.view(np.uint32)
-                    for i in range(nv):
-                        t = xi[i] & np.uint32(0x7FFFFFFF)
-                        am = t if t > am else am
-                    if am >= np.uint32(0x7F800000):
-                        flag |= BAD_NONFINITE
-                        am = np.uint32(0)
-                    tu[0] = am
-                    sraw = tf[0] * np.float32(1.0)
-                    lraw = np.float32(0.0)
-                mx = sraw if sraw > mx else mx
-                # the encodings
-                if enc == 1:
-                    tf[0] = sraw
-                    h = _f32_to_f16(tu[0])
-                    if h >= np.uint32(0x7C00):
-                        flag |= BAD_FP16
-                        h = np.uint32(0)
-                    elif f16[h] < sraw:
-                        h += np.uint32(1)
-                        if h >= np.uint32(0x7C00):
-                            flag |= BAD_FP16
-                            h = np.uint32(0)
-                    sv = f16[h]
-                    if affine:
-                        tf[0] = lraw
-                        oh = _f32_to_f16(tu[0])
-                        ov = f16[oh]
-                    else:
-                        oh = np.uint32(0)
-                        ov = np.float32(0.0)
-                else:
-                    h = np.uint32(0)
-                    oh = np.uint32(0)
-                    sv = sraw
-                    ov = lraw
-                _normalize_block(xbuf, nv, B, sv, ov, affine, ybuf)
-                _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half)
-                if gs >= g0:  # this unit holds the block's first weight: it writes the block
-                    if enc == 1:
-                        s16_out[r, b] = np.uint16(h)
-                        if affine:
-                            o16_out[r, b] = np.uint16(oh)
-                    else:
-                        s_out[r, b] = sv
-                        if affine:
-                            o_out[r, b] = ov
-                    w0 = b * gpb * k
-                    for gi in range(gpb):
-                        for j in range(k):
-                            words[r, w0 + gi * k + j] = _pack_plane(c64, gi, j)
-                # the error of the piece's weights of this block, in element order
-                e0 = max(g0, gs) - gs
-                e1 = min(g1, gs + nv) - gs
-                if affine:
-                    for i in range(e0, e1):
-                        v = np.float32(np.float32(cb[cbuf[i]] * sv) + ov)
-                        xv = np.float64(xbuf[i])
-                        d = xv - np.float64(v)
-                        a_dd += d * d
-                        a_xx += xv * xv
-                else:
-                    for i in range(e0, e1):
-                        v = np.float32(cb[cbuf[i]] * sv)
-                        xv = np.float64(xbuf[i])
-                        d = xv - np.float64(v)
-                        a_dd += d * d
-                        a_xx += xv * xv
-                b += 1
+        xbuf = np.empty(B, dtype=np.float32)
+        ybuf = np.empty(B, dtype=np.float32)
+        c32 = np.empty(B, dtype=np.uint32)
+        cbuf = np.empty(B, dtype=np.uint8)
+        tu = np.empty(1, dtype=np.uint32)  # float32 <-> bits of one value
+        tf = tu.view(np.float32)
+        start = np.empty(G, dtype=np.int64)  # the pieces' flat ranges [start, end)
+        end = np.empty(G, dtype=np.int64)
+        for p in range(G):
+            f0 = min(n, (grp * G + p) * pstep)
+            start[p] = base + f0
+            end[p] = base + min(n, f0 + pstep)
+        if not measure:
+            # every block whose first weight lies in the group's range, once
+            g0 = start[0]
+            g1 = end[G - 1]
+            if g0 < g1:
+                r = g0 // cols
+                b = (g0 - r * cols + B - 1) // B
                 if b == nb:
                     b = 0
                     r += 1
-        dd[u] = a_dd
-        xx[u] = a_xx
+                while True:
+                    gs = r * cols + b * B
+                    if gs >= g1:
+                        break
+                    nv = min(B, cols - b * B)
+                    fl, sraw, h, oh, sv, ov = _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method, mids,
+                                                           mext, steps, lut, lo, sc, lut_steps, amin, sh, half,
+                                                           ua, ub, top, xbuf, ybuf, c32, cbuf, tu, tf)
+                    flag |= fl
+                    mx = sraw if sraw > mx else mx
+                    _store_block(r, b, B, k, affine, enc, h, oh, sv, ov, cbuf, words, s_out, s16_out, o_out,
+                                 o16_out)
+                    b += 1
+                    if b == nb:
+                        b = 0
+                        r += 1
+            for p in range(G):
+                dd[u * G + p] = 0.0
+                xx[u * G + p] = 0.0
+        else:
+            # each piece's weights and dequantized values, a slab at a time, side by side
+            # (row i of the slab buffers holds the i-th value of each piece), then the sums
+            # of the G pieces in G independent chains, each in its element order
+            cap = SLAB + B
+            X = np.zeros(cap * G, dtype=np.float32)
+            V = np.zeros(cap * G, dtype=np.float32)
+            pos = start.copy()
+            filled = np.zeros(G, dtype=np.int64)
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            a3 = 0.0
+            a4 = 0.0
+            a5 = 0.0
+            a6 = 0.0
+            a7 = 0.0
+            q0 = 0.0
+            q1 = 0.0
+            q2 = 0.0
+            q3 = 0.0
+            q4 = 0.0
+            q5 = 0.0
+            q6 = 0.0
+            q7 = 0.0
+            while True:
+                R = 0
+                for p in range(G):
+                    while filled[p] < SLAB and pos[p] < end[p]:
+                        g = pos[p]
+                        r = g // cols
+                        b = (g - r * cols) // B
+                        gs = r * cols + b * B
+                        nv = min(B, cols - b * B)
+                        fl, sraw, h, oh, sv, ov = _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method,
+                                                               mids, mext, steps, lut, lo, sc, lut_steps, amin,
+                                                               sh, half, ua, ub, top, xbuf, ybuf, c32, cbuf, tu, tf)
+                        flag |= fl
+                        mx = sraw if sraw > mx else mx
+                        if gs >= start[p]:  # this piece holds the block's first weight: it writes the block
+                            _store_block(r, b, B, k, affine, enc, h, oh, sv, ov, cbuf, words, s_out, s16_out,
+                                         o_out, o16_out)
+                        e0 = g - gs
+                        e1 = min(end[p], gs + nv) - gs
+                        at = filled[p] * G + p
+                        if affine:
+                            for i in range(e0, e1):
+                                X[at] = xbuf[i]
+                                V[at] = np.float32(np.float32(cb[cbuf[i]] * sv) + ov)
+                                at += G
+                        else:
+                            for i in range(e0, e1):
+                                X[at] = xbuf[i]
+                                V[at] = np.float32(cb[cbuf[i]] * sv)
+                                at += G
+                        filled[p] += e1 - e0
+                        pos[p] = gs + e1
+                    R = max(R, min(filled[p], SLAB))
+                if R == 0:
+                    break
+                for p in range(G):  # a finished piece adds zeros (x + 0.0 == x for the sums >= 0)
+                    for i in range(filled[p], R):
+                        X[i * G + p] = np.float32(0.0)
+                        V[i * G + p] = np.float32(0.0)
+                for i in range(R):
+                    o = i * G
+                    x0 = np.float64(X[o])
+                    x1 = np.float64(X[o + 1])
+                    x2 = np.float64(X[o + 2])
+                    x3 = np.float64(X[o + 3])
+                    x4 = np.float64(X[o + 4])
+                    x5 = np.float64(X[o + 5])
+                    x6 = np.float64(X[o + 6])
+                    x7 = np.float64(X[o + 7])
+                    d0 = x0 - np.float64(V[o])
+                    d1 = x1 - np.float64(V[o + 1])
+                    d2 = x2 - np.float64(V[o + 2])
+                    d3 = x3 - np.float64(V[o + 3])
+                    d4 = x4 - np.float64(V[o + 4])
+                    d5 = x5 - np.float64(V[o + 5])
+                    d6 = x6 - np.float64(V[o + 6])
+                    d7 = x7 - np.float64(V[o + 7])
+                    a0 += d0 * d0
+                    a1 += d1 * d1
+                    a2 += d2 * d2
+                    a3 += d3 * d3
+                    a4 += d4 * d4
+                    a5 += d5 * d5
+                    a6 += d6 * d6
+                    a7 += d7 * d7
+                    q0 += x0 * x0
+                    q1 += x1 * x1
+                    q2 += x2 * x2
+                    q3 += x3 * x3
+                    q4 += x4 * x4
+                    q5 += x5 * x5
+                    q6 += x6 * x6
+                    q7 += x7 * x7
+                for p in range(G):  # the values past the slab move to its start
+                    left = filled[p] - R
+                    if left > 0:
+                        for i in range(left):
+                            X[i * G + p] = X[(R + i) * G + p]
+                            V[i * G + p] = V[(R + i) * G + p]
+                        filled[p] = left
+                    else:
+                        filled[p] = 0
+            o = u * G
+            dd[o], dd[o + 1], dd[o + 2], dd[o + 3] = a0, a1, a2, a3
+            dd[o + 4], dd[o + 5], dd[o + 6], dd[o + 7] = a4, a5, a6, a7
+            xx[o], xx[o + 1], xx[o + 2], xx[o + 3] = q0, q1, q2, q3
+            xx[o + 4], xx[o + 5], xx[o + 6], xx[o + 7] = q4, q5, q6, q7
         bad[u] = flag
         rawmax[u] = mx
 
@@ -291,14 +478,26 @@ def _combine(dd: np.ndarray, xx: np.ndarray) -> tuple[float, float]:
     return tdd, txx
 
 
+_UNIFORM: dict[bytes, tuple | None] = {}
+
+
+def _uniform(cb: np.ndarray):
+    """uniform_search of the codebook's midpoints, computed once per codebook."""
+    key = np.ascontiguousarray(cb, dtype=F32).tobytes()
+    if key not in _UNIFORM:
+        _UNIFORM[key] = uniform_search(codebooks.midpoints(cb))
+    return _UNIFORM[key]
+
+
 def quantize_fused(raw: np.ndarray, source_dtype: str, spec: QuantSpec, name: str = "tensor",
-                   shape: tuple[int, ...] | None = None,
-                   orig_dtype: str | None = None) -> tuple[QuantizedTensor, float] | None:
+                   shape: tuple[int, ...] | None = None, orig_dtype: str | None = None,
+                   measure_error: bool = True) -> tuple[QuantizedTensor, float | None] | None:
     """(QuantizedTensor, relative error) equal to ``quantize(x, spec, name, ops=CpuOps)`` and
     ``quantization_error(x, qt, CpuOps)`` for x = the float32 values of `raw` (the stored
     values of a `source_dtype` tensor: bfloat16 / float16 bits as uint16, float32), or None
     when the spec or source dtype is not supported (see `supported`). Raises kbitformat's
-    errors for NaN / Inf weights and scales out of range, as quantize does."""
+    errors for NaN / Inf weights and scales out of range, as quantize does. With
+    measure_error=False the error sums are skipped and the error is None."""
     if not supported(spec, source_dtype):
         return None
     kind, np_dtype = SOURCE_KINDS[source_dtype]
@@ -325,8 +524,11 @@ def quantize_fused(raw: np.ndarray, source_dtype: str, spec: QuantSpec, name: st
     cb = codebooks.fixed_codebook(spec.dtype, k, spec.exponent_bits)
     mids = codebooks.midpoints(cb)
     cs = CodeSearch(mids)
+    us = _uniform(cb)
+    ua, ub, top = us if us is not None else (F32(0), F32(0), F32(0))
     step = max(1, ERROR_CHUNK // max(1, cols))
-    units = -(-rows // step) * ERROR_PIECES
+    pieces = -(-rows // step) * ERROR_PIECES
+    units = pieces // CHAINS
     words = np.empty((rows, nb * (B // 32) * k), dtype=np.uint32)
     if enc == 1:
         s16 = np.empty((rows, nb), dtype=np.uint16)
@@ -337,12 +539,12 @@ def quantize_fused(raw: np.ndarray, source_dtype: str, spec: QuantSpec, name: st
         s32 = np.empty((rows, nb), dtype=F32)
         o32 = np.empty((rows, nb), dtype=F32) if affine else np.empty((1, 1), F32)
         s16 = o16 = np.empty((1, 1), np.uint16)
-    dd = np.empty(units)
-    xx = np.empty(units)
+    dd = np.empty(pieces)
+    xx = np.empty(pieces)
     bad = np.empty(units, dtype=np.int64)
     rawmax = np.empty(units, dtype=F32)
-    _fused_kernel(flat, kind, F16_TO_F32, rows, cols, B, k, affine, enc, step, cb, *cs.args(),
-                  words, s32, s16, o32, o16, dd, xx, bad, rawmax)
+    _fused_kernel(flat, kind, F16_TO_F32, rows, cols, B, k, affine, enc, step, cb, *cs.args(), ua, ub, top,
+                  bool(measure_error), words, s32, s16, o32, o16, dd, xx, bad, rawmax)
     flags = int(np.bitwise_or.reduce(bad)) if bad.size else 0
     if flags & BAD_NONFINITE:
         raise KbitValueError(f"{name}: the tensor holds NaN or Inf values; kbit will not quantize it "
@@ -361,4 +563,4 @@ def quantize_fused(raw: np.ndarray, source_dtype: str, spec: QuantSpec, name: st
         offsets = o32 if affine else None
     qt = QuantizedTensor(shape=shape, spec=spec, codebook=cb, block_size=B, codes=words, scales=stored,
                          offsets=offsets, orig_dtype=orig_dtype or source_dtype)
-    return qt, _ratio(*_combine(dd, xx))
+    return qt, (_ratio(*_combine(dd, xx)) if measure_error else None)
