@@ -51,6 +51,7 @@ SWEEP = [  # (label, BYTES_TUNING overrides) for the bytes GEMV, k=4 (default: R
     ("R2 NW8 SPLIT2", dict(R=2, NW=8, SPLIT=2)),
     ("R2 NW8 SPLIT4", dict(R=2, NW=8, SPLIT=4)),
     ("R2 NW8 SPLIT8", dict(R=2, NW=8, SPLIT=8)),
+    ("R2 NW8 SPLIT4 64reg", dict(R=2, NW=8, SPLIT=4, MAXREG=64)),  # 4 CTAs an SM (ptxas: no spills)
     ("SPLIT auto", dict(SPLIT="auto")),
     ("R4 NW4", dict(R=4, NW=4)),
     ("R2 NW8", dict(R=2, NW=8)),
@@ -269,7 +270,9 @@ def main(argv=None) -> int:
         NV = max(1, W // V)
         S, NVS = K.bytes_gemv_split(k, M, B, rows, NV, **tun) if hasattr(K, "bytes_gemv_split") else (1, NV)
         cfg = K.bytes_gemv_config(k, M, B, rows, NVS, **tun)
-        return cfg if S == 1 else f"{cfg!r} SPLIT S={S} NVS={NVS} of NV={NV}"
+        extra = (f" SPLIT S={S} NVS={NVS} of NV={NV}" if S > 1 else "") + (
+            f" MAXREG={tun['MAXREG']}" if tun.get("MAXREG") else "")
+        return f"{cfg!r}{extra}" if extra else cfg
 
     def split_row(k, rows, W):
         """(label, tuning) of the split-K row of a main shape: "auto", or 2 slices where auto

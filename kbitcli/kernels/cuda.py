@@ -1047,11 +1047,17 @@ def _wbshift(k: int, B: int) -> int:
     return WB.bit_length() - 1 if WB & (WB - 1) == 0 else -1
 
 
-def _bytes_gemv_kernel(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int, split: bool = False):
-    key = (k, M, affine, wbshift) + cfg.key() + (("split",) if split else ())
+def _bytes_gemv_kernel(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int, split: bool = False,
+                       maxreg: int = 0):
+    """maxreg > 0: registers a thread capped there (cuda.jit max_registers; ignored in the
+    simulator). R4 NW8 takes 128 (2 CTAs of 8 warps an SM), R2 NW8 72 (3); ptxas (sm_90)
+    fits R2 NW8 in 64 without spills (4 CTAs an SM: worth a try with split-K), R4 NW8 spills
+    below about 100."""
+    key = (k, M, affine, wbshift) + cfg.key() + (("split",) if split else ()) + ((maxreg,) if maxreg else ())
     kern = _BYTES_KERNELS.get(key)
     if kern is None:
-        kern = _BYTES_KERNELS[key] = cuda.jit(bytes_gemv_pyfunc(k, M, affine, cfg, wbshift, split))
+        opts = {"max_registers": maxreg} if maxreg and not SIMULATOR else {}
+        kern = _BYTES_KERNELS[key] = cuda.jit(bytes_gemv_pyfunc(k, M, affine, cfg, wbshift, split), **opts)
     return kern
 
 
@@ -1143,7 +1149,8 @@ def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
 def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
     S, NVS = bytes_gemv_split(k, M, B, rows, NV, **over)
     cfg = bytes_gemv_config(k, M, B, rows, NVS, **over)
-    kern = _bytes_gemv_kernel(k, M, affine, cfg, _wbshift(k, B), S > 1)
+    maxreg = int(dict(BYTES_TUNING, **over).get("MAXREG") or 0)
+    kern = _bytes_gemv_kernel(k, M, affine, cfg, _wbshift(k, B), S > 1, maxreg)
     nrg = -(-rows // (cfg.R * cfg.NW))
     nsm = _sm_count()
     grid = nrg if nsm == 0 else min(nrg, nsm * cfg.CTAS_PER_SM)
