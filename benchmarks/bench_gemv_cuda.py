@@ -274,6 +274,19 @@ def main(argv=None) -> int:
             f" MAXREG={tun['MAXREG']}" if tun.get("MAXREG") else "")
         return f"{cfg!r}{extra}" if extra else cfg
 
+    def shape_data(shape, header):
+        """(rows, cols, k0, (codes, s, o, cb, x), bytes read) of a shape, printing its header;
+        None when its data cannot be made."""
+        rows, cols = shape
+        k0 = ks[0]
+        print(header(rows, cols))
+        try:
+            data = weights(rows, cols, k0)
+        except Exception as e:
+            print(f"  data: FAILED {e}")
+            return None
+        return rows, cols, k0, data, gemv_bytes_count(*data[:3], data[4], rows)
+
     def split_row(k, rows, W):
         """(label, tuning) of the split-K row of a main shape: "auto", or 2 slices where auto
         picks none (there the rows alone give enough CTAs, or no SM count: the simulator)."""
@@ -285,15 +298,10 @@ def main(argv=None) -> int:
         return (codes.numel() * 4 + s.numel() * 4 * (2 if o is not None else 1) + x.numel() * 4 + M * rows * 4)
 
     for shape in shapes:
-        rows, cols = shape
-        print(f"\n{rows}x{cols}, M={M}, B={B}{' affine' if affine else ''}")
-        k0 = ks[0]
-        try:
-            codes, s, o, cb, x = weights(rows, cols, k0)
-        except Exception as e:
-            print(f"  data: FAILED {e}")
+        got = shape_data(shape, lambda r, c: f"\n{r}x{c}, M={M}, B={B}{' affine' if affine else ''}")
+        if got is None:
             continue
-        nbytes = gemv_bytes_count(codes, s, o, x, rows)
+        rows, cols, k0, (codes, s, o, cb, x), nbytes = got
         # fp16 F.linear first (the ratios refer to it)
         try:
             w16 = torch.randn(rows, cols, device=dev).to(torch.float16 if dev == "cuda" else torch.float32)
@@ -352,15 +360,10 @@ def main(argv=None) -> int:
     if sweep_shapes:
         print(f"\nlaunch-shape sweep of the bytes GEMV, k={ks[0]} (BYTES_TUNING)")
     for shape in sweep_shapes:
-        rows, cols = shape
-        k0 = ks[0]
-        try:
-            codes, s, o, cb, x = weights(rows, cols, k0)
-        except Exception as e:
-            print(f"  data: FAILED {e}")
+        got = shape_data(shape, lambda r, c: f"{r}x{c}")
+        if got is None:
             continue
-        nbytes = gemv_bytes_count(codes, s, o, x, rows)
-        print(f"{rows}x{cols}")
+        rows, cols, k0, (codes, s, o, cb, x), nbytes = got
         for label, tun in SWEEP:
             try:
                 cfg = cfg_for(k0, rows, codes.shape[1], tun)

@@ -130,14 +130,7 @@ def test_gemv_real_sizes(K, shape, spec):
 def planes_to_bytes(words: np.ndarray, k: int) -> np.ndarray:
     """uint32 bit-plane words (rows, G*k) -> uint32 bytes-layout words, same shape (numpy,
     from the reference's unpacked codes)."""
-    codes = unpack(words, k)  # (rows, G*32) uint8
-    per = 8 // k
-    rows, n = codes.shape
-    c = codes.reshape(rows, n // per, per).astype(np.uint8)
-    b = np.zeros((rows, n // per), dtype=np.uint8)
-    for i in range(per):
-        b |= (c[:, :, i] << np.uint8(i * k)).astype(np.uint8)
-    return np.ascontiguousarray(b).view("<u4").astype(np.uint32).reshape(words.shape)
+    return codes_to_bytes(unpack(words, k), k).reshape(words.shape)  # unpack: (rows, G*32) uint8
 
 
 def test_planes_to_bytes_layout():

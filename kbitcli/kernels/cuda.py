@@ -704,15 +704,20 @@ BYTES_KS = (2, 4, 8)
 _BYTES_KERNELS: dict = {}
 _SHARED_BUDGET = 46 * 1024  # bytes of static shared memory a kernel may use (limit 48 KiB)
 
+
+
+@cuda.jit(device=True)
+def _scalar_load4(a, i):
+    return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+
+@cuda.jit(device=True)
+def _scalar_load2(a, i):
+    return a[i], a[i + 1]
+
+
 if SIMULATOR:
-    @cuda.jit(device=True)
-    def _vload4(a, i):
-        return a[i], a[i + 1], a[i + 2], a[i + 3]
-
-    @cuda.jit(device=True)
-    def _vload2(a, i):
-        return a[i], a[i + 1]
-
+    _vload4, _vload2 = _scalar_load4, _scalar_load2
     _VECTOR_LOADS = False
 else:  # pragma: no cover - needs a GPU (or numba-cuda's compile_ptx)
     try:
@@ -751,14 +756,7 @@ else:  # pragma: no cover - needs a GPU (or numba-cuda's compile_ptx)
         _vload2 = _make_vload(2)
         _VECTOR_LOADS = True
     except Exception:  # an old numba without these hooks: scalar loads
-        @cuda.jit(device=True)
-        def _vload4(a, i):
-            return a[i], a[i + 1], a[i + 2], a[i + 3]
-
-        @cuda.jit(device=True)
-        def _vload2(a, i):
-            return a[i], a[i + 1]
-
+        _vload4, _vload2 = _scalar_load4, _scalar_load2
         _VECTOR_LOADS = False
 
 
