@@ -11,6 +11,9 @@ ratios are F.linear time / GEMV time (> 1: the GEMV is faster). The small matric
 caches in fp32, the head does not; in a real model the weights of all layers together do not,
 so the big shape is the one that tells how a decode step goes.
 
+"gemv" reads the format's bit planes, "gemv bytes" the runner's byte layout of the same codes
+(k = 2, 4, 8; KbitLinear's default for those widths).
+
 Sections: "CPU" (kbitcli.kernels.cpu.gemv) here; add_cuda_section is the hook for a CUDA
 section (kbitcli.kernels.cuda.gemv_torch against torch's fp16/fp32 matmul), not written yet.
 """
@@ -47,6 +50,7 @@ def cpu_section(rep: Report, args) -> None:
 
     from kbitformat import QuantSpec
     from kbitcli.kernels.cpu import CpuOps, gemv
+    from kbitcli.runner.layers import planes_to_bytes
     rep.section("CPU")
     spec = QuantSpec.parse(args.spec)
     rows_out = []
@@ -56,21 +60,28 @@ def cpu_section(rep: Report, args) -> None:
         for M in args.m:
             x = np.random.default_rng(M).standard_normal((M, cols), dtype=np.float32)
             xt = torch.from_numpy(x)
+            by = planes_to_bytes(torch.from_numpy(packed[0].view(np.int32)), spec.bits).numpy() \
+                if spec.bits in (2, 4, 8) else None
             y = gemv(*packed, x)
             ref = x.astype(np.float64) @ wd.numpy().astype(np.float64).T
             err = float((np.abs(y - ref) / (np.abs(x) @ np.abs(wd.numpy()).T + 1e-30)).max())
             fns = {
                 "gemv": lambda: gemv(*packed, x),
+                "gemv bytes": (lambda: gemv(by, *packed[1:], x, layout="bytes")) if by is not None else (lambda: None),
                 "F.linear": lambda: F.linear(xt, wd),
                 "deq+matmul": lambda: F.linear(xt, torch.from_numpy(CpuOps.dequantize(*packed))),
             }
             t = timeit_interleaved(fns, repeats=args.repeats, warmup=2)
             g = t["gemv"]
-            rows_out.append([f"{rows}x{cols}", M, g.min * 1e3, g.median * 1e3, t["F.linear"].min * 1e3,
+            gb = t["gemv bytes"]
+            rows_out.append([f"{rows}x{cols}", M, g.min * 1e3, g.median * 1e3,
+                             gb.min * 1e3 if by is not None else "-", gb.min * 1e9 / (rows * cols) if by is not None else "-",
+                             t["F.linear"].min / gb.min if by is not None else "-", t["F.linear"].min * 1e3,
                              t["F.linear"].median * 1e3, t["deq+matmul"].min * 1e3,
                              t["F.linear"].min / g.min, t["F.linear"].median / g.median,
                              t["deq+matmul"].min / g.min, g.min * 1e9 / (rows * cols), err])
-    rep.table(["shape", "M", "gemv min ms", "gemv median ms", "F.linear min ms", "F.linear median ms",
+    rep.table(["shape", "M", "gemv min ms", "gemv median ms", "gemv bytes min ms", "gemv bytes ns/weight",
+               "F.linear/gemv bytes (min)", "F.linear min ms", "F.linear median ms",
                "deq+matmul min ms", "F.linear/gemv (min)", "F.linear/gemv (median)", "deq+matmul/gemv (min)",
                "gemv ns/weight", "max rel. error"], rows_out,
               title=f"{spec} weights, x (M, cols) float32, {args.threads} threads, {args.repeats} repeats; "

@@ -13,7 +13,10 @@ contender per round) so a noisy machine slows all alike; min and median of the r
   * kbit fp32     kbit's runner on the same GGUF (fp32)
   * kbit 4-bit    `kbit quantize` output (nf4, block 64, fp16 scales), linear layers packed;
                   decode steps (<= 8 input rows) through the fused Numba GEMV (reads only the
-                  packed words), the prompt pass dequantized by the Numba CPU kernel + matmul
+                  packed words), the prompt pass dequantized by the Numba CPU kernel + matmul;
+                  the codes in the runner's byte layout (KbitLinear's default for k = 2, 4, 8)
+  * kbit 4-bit, bit planes: the same with `byte_layout = False` (the codes kept in the
+                  format's bit planes, the GEMV unpacking them)
   * kbit 4-bit, no GEMV: the same, every forward dequantizing the weight + matmul (the
                   packed path before the fused GEMV)
   * kbit 4-bit, dequantized on load (fp32 weights)
@@ -69,6 +72,10 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     t0 = time.perf_counter()
     fp32, tok, _ = load(src)
     packed, _, _ = load(kbit_dir)
+    packed_planes, _, _ = load(kbit_dir)
+    for m in packed_planes.modules():
+        if hasattr(m, "byte_layout"):
+            m.byte_layout = False
     dense4, _, _ = load(kbit_dir, dequantize_on_load=True)
     packed_torch, _, _ = load(kbit_dir, kernel="torch")
     packed_deq, _, _ = load(kbit_dir)
@@ -102,6 +109,7 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
         "transformers fp32": (theirs, n),
         "kbit runner fp32": (ours(fp32, n), n),
         "kbit runner 4-bit packed (fused GEMV)": (ours(packed, n), n),
+        "kbit runner 4-bit packed (fused GEMV, bit planes)": (ours(packed_planes, n), n),
         "kbit runner 4-bit packed (no GEMV: Numba dequant)": (ours(packed_deq, n), n),
         "kbit runner 4-bit dequantized on load": (ours(dense4, n), n),
         "kbit runner 4-bit packed (torch dequant)": (ours(packed_torch, n_torch), n_torch),
@@ -110,7 +118,7 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
         if name.startswith("transformers"):
             with torch.inference_mode():
                 hf.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False, pad_token_id=0)
-    for m in (fp32, packed, packed_deq, dense4, packed_torch):
+    for m in (fp32, packed, packed_planes, packed_deq, dense4, packed_torch):
         generate_ids(m, [ids], 2, eos_token_ids=[], pad_token_id=0)
     load_before = os.getloadavg()[0]
     times = timeit_interleaved({k: f for k, (f, _) in contenders.items()}, repeats=args.repeats, warmup=0)
@@ -129,7 +137,11 @@ def cpu_section(rep: Report, args, src: Path, kbit_dir: Path) -> dict:
     first_diff = next((i for i, (a, b) in enumerate(zip(last[id(fp32)][0], last["hf"])) if a != b), None)
     rep.note(f"greedy tokens, kbit fp32 vs transformers fp32: {same}/{n} equal"
              + ("" if first_diff is None else f" (first difference at new token {first_diff})"))
+    layouts = sorted({m.code_layout for m in packed.modules() if hasattr(m, "code_layout")})
+    layouts_p = sorted({m.code_layout for m in packed_planes.modules() if hasattr(m, "code_layout")})
+    rep.note(f"code layout of the packed layers: {', '.join(layouts)}; bit-planes row: {', '.join(layouts_p)}")
     dec = {name: last[id(m)][1] for name, m in (("fp32", fp32), ("4-bit packed", packed),
+                                                  ("4-bit packed, bit planes", packed_planes),
                                                   ("4-bit packed, no GEMV", packed_deq),
                                                   ("4-bit dequantized on load", dense4))}
     rep.note("decode-only tokens/s (last run, prompt pass excluded): " + ", ".join(

@@ -205,6 +205,21 @@ def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales:
     return torch.from_numpy(out)
 
 
+_numba_p2b = None
+
+
+def numba_planes_to_bytes():
+    """kbitcli.kernels.cpu.planes_to_bytes_inplace, or None when Numba's CPU kernels are unavailable."""
+    global _numba_p2b
+    if _numba_p2b is None:
+        try:
+            from kbitcli.kernels.cpu import planes_to_bytes_inplace
+            _numba_p2b = planes_to_bytes_inplace
+        except Exception:  # noqa: BLE001 - any import problem: the torch converter
+            _numba_p2b = False
+    return _numba_p2b or None
+
+
 _cuda_byte_kernels = None
 
 
@@ -308,7 +323,11 @@ class KbitLinear(nn.Module):
         if self.bits not in BYTE_LAYOUT_BITS:
             return False
         with torch.no_grad():
-            self.codes.copy_(planes_to_bytes(self.codes, self.bits))
+            fn = numba_planes_to_bytes() if self.codes.device.type == "cpu" and self.codes.is_contiguous() else None
+            if fn is not None:
+                fn(self.codes.numpy(), self.bits)  # in place, row by row
+            else:
+                self.codes.copy_(planes_to_bytes(self.codes, self.bits))
         self.code_layout = "bytes"
         return True
 
