@@ -283,10 +283,10 @@ def _quantize_tensor(src, p: Plan, ops, scratch, measure_error: bool):
     if _fused_ok(ops, p):
         from .kernels import cpu_fused
         raw = getattr(src, "raw_view", None) or src.load_raw
-        got = cpu_fused.quantize_fused(raw(p.name), p.dtype, p.spec, p.name, shape=p.shape, orig_dtype=p.dtype)
+        got = cpu_fused.quantize_fused(raw(p.name), p.dtype, p.spec, p.name, shape=p.shape, orig_dtype=p.dtype,
+                                       measure_error=measure_error)
         if got is not None:
-            qt, err = got
-            return qt, (err if measure_error else None)
+            return got
     x = src.load(p.name, out=scratch) if scratch is not None else src.load(p.name)
     qt = quantize(x, p.spec, p.name, ops=ops, orig_dtype=p.dtype)
     err = quantization_error(x, qt, ops) if measure_error else None

@@ -216,3 +216,92 @@ def test_conversion_nan_error_is_the_same(tmp_path, monkeypatch):
             _convert(tmp_path / "src", tmp_path / f"o{fused}", Recipe(QuantSpec(4, "int", 64)), monkeypatch, fused)
         msgs.append(str(e.value))
     assert msgs[0] == msgs[1] and "NaN or Inf" in msgs[0]
+
+
+# ----------------------------------------------------------------------------- fast paths
+from kbitcli.kernels.cpu import _codes as _ref_codes_kernel  # noqa: E402
+from kbitcli.kernels.cpu import CodeSearch  # noqa: E402
+from kbitformat import codebooks  # noqa: E402
+
+
+def _codes_both(ys: np.ndarray, k: int, dtype: str):
+    """(the fused kernel's codes, _codes' codes) of normalised values ys (a multiple of 64),
+    through the block code search as the kernel runs it."""
+    cb = codebooks.fixed_codebook(dtype, k)
+    mids = codebooks.midpoints(cb)
+    up = np.array(cpu_fused._uniform(cb), dtype=np.float32)
+    cs = CodeSearch(mids)
+    return _codes_pair(ys.astype(np.float32), up, *cs.args())
+
+
+@numba.njit(cache=False)
+def _codes_pair(ys, up, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half):
+    B = 64
+    got = np.empty(ys.size, np.uint8)
+    want = np.empty(ys.size, np.uint8)
+    c32 = np.empty(B, np.uint32)
+    cbuf = np.empty(B, np.uint8)
+    ci = c32.view(np.int32)
+    ua, ub, top, ubl, ubh, top2 = up[0], up[1], up[2], up[3], up[4], up[5]
+    for s in range(0, ys.size, B):
+        y = ys[s:s + B].copy()
+        near = np.int32(0)
+        for i in range(B):  # the kernel's code (see _quant_block)
+            cl = cpu_fused._ucode_guess(y[i], ua, ubl, top2)
+            ch = cpu_fused._ucode_guess(y[i], ua, ubh, top2)
+            ci[i] = cl
+            near |= cl ^ ch
+        if near != 0:
+            for i in range(B):
+                j = cpu_fused._ucode_guess(y[i], ua, ub, top)
+                ci[i] = j + np.int32(mids[j] < y[i])
+        for i in range(B):
+            got[s + i] = np.uint8(ci[i])
+        _ref_codes_kernel(y, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half)
+        want[s:s + B] = cbuf
+    return got, want
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dtype", ["int", "affine"])
+def test_uniform_code_search_is_exact(k, dtype):
+    cb = codebooks.fixed_codebook(dtype, k)
+    mids = codebooks.midpoints(cb)
+    assert cpu_fused._uniform(cb) is not None  # the fast search is taken for int / affine
+    # every midpoint, its float32 neighbours (ties go to the lower code), the codebook values,
+    # the clamps (beyond the codebook's ends, +-inf) and random values
+    lo_n = [mids]
+    for _ in range(3):
+        lo_n.append(np.nextafter(lo_n[-1], np.float32(-np.inf)))
+    hi_n = [mids]
+    for _ in range(3):
+        hi_n.append(np.nextafter(hi_n[-1], np.float32(np.inf)))
+    ys = np.concatenate(lo_n + hi_n + [cb, np.array([-np.inf, np.inf, -3, 3, -1.5, 1.5, 0, -0.0, 2, -2], np.float32),
+                                       rng.uniform(-1.3, 1.3, 200_000).astype(np.float32),
+                                       rng.uniform(-0.1, 1.1, 200_000).astype(np.float32)])
+    ys = np.concatenate([ys, np.zeros(-ys.size % 64, np.float32)]).astype(np.float32)
+    got, want = _codes_both(ys, k, dtype)
+    assert np.array_equal(got, want)
+
+
+def test_uniform_search_declines_uneven_codebooks():
+    for dt, k in (("nf", 4), ("fp", 4), ("dynamic", 5), ("nf", 8)):
+        assert cpu_fused._uniform(codebooks.fixed_codebook(dt, k)) is None
+
+
+@pytest.mark.parametrize("cols", [1, 63, 65, 127, 200, 1031, 4100])
+def test_error_bits_for_odd_lengths(cols):
+    """Pieces that cut blocks, pieces shorter than a block, empty trailing pieces: the
+    recorded error equals the general path's bit for bit, and measure_error=False writes
+    the same bytes with no error."""
+    for rows in (1, 3, 257):
+        base = weights((rows, cols))
+        raw, x = stored(base, "bfloat16")
+        for spec in (QuantSpec(4, "int", 64, "fp16"), QuantSpec(3, "affine", 32, "fp32"), QuantSpec(4, "nf", 64)):
+            want = quantize(x, spec, "t", ops=CpuOps, orig_dtype="bfloat16")
+            got, err = cpu_fused.quantize_fused(raw, "bfloat16", spec, "t")
+            same_tensor(got, want)
+            assert err == quantization_error(x, want, CpuOps), (rows, cols, spec.label())
+            got2, none = cpu_fused.quantize_fused(raw, "bfloat16", spec, "t", measure_error=False)
+            same_tensor(got2, want)
+            assert none is None

@@ -27,8 +27,14 @@ path computes, by the same float operations in the same order:
   exhaustive check (tests/test_convert_fused.py) and the fp16 -> float32 decoding is a
   table built by numpy; e8 and dq scales (whose encodings are tables and groups of blocks)
   are not taken here;
-* normalisation, the exact code search and the bit-plane packing of kbitcli.kernels.cpu
-  (the same compiled helpers: ``_normalize_block``, ``_codes``, ``_pack_plane``);
+* normalisation and the bit-plane packing of kbitcli.kernels.cpu (the same compiled
+  helpers: ``_normalize_block``, ``_pack_plane``); the exact code search ``_codes`` of
+  kbitcli.kernels.cpu, except for evenly spaced codebooks (int, affine; `uniform_search`):
+  there a float32 bracket floor(y * a + c -+ e) gives the code without a table look-up for
+  all values but those within ~e steps of a midpoint, whose block takes one guess and one
+  compare a value; both proven exact at construction (4n checks, see uniform_search) and
+  checked against ``_codes`` at midpoints, their float32 neighbours and random values by
+  the tests;
 * the dequantized value cb[code] * s (+ o) in float32, and the error sums
   sum (float64(x) - float64(v))**2, sum float64(x)**2.
 
@@ -42,7 +48,12 @@ this kernel are exactly those pieces: a unit quantizes every block that overlaps
 (a block cut by a piece boundary is quantized by both units; only the unit holding the
 block's first weight writes its words, scale and offset) and sums the errors of its piece's
 weights in element order. The pieces' sums are then combined in kbitformat's order, so the
-recorded error is the same float64 value, bit for bit, as the general path's.
+recorded error is the same float64 value, bit for bit, as the general path's. A parallel
+unit takes UNIT_PIECES consecutive pieces of a chunk, one after the other (summing several
+pieces side by side as independent chains was tried: 8 or 32 pieces buffered in cache cost
+more in the stores than the chains saved, and two pieces in lock step did not pay either).
+With measure_error=False the sums are skipped and a unit quantizes the blocks that start
+in its pieces.
 
 Blocks never share outputs and no sum depends on the number of threads: the results are
 the same on any machine and thread count, and equal to the general path's (the tests
@@ -130,19 +141,27 @@ def _ucode_guesses(ys, ua, ub, top, out):
         out[i] = _ucode_guess(ys[i], ua, ub, top)
 
 
-def uniform_search(mids: np.ndarray) -> tuple[np.float32, np.float32, np.float32] | None:
-    """(ua, ub, top) of the direct code search for (nearly) evenly spaced midpoints, or None.
+def uniform_search(mids: np.ndarray) -> tuple | None:
+    """(ua, ub, top, ubl, ubh, top2) of the direct code search for evenly spaced midpoints
+    (int, affine), or None (the general search of kbitcli.kernels.cpu then runs).
 
-    The exact code of y is t(y) = #{i : mids[i] < y}. For evenly spaced midpoints the guess
-    j(y) = floor(clamp(y * ua + ub, 0, n - 0.5)) with ua = 1 / spacing and ub = 0.5 - mids[0]
-    * ua lies within half a step of the nearest midpoint's index, and then the code is
-    j + (mids[j] < y), one compare. That holds exactly when j(y) is t(y) or t(y) - 1 for every
-    float32 y; as j and t are both non-decreasing step functions of y (float32 multiply and
-    add by a positive constant, clamp and floor are monotone), it suffices to check it where
-    either steps: j(mids[i]) <= i (else j would pass t at or below mids[i]) and
-    j(nextafter(mids[i], +inf)) >= i (else t would pass j + 1 just above mids[i]), for every
-    i. The check runs here, with the kernel's own compiled guess, and None (the general
-    search) is returned when it fails for any midpoint."""
+    The exact code of y is t(y) = #{i : mids[i] < y} (NaN never reaches it: the kernel
+    raises for NaN weights). Write g(y, c, T) = floor(clamp(y * ua + c, 0, T)) in float32,
+    with ua = 1 / spacing. Two uses:
+
+    * the guess j(y) = g(y, ub, n - 0.5), ub = 0.5 - mids[0] * ua: the index of the nearest
+      midpoint, so t(y) is j or j + 1 and the code is j + (mids[j] < y), one compare;
+    * the bracket lo(y) = g(y, ubl, n + 0.5) <= t(y) <= hi(y) = g(y, ubh, n + 0.5), ubl and
+      ubh = 1 - mids[0] * ua -+ e: where lo == hi (all values but those within ~e steps of a
+      midpoint) the code is lo, with no table look-up; a block holding a value where they
+      differ takes the guess and compare for all its values.
+
+    Both hold for every float32 y when they hold where the step functions involved step,
+    since g is non-decreasing in y (float32 multiply and add by constants, ua > 0, clamp and
+    floor are monotone) and t steps just above each midpoint: j(mids[i]) <= i and
+    j(nextup(mids[i])) >= i for the guess; lo(mids[i]) <= i and hi(nextup(mids[i])) >= i + 1
+    for the bracket, for every i. These 4n checks run here with the kernel's own compiled g;
+    the smallest e (from 2**-14 up) that passes is taken; None when the guess fails."""
     m = np.ascontiguousarray(mids, dtype=F32)
     n = m.size
     if n < 2 or not np.all(np.isfinite(m)) or not np.all(np.diff(m) > 0):
@@ -151,40 +170,48 @@ def uniform_search(mids: np.ndarray) -> tuple[np.float32, np.float32, np.float32
     if np.max(np.abs(np.diff(m.astype(np.float64)) - d)) > 1e-3 * d:
         return None  # not evenly spaced (nf, fp, dynamic)
     ua = F32(1.0 / d)
-    ub = F32(0.5 - float(m[0]) / d)
-    top = F32(n - 0.5)
+    up = np.nextafter(m, F32(np.inf))
+    i = np.arange(n)
     at = np.empty(n, np.int32)
     above = np.empty(n, np.int32)
-    _ucode_guesses(m, ua, ub, top, at)
-    _ucode_guesses(np.nextafter(m, F32(np.inf)), ua, ub, top, above)
-    i = np.arange(n)
-    if np.all(at <= i) and np.all(above >= i):
-        return ua, ub, top
-    return None
+
+    def g(ys, c, top, out):
+        _ucode_guesses(ys, ua, F32(c), F32(top), out)
+        return out
+
+    ub = 0.5 - float(m[0]) / d
+    if not (np.all(g(m, ub, n - 0.5, at) <= i) and np.all(g(up, ub, n - 0.5, above) >= i)):
+        return None
+    c = 1.0 - float(m[0]) / d
+    for e in (2.0**-14, 2.0**-12, 2.0**-10, 2.0**-8, 2.0**-6):
+        if np.all(g(m, c - e, n + 0.5, at) <= i) and np.all(g(up, c + e, n + 0.5, above) >= i + 1):
+            return ua, F32(ub), F32(n - 0.5), F32(c - e), F32(c + e), F32(n + 0.5)
+    return ua, F32(ub), F32(n - 0.5), F32(0), F32(1), F32(n + 0.5)  # the bracket never closes
 
 
 # ----------------------------------------------------------------------------- the kernel
 @njit(cache=True, inline="always")
 def _load_block(raw, kind, f16, g, nv, B, xbuf):
     """xbuf[:nv] = float32 values of raw[g:g + nv]; xbuf[nv:B] = 0."""
+    rs = raw[g:g + nv]  # a slice, not raw[g + i]: indexes from 0 let the loops vectorize
     if kind == 0:
         xi = xbuf.view(np.uint32)
         for i in range(nv):
-            xi[i] = np.uint32(raw[g + i]) << np.uint32(16)
+            xi[i] = np.uint32(rs[i]) << np.uint32(16)
     elif kind == 1:
         for i in range(nv):
-            xbuf[i] = f16[raw[g + i]]
+            xbuf[i] = f16[rs[i]]
     else:
         xi = xbuf.view(np.uint32)
         for i in range(nv):
-            xi[i] = np.uint32(raw[g + i])
+            xi[i] = np.uint32(rs[i])
     for i in range(nv, B):
         xbuf[i] = np.float32(0.0)
 
 
 @njit(cache=True, inline="always")
 def _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method, mids, mext, steps, lut, lo, sc, lut_steps,
-                 amin, sh, half, ua, ub, top, xbuf, ybuf, c32, cbuf, tu, tf):
+                 amin, sh, half, up, xbuf, ybuf, c32, cbuf, tu, tf):
     """Quantize the block of nv weights starting at flat index gs: xbuf = its float32 values,
     cbuf = its codes (B of them, the padding included). Returns (flags, raw scale, fp16 bits
     of the scale, fp16 bits of the offset, decoded scale, decoded offset)."""
@@ -251,11 +278,24 @@ def _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method, mids, mext, ste
         sv = sraw
         ov = lraw
     _normalize_block(xbuf, nv, B, sv, ov, affine, ybuf)
-    if ua > np.float32(0.0):  # evenly spaced codebook: one guess and one compare a value
-        for i in range(B):
+    ua = up[0]
+    if ua > np.float32(0.0):  # evenly spaced codebook (see uniform_search)
+        ub, top, ubl, ubh, top2 = up[1], up[2], up[3], up[4], up[5]
+        ci = c32.view(np.int32)
+        near = np.int32(0)
+        for i in range(B):  # the bracket [lo, hi] of the code; equal but near a midpoint
             y = ybuf[i]
-            j = _ucode_guess(y, ua, ub, top)
-            cbuf[i] = np.uint8(j + np.int32(mids[j] < y))
+            cl = _ucode_guess(y, ua, ubl, top2)
+            ch = _ucode_guess(y, ua, ubh, top2)
+            ci[i] = cl
+            near |= cl ^ ch
+        if near != 0:  # a value near a midpoint: the exact guess and compare for the block
+            for i in range(B):
+                y = ybuf[i]
+                j = _ucode_guess(y, ua, ub, top)
+                ci[i] = j + np.int32(mids[j] < y)
+        for i in range(B):
+            cbuf[i] = np.uint8(ci[i])
     else:
         _codes(ybuf, B, c32, cbuf, method, mids, mext, steps, lut, lo, sc, lut_steps, amin, sh, half)
     return flag, sraw, h, oh, sv, ov
@@ -280,19 +320,17 @@ def _store_block(r, b, B, k, affine, enc, h, oh, sv, ov, cbuf, words, s_out, s16
             words[r, w0 + gi * k + j] = _pack_plane(c64, gi, j)
 
 
-#: pieces of one row chunk summed side by side by one thread (independent float64 chains)
-CHAINS = 8
-#: values of each piece buffered between the quantization and the sums
-SLAB = 2048
+#: pieces of one row chunk per parallel unit (units: ERROR_PIECES // UNIT_PIECES per chunk)
+UNIT_PIECES = 8
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _fused_kernel(raw, kind, f16, rows, cols, B, k, affine, enc, step, cb, method, mids, mext, steps, lut,
-                  lo, sc, lut_steps, amin, sh, half, ua, ub, top, measure,
+                  lo, sc, lut_steps, amin, sh, half, up, measure,
                   words, s_out, s16_out, o_out, o16_out, dd, xx, bad, rawmax):
     nb = s_out.shape[1]
     nrc = (rows + step - 1) // step
-    G = CHAINS
+    G = UNIT_PIECES
     ngroups = ERROR_PIECES // G
     for u in prange(nrc * ngroups):
         rc = u // ngroups
@@ -332,7 +370,7 @@ def _fused_kernel(raw, kind, f16, rows, cols, B, k, affine, enc, step, cb, metho
                     nv = min(B, cols - b * B)
                     fl, sraw, h, oh, sv, ov = _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method, mids,
                                                            mext, steps, lut, lo, sc, lut_steps, amin, sh, half,
-                                                           ua, ub, top, xbuf, ybuf, c32, cbuf, tu, tf)
+                                                           up, xbuf, ybuf, c32, cbuf, tu, tf)
                     flag |= fl
                     mx = sraw if sraw > mx else mx
                     _store_block(r, b, B, k, affine, enc, h, oh, sv, ov, cbuf, words, s_out, s16_out, o_out,
@@ -348,114 +386,42 @@ def _fused_kernel(raw, kind, f16, rows, cols, B, k, affine, enc, step, cb, metho
             # each piece's weights and dequantized values, a slab at a time, side by side
             # (row i of the slab buffers holds the i-th value of each piece), then the sums
             # of the G pieces in G independent chains, each in its element order
-            cap = SLAB + B
-            X = np.zeros(cap * G, dtype=np.float32)
-            V = np.zeros(cap * G, dtype=np.float32)
-            pos = start.copy()
-            filled = np.zeros(G, dtype=np.int64)
-            a0 = 0.0
-            a1 = 0.0
-            a2 = 0.0
-            a3 = 0.0
-            a4 = 0.0
-            a5 = 0.0
-            a6 = 0.0
-            a7 = 0.0
-            q0 = 0.0
-            q1 = 0.0
-            q2 = 0.0
-            q3 = 0.0
-            q4 = 0.0
-            q5 = 0.0
-            q6 = 0.0
-            q7 = 0.0
-            while True:
-                R = 0
-                for p in range(G):
-                    while filled[p] < SLAB and pos[p] < end[p]:
-                        g = pos[p]
-                        r = g // cols
-                        b = (g - r * cols) // B
-                        gs = r * cols + b * B
-                        nv = min(B, cols - b * B)
-                        fl, sraw, h, oh, sv, ov = _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method,
-                                                               mids, mext, steps, lut, lo, sc, lut_steps, amin,
-                                                               sh, half, ua, ub, top, xbuf, ybuf, c32, cbuf, tu, tf)
-                        flag |= fl
-                        mx = sraw if sraw > mx else mx
-                        if gs >= start[p]:  # this piece holds the block's first weight: it writes the block
-                            _store_block(r, b, B, k, affine, enc, h, oh, sv, ov, cbuf, words, s_out, s16_out,
-                                         o_out, o16_out)
-                        e0 = g - gs
-                        e1 = min(end[p], gs + nv) - gs
-                        at = filled[p] * G + p
-                        if affine:
-                            for i in range(e0, e1):
-                                X[at] = xbuf[i]
-                                V[at] = np.float32(np.float32(cb[cbuf[i]] * sv) + ov)
-                                at += G
-                        else:
-                            for i in range(e0, e1):
-                                X[at] = xbuf[i]
-                                V[at] = np.float32(cb[cbuf[i]] * sv)
-                                at += G
-                        filled[p] += e1 - e0
-                        pos[p] = gs + e1
-                    R = max(R, min(filled[p], SLAB))
-                if R == 0:
-                    break
-                for p in range(G):  # a finished piece adds zeros (x + 0.0 == x for the sums >= 0)
-                    for i in range(filled[p], R):
-                        X[i * G + p] = np.float32(0.0)
-                        V[i * G + p] = np.float32(0.0)
-                for i in range(R):
-                    o = i * G
-                    x0 = np.float64(X[o])
-                    x1 = np.float64(X[o + 1])
-                    x2 = np.float64(X[o + 2])
-                    x3 = np.float64(X[o + 3])
-                    x4 = np.float64(X[o + 4])
-                    x5 = np.float64(X[o + 5])
-                    x6 = np.float64(X[o + 6])
-                    x7 = np.float64(X[o + 7])
-                    d0 = x0 - np.float64(V[o])
-                    d1 = x1 - np.float64(V[o + 1])
-                    d2 = x2 - np.float64(V[o + 2])
-                    d3 = x3 - np.float64(V[o + 3])
-                    d4 = x4 - np.float64(V[o + 4])
-                    d5 = x5 - np.float64(V[o + 5])
-                    d6 = x6 - np.float64(V[o + 6])
-                    d7 = x7 - np.float64(V[o + 7])
-                    a0 += d0 * d0
-                    a1 += d1 * d1
-                    a2 += d2 * d2
-                    a3 += d3 * d3
-                    a4 += d4 * d4
-                    a5 += d5 * d5
-                    a6 += d6 * d6
-                    a7 += d7 * d7
-                    q0 += x0 * x0
-                    q1 += x1 * x1
-                    q2 += x2 * x2
-                    q3 += x3 * x3
-                    q4 += x4 * x4
-                    q5 += x5 * x5
-                    q6 += x6 * x6
-                    q7 += x7 * x7
-                for p in range(G):  # the values past the slab move to its start
-                    left = filled[p] - R
-                    if left > 0:
-                        for i in range(left):
-                            X[i * G + p] = X[(R + i) * G + p]
-                            V[i * G + p] = V[(R + i) * G + p]
-                        filled[p] = left
+            for p in range(G):  # each piece's blocks in order, its sums in element order
+                g = start[p]
+                a_dd = 0.0
+                a_xx = 0.0
+                while g < end[p]:
+                    r = g // cols
+                    b = (g - r * cols) // B
+                    gs = r * cols + b * B
+                    nv = min(B, cols - b * B)
+                    fl, sraw, h, oh, sv, ov = _quant_block(raw, kind, f16, gs, nv, B, affine, enc, method,
+                                                           mids, mext, steps, lut, lo, sc, lut_steps, amin,
+                                                           sh, half, up, xbuf, ybuf, c32, cbuf, tu, tf)
+                    flag |= fl
+                    mx = sraw if sraw > mx else mx
+                    if gs >= start[p]:  # this piece holds the block's first weight: it writes the block
+                        _store_block(r, b, B, k, affine, enc, h, oh, sv, ov, cbuf, words, s_out, s16_out,
+                                     o_out, o16_out)
+                    e0 = g - gs
+                    e1 = min(end[p], gs + nv) - gs
+                    if affine:
+                        for i in range(e0, e1):
+                            v = np.float32(np.float32(cb[cbuf[i]] * sv) + ov)
+                            xv = np.float64(xbuf[i])
+                            d = xv - np.float64(v)
+                            a_dd += d * d
+                            a_xx += xv * xv
                     else:
-                        filled[p] = 0
-            o = u * G
-            dd[o], dd[o + 1], dd[o + 2], dd[o + 3] = a0, a1, a2, a3
-            dd[o + 4], dd[o + 5], dd[o + 6], dd[o + 7] = a4, a5, a6, a7
-            xx[o], xx[o + 1], xx[o + 2], xx[o + 3] = q0, q1, q2, q3
-            xx[o + 4], xx[o + 5], xx[o + 6], xx[o + 7] = q4, q5, q6, q7
+                        for i in range(e0, e1):
+                            v = np.float32(cb[cbuf[i]] * sv)
+                            xv = np.float64(xbuf[i])
+                            d = xv - np.float64(v)
+                            a_dd += d * d
+                            a_xx += xv * xv
+                    g = gs + e1
+                dd[u * G + p] = a_dd
+                xx[u * G + p] = a_xx
         bad[u] = flag
         rawmax[u] = mx
 
@@ -525,10 +491,10 @@ def quantize_fused(raw: np.ndarray, source_dtype: str, spec: QuantSpec, name: st
     mids = codebooks.midpoints(cb)
     cs = CodeSearch(mids)
     us = _uniform(cb)
-    ua, ub, top = us if us is not None else (F32(0), F32(0), F32(0))
+    up = np.array(us if us is not None else (0,) * 6, dtype=F32)  # ua = 0: the general search
     step = max(1, ERROR_CHUNK // max(1, cols))
     pieces = -(-rows // step) * ERROR_PIECES
-    units = pieces // CHAINS
+    units = pieces // UNIT_PIECES
     words = np.empty((rows, nb * (B // 32) * k), dtype=np.uint32)
     if enc == 1:
         s16 = np.empty((rows, nb), dtype=np.uint16)
@@ -543,7 +509,7 @@ def quantize_fused(raw: np.ndarray, source_dtype: str, spec: QuantSpec, name: st
     xx = np.empty(pieces)
     bad = np.empty(units, dtype=np.int64)
     rawmax = np.empty(units, dtype=F32)
-    _fused_kernel(flat, kind, F16_TO_F32, rows, cols, B, k, affine, enc, step, cb, *cs.args(), ua, ub, top,
+    _fused_kernel(flat, kind, F16_TO_F32, rows, cols, B, k, affine, enc, step, cb, *cs.args(), up,
                   bool(measure_error), words, s32, s16, o32, o16, dd, xx, bad, rawmax)
     flags = int(np.bitwise_or.reduce(bad)) if bad.size else 0
     if flags & BAD_NONFINITE:
