@@ -241,9 +241,11 @@ print(sum(t.numel() * t.element_size() for d in kept for t in d.values()))
 """
 
 # The library call without the per-tensor error measurement (the CLI always measures it).
+# NUMBA_NUM_THREADS=2 comes from the environment: calling numba.set_num_threads here would
+# start Numba's OpenMP pool before convert() can ask for passive workers (spinning workers
+# made this row 2.5-3x slower than the CLI; see kbitcli.convert._passive_omp_workers).
 NO_ERROR = r"""
-import json, sys, numba
-numba.set_num_threads(2)
+import json, sys
 from kbitcli.convert import convert
 from kbitcli.recipe import Recipe
 from kbitformat import QuantSpec
