@@ -241,11 +241,14 @@ print(sum(t.numel() * t.element_size() for d in kept for t in d.values()))
 """
 
 # The library call without the per-tensor error measurement (the CLI always measures it).
-# NUMBA_NUM_THREADS=2 comes from the environment: calling numba.set_num_threads here would
-# start Numba's OpenMP pool before convert() can ask for passive workers (spinning workers
-# made this row 2.5-3x slower than the CLI; see kbitcli.convert._passive_omp_workers).
+# NUMBA_NUM_THREADS=2 comes from the environment. OMP_WAIT_POLICY=PASSIVE is set first, as
+# `kbit quantize` does for itself (kbitcli.cli.main): spinning OpenMP workers take the cores
+# from the read-ahead and writer threads (without it this row ran 2.5-3x slower than the CLI).
+# The library does not set it: the OpenMP runtime is shared with torch in the process, and a
+# passive policy slows the runner's decode steps (docs/cli.md).
 NO_ERROR = r"""
-import json, sys
+import json, os, sys
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from kbitcli.convert import convert
 from kbitcli.recipe import Recipe
 from kbitformat import QuantSpec

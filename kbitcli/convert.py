@@ -293,32 +293,22 @@ def _quantize_tensor(src, p: Plan, ops, scratch, measure_error: bool):
     return qt, err
 
 
-def _passive_omp_workers() -> None:
-    """OMP_WAIT_POLICY=PASSIVE for Numba's OpenMP workers, unless the caller set a policy or
-    the pool already runs (the runtime reads it once, when it starts). Spinning workers take
-    the cores from the read-ahead and writer threads between kernels: on 2 cores the library
-    call converted 2.5-3x slower than `kbit quantize` (which sets the same in kbitcli.cli.main),
-    e.g. 1.92 GB in 9.7-14.0 s against 3.4-4.6 s with the policy set."""
-    try:
-        from numba.np.ufunc import parallel
-        if getattr(parallel, "_is_initialized", False):
-            return
-    except Exception:  # pragma: no cover - numba internals moved: set it anyway
-        pass
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cpu",
             shard_size: int = 2 * 1024**3, force: bool = False, resume: bool = False,
             provenance: dict | None = None, progress: ProgressFn | None = None,
             measure_error: bool = True) -> ConvertSummary:
-    """Convert `source` (a path or an opened kbitcli.sources Source) into a kbit folder."""
+    """Convert `source` (a path or an opened kbitcli.sources Source) into a kbit folder.
+
+    On a machine with few cores, a library caller converts fastest with OMP_WAIT_POLICY=PASSIVE
+    set before Numba's OpenMP pool starts (what `kbit quantize` sets for itself): spinning
+    workers otherwise take the cores from the read-ahead and writer threads (2.5-3x slower on
+    2 cores). convert() does not set it: the runtime is shared with torch in the process, and
+    a passive policy slows the runner's decode steps."""
     from .kernels import get_ops
     from .sources import open_source
     from .sources._base import BaseSource
 
     t0 = time.perf_counter()
-    _passive_omp_workers()
     progress = progress or (lambda *a, **k: None)
     out = Path(out)
     src = open_source(source) if isinstance(source, (str, os.PathLike)) else source
