@@ -488,14 +488,18 @@ def _dequantize_kernel(words, k, B, cols, s, o, affine, cb, spread, per, out):
             wrow = words[r, b * gpb * k:(b + 1) * gpb * k]
             for gi in range((nv + 31) // 32):
                 _unpack_group(wrow, gi, k, spread, c64)
-            sv = s[r, b]
-            if affine:
-                ov = o[r, b]
-                for t in range(nv):
-                    orow[t] = np.float32(np.float32(cb[cbuf[t]] * sv) + ov)
-            else:
-                for t in range(nv):
-                    orow[t] = np.float32(cb[cbuf[t]] * sv)
+            _decode_block(orow, cbuf, cb, s[r, b], o[r, b], affine)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _decode_block(orow, cbuf, cb, sv, ov, affine):
+    """orow[t] = cb[code t] * s (+ o), each operation rounded to float32 (the reference's)."""
+    if affine:
+        for t in range(orow.size):
+            orow[t] = np.float32(np.float32(cb[cbuf[t]] * sv) + ov)
+    else:
+        for t in range(orow.size):
+            orow[t] = np.float32(cb[cbuf[t]] * sv)
 
 
 # ----------------------------------------------------------------------------- gemv
@@ -663,17 +667,38 @@ def _gemv_bytes_kernel(c8, k, B, cols, s, o, affine, tab, tab64, x, rpc, out):
             _gemv_bytes_rows(c8, 8, B, cols, s, o, affine, tab, tab64, x, xsum, r0, r1, v, v64, acc, out)
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _spread_bytes(cblk, k, nbytes, cbuf):
+    """The codes of a block's bytes, one per byte of cbuf (k a constant in each call site, so
+    the loops have fixed shifts)."""
+    if k == 4:
+        for j in range(nbytes):
+            v = cblk[j]
+            cbuf[2 * j] = v & np.uint8(15)
+            cbuf[2 * j + 1] = v >> np.uint8(4)
+    elif k == 2:
+        for j in range(nbytes):
+            v = cblk[j]
+            cbuf[4 * j] = v & np.uint8(3)
+            cbuf[4 * j + 1] = (v >> np.uint8(2)) & np.uint8(3)
+            cbuf[4 * j + 2] = (v >> np.uint8(4)) & np.uint8(3)
+            cbuf[4 * j + 3] = v >> np.uint8(6)
+    else:
+        for j in range(nbytes):
+            cbuf[j] = cblk[j]
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _dequantize_bytes_kernel(c8, k, B, cols, s, o, affine, cb, per, out):
-    """dequantize for the byte layout, with the reference's float32 operations (no fast-math)."""
+    """dequantize for the byte layout, with the reference's float32 operations (no fast-math):
+    a block's codes spread to bytes, then cb[code] * s (+ o), as the bit-plane kernel does."""
     rows = c8.shape[0]
     nb = s.shape[1]
-    cpb = 8 // k  # codes per byte
-    mask = (1 << k) - 1
     bpb = B * k // 8
     nblocks = rows * nb
     nchunks = (nblocks + per - 1) // per
     for ch in prange(nchunks):
+        cbuf = np.empty(B, dtype=np.uint8)
         L0 = ch * per
         L1 = min(nblocks, L0 + per)
         for L in range(L0, L1):
@@ -682,14 +707,13 @@ def _dequantize_bytes_kernel(c8, k, B, cols, s, o, affine, cb, per, out):
             c0 = b * B
             orow = out[r, c0:min(cols, c0 + B)]
             cblk = c8[r, b * bpb:(b + 1) * bpb]
-            sv = s[r, b]
-            ov = o[r, b] if affine else np.float32(0.0)
-            for t in range(orow.size):
-                code = (np.uint32(cblk[t // cpb]) >> np.uint32((t % cpb) * k)) & np.uint32(mask)
-                if affine:
-                    orow[t] = np.float32(np.float32(cb[code] * sv) + ov)
-                else:
-                    orow[t] = np.float32(cb[code] * sv)
+            if k == 4:
+                _spread_bytes(cblk, 4, bpb, cbuf)
+            elif k == 2:
+                _spread_bytes(cblk, 2, bpb, cbuf)
+            else:
+                _spread_bytes(cblk, 8, bpb, cbuf)
+            _decode_block(orow, cbuf, cb, s[r, b], o[r, b], affine)
 
 # ----------------------------------------------------------------------------- the ops
 def _f32(a) -> np.ndarray:
