@@ -549,16 +549,19 @@ def _gemv_rows(words, k, B, cols, s, o, affine, cb, spread, x, xsum, r0, r1, cbu
                 _unpack_group(wblk, gi, k, spread, c64)
             for t in range(nv):
                 v[t] = cb[cbuf[t]]
-            sv = s[r, b]
-            if affine:
-                ov = o[r, b]
-                for m in range(M):
-                    acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv + ov * xsum[m, b]
-            else:
-                for m in range(M):
-                    acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv
+            _block_dot(acc, v, x, c0, nv, s[r, b], o[r, b], xsum, b, affine)
         for m in range(M):
             out[m, r] = acc[m]
+
+
+@njit(cache=True, inline="always")
+def _block_dot(acc, v, x, c0, nv, sv, ov, xsum, b, affine):
+    """acc[m] += (v . x[m, block]) * s (+ o * the block's sum of x[m]): one block of a row."""
+    for m in range(acc.size):
+        if affine:
+            acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv + ov * xsum[m, b]
+        else:
+            acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -634,14 +637,7 @@ def _gemv_bytes_rows(c8, k, B, cols, s, o, affine, tab, tab64, x, xsum, r0, r1, 
             c0 = b * B
             nv = min(B, cols - c0)  # the padding past cols is never dotted
             _decode_bytes(crow[b * bpb:(b + 1) * bpb], (nv * k + 7) // 8, k, tab, tab64, v, v64)
-            sv = s[r, b]
-            if affine:
-                ov = o[r, b]
-                for m in range(M):
-                    acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv + ov * xsum[m, b]
-            else:
-                for m in range(M):
-                    acc[m] += _dot(v, x[m, c0:c0 + nv], nv) * sv
+            _block_dot(acc, v, x, c0, nv, s[r, b], o[r, b], xsum, b, affine)
         for m in range(M):
             out[m, r] = acc[m]
 
