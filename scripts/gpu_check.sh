@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Check kbit on a machine with a real NVIDIA GPU (KBIT_REAL_GPU=1), about 7 minutes on an H200
-# (steps 1, 3 and 4 alone, issue 2's CUDA checks, about 3: KBIT_GPU_STEPS below):
-#   0. benchmarks/bench_gemv_cuda.py: the CUDA GEMV kernels alone (byte layout and bit planes)
-#      against fp16 F.linear, timed inside CUDA graphs, with a launch-shape sweep;
-#   1. tests/test_gemv_cuda.py + tests/test_runner_gpu.py: the fused CUDA GEMV at real
-#      layer sizes against a float64 product; every architecture's logits on CUDA against
-#      transformers; 4-bit packed (CUDA dequantizer + GEMV) against dequantize-on-load and CPU;
-#   2. benchmarks/bench_gpu.py: random-weight Llama checkpoints of SmolLM2-135M's shape and
-#      Llama-2-7B's layer shape (8 layers): GPU conversion (bit-identical to the CPU's),
-#      decode tokens/s of fp16 / 4-bit packed / transformers, fraction of the bandwidth bound;
-#   3. tests/test_kernels.py: the CUDA kernels bit for bit against the numpy reference, with
-#      larger tensors than the simulator allows;
-#   4. scripts/kernel_bench.py: weights/s of quantize_pack and dequantize for k = 2..8 on
-#      4096x4096 and 16384x16384, against the CPU kernels.
+# Check kbit on a machine with a real NVIDIA GPU (KBIT_REAL_GPU=1), in steps that each have a
+# time limit (the default steps take about 12 minutes on an H200; a 15-minute lease fits a
+# selection: KBIT_GPU_STEPS and KBIT_GPU_TEST_K below):
+#   runner-tests  tests/test_runner_gpu.py: every architecture's logits on CUDA against
+#                 transformers; 4-bit packed (CUDA dequantizer + GEMV) against dequantize-on-load
+#                 and the CPU; decode steps replayed as CUDA graphs against the growing cache;
+#   gemv-bench    benchmarks/bench_gemv_cuda.py: the CUDA GEMV kernels alone (byte layout, split-K
+#                 and bit planes) against fp16 F.linear, timed inside CUDA graphs, with a
+#                 launch-shape sweep;
+#   bench-gpu     benchmarks/bench_gpu.py: random-weight Llama checkpoints of Llama-2-7B's layer
+#                 shape (8 layers; KBIT_GPU_MODELS=small,7b8 adds SmolLM2's shape and the
+#                 GPU-vs-CPU conversion bit check): decode tokens/s of fp16 / 4-bit packed /
+#                 transformers, with and without CUDA graphs, fraction of the bandwidth bound,
+#                 a per-kernel profile;
+#   gemv-tests    tests/test_gemv_cuda.py: the fused CUDA GEMVs at real layer sizes against a
+#                 float64 product, float16 in/out, capture in a CUDA graph;
+#   kernel-tests  tests/test_kernels.py: the CUDA kernels bit for bit against the numpy
+#                 reference, with larger tensors than the simulator allows (issue 2);
+#   kernel-bench  scripts/kernel_bench.py: weights/s of quantize_pack and dequantize for
+#                 k = 2..8 on 4096x4096 and 16384x16384, against the CPU kernels (issue 2).
 # Logs and reports go to $OUT (else $KBIT_GPU_LOG, default /tmp/kbit-gpu-logs).
 # Fails loudly (exit 1) when there is no usable GPU.
 #
@@ -30,8 +36,8 @@
 #   KBIT_GPU_NO_INSTALL  1: install nothing
 #   KBIT_GPU_MODELS      bench_gpu.py models (default 7b8; "small,7b8" adds the SmolLM2 shape and
 #                        the GPU-vs-CPU conversion bit check)
-#   KBIT_GPU_STEPS       which steps (default: gemv-bench gemv-runner-tests bench-gpu kernel-tests kernel-bench)
-#   KBIT_GPU_T_GBENCH / _T_TESTS / _T_BENCH / _T_KTESTS / _T_KBENCH   per-step time limits (s)
+#   KBIT_GPU_STEPS       which steps (default: runner-tests gemv-bench bench-gpu gemv-tests kernel-tests kernel-bench)
+#   KBIT_GPU_T_TESTS / _T_GBENCH / _T_BENCH / _T_GTESTS / _T_KTESTS / _T_KBENCH   per-step time limits (s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -159,14 +165,18 @@ run_step() {
   echo "-- $name: exit ${RC[$name]} in $(( $(date +%s) - t0 )) s"
 }
 # shellcheck disable=SC2086
-STEPS=" ${KBIT_GPU_STEPS:-gemv-bench gemv-runner-tests bench-gpu kernel-tests kernel-bench} "
+STEPS=" ${KBIT_GPU_STEPS:-runner-tests gemv-bench bench-gpu gemv-tests kernel-tests kernel-bench} "
 step() {  # step NAME SECONDS command...  (only the steps named in KBIT_GPU_STEPS)
   case $STEPS in *" $1 "*) run_step "$@";; *) echo; echo "== $1: not selected (KBIT_GPU_STEPS)";; esac
 }
 step gemv-bench "${KBIT_GPU_T_GBENCH:-100}" "$PY" benchmarks/bench_gemv_cuda.py \
   --json "$LOG/bench_gemv_cuda.json" --markdown "$LOG/bench_gemv_cuda.md"
-step gemv-runner-tests "${KBIT_GPU_T_TESTS:-240}" "$PY" -m pytest -q -p no:cacheprovider -rs \
-  tests/test_runner_gpu.py tests/test_gemv_cuda.py ${KBIT_GPU_TEST_K:+-k "$KBIT_GPU_TEST_K"} ${KBIT_GPU_PYTEST:-}
+# The runner and the GEMV tests are two steps with their own limits (each test shape compiles
+# its kernels: in one step of 110-170 s the runner tests alone used the whole limit).
+step runner-tests "${KBIT_GPU_T_TESTS:-200}" "$PY" -m pytest -q -p no:cacheprovider -rs \
+  tests/test_runner_gpu.py ${KBIT_GPU_TEST_K:+-k "$KBIT_GPU_TEST_K"} ${KBIT_GPU_PYTEST:-}
+step gemv-tests "${KBIT_GPU_T_GTESTS:-150}" "$PY" -m pytest -q -p no:cacheprovider -rs \
+  tests/test_gemv_cuda.py ${KBIT_GPU_TEST_K:+-k "$KBIT_GPU_TEST_K"} ${KBIT_GPU_PYTEST:-}
 step bench-gpu "${KBIT_GPU_T_BENCH:-200}" "$PY" benchmarks/bench_gpu.py --models "${KBIT_GPU_MODELS:-7b8}" \
   --repeats 3 --markdown "$LOG/bench_gpu.md" --json "$LOG/bench_gpu.json"
 # shellcheck disable=SC2086
