@@ -14,7 +14,9 @@ values) and a word-level tokenizer, then:
      --repeats: kbit fp16 (the HF folder) and kbit 4-bit packed (fused GEMV decode), each
      with its decode steps replayed as CUDA graphs (the runner's default on a GPU; the
      captures are inside the timed decode) and eager (the growing cache, every kernel
-     launched from Python); 4-bit packed with the GEMV switched off (the whole weight
+     launched from Python); 4-bit packed with the split-K GEMV (BYTES_TUNING["SPLIT"] =
+     "auto", not yet the default) and with the format's bit planes kept (no byte layout);
+     4-bit packed with the GEMV switched off (the whole weight
      dequantized in every forward), 4-bit dequantized on load (fp16), and transformers'
      fp16 generate as the peer. Each with the weight bytes one decode step reads (every
      weight, but one row of an untied embedding table), the bound (copy bandwidth / those
@@ -377,6 +379,8 @@ def main() -> int:
                       ("kbit 4-bit packed, fused GEMV, CUDA graphs", out, {}, True, graph),
                       ("kbit fp16 (HF folder), eager", src, {}, None, "dynamic"),
                       ("kbit 4-bit packed, fused GEMV, eager", out, {}, True, "dynamic"),
+                      ("kbit 4-bit packed, split-K GEMV (SPLIT=auto, off by default), CUDA graphs", out,
+                       {"split": "auto"}, True, graph),
                       ("kbit 4-bit packed, fused GEMV on the format's bit planes, CUDA graphs", out,
                        {"byte_layout": False}, True, graph),
                       ("kbit 4-bit packed, dequantize every forward, CUDA graphs", out, {}, False, graph),
@@ -384,9 +388,17 @@ def main() -> int:
                        None, graph)]
         fp16_rate = None
         for label, path, kw, gemv, decode in contenders:
+            kw = dict(kw)
+            byte_layout = kw.pop("byte_layout", True)
+            tuning = {"SPLIT": kw.pop("split")} if "split" in kw else {}
+            if tuning and device.type != "cuda":
+                continue
+            saved = None
             try:
-                kw = dict(kw)
-                byte_layout = kw.pop("byte_layout", True)
+                if tuning:  # the CUDA byte-layout GEMV's launch tuning, for this contender only
+                    from kbitcli.kernels import cuda as kcuda
+                    saved = dict(kcuda.BYTES_TUNING)
+                    kcuda.BYTES_TUNING.update(tuning)
                 model, _, _ = load(path, device=device, dtype="float16", **kw)
                 if not byte_layout:  # before the first forward, which would switch the codes to bytes
                     for m in model.modules():
@@ -417,6 +429,10 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 failures.append(f"{name}: {label}: {type(e).__name__}: {e}")
+            finally:
+                if saved is not None:
+                    kcuda.BYTES_TUNING.clear()
+                    kcuda.BYTES_TUNING.update(saved)
         if not args.no_hf:
             try:
                 rate = hf_decode_rate(src, device, ids, args.new_tokens, args.repeats)
