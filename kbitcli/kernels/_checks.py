@@ -31,6 +31,20 @@ def check_bits(k: int) -> int:
     return k
 
 
+#: code layouts of a packed weight: the format's bit planes, or the runner's bytes
+CODE_LAYOUTS = ("planes", "bytes")
+#: widths with the runner's "bytes" code layout (8 // k whole codes per byte)
+BYTE_LAYOUT_BITS = (2, 4, 8)
+
+
+def check_byte_bits(k: int) -> int:
+    """k, checked to be a width the byte code layout holds (2, 4 or 8)."""
+    k = check_bits(k)
+    if k not in BYTE_LAYOUT_BITS:
+        raise KbitValueError(f"the byte code layout holds k = 2, 4 or 8 bits, got {k}")
+    return k
+
+
 def check_blockwise(name: str, a, shape: tuple[int, ...]) -> None:
     if a is not None and _shape(a) != tuple(shape):
         raise KbitValueError(f"{name} has shape {_shape(a)}, expected {tuple(shape)}")

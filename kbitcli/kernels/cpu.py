@@ -83,7 +83,8 @@ from numba import njit, prange
 
 from kbitformat import KbitValueError
 
-from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_search, check_words, check_x
+from ._checks import (CODE_LAYOUTS, check_bits, check_block, check_blockwise, check_byte_bits, check_codebook,
+                      check_search, check_words, check_x)
 
 F32 = np.float32
 #: weights per parallel chunk (a chunk is a whole number of blocks)
@@ -591,10 +592,6 @@ def _gemv_kernel(words, k, B, cols, s, o, affine, cb, spread, x, rpc, out):
 
 
 # ----------------------------------------------------------------------------- byte layout
-#: code layouts of gemv: the format's bit planes, the runner's bytes
-CODE_LAYOUTS = ("planes", "bytes")
-#: widths with the runner's "bytes" code layout (8 // k whole codes per byte)
-BYTE_LAYOUT_BITS = (2, 4, 8)
 
 
 def byte_table(cb, k: int) -> np.ndarray:
@@ -830,7 +827,7 @@ def _check_gemv_args(words, k, B, cols, s, o, cb, layout: str):
         raise KbitValueError(f"gemv: code layout must be one of {', '.join(CODE_LAYOUTS)}, got {layout!r}")
     B, k, cols = check_block(B), check_bits(k), int(cols)
     if layout == "bytes":
-        k = _byte_bits(k)
+        k = check_byte_bits(k)
     words = _gemv_array("packed words", words, "ui", "uint32 (or int32) words")
     if words.dtype.itemsize != 4:
         raise KbitValueError(f"gemv: packed words must be uint32 (or int32), got {words.dtype}")
@@ -935,18 +932,11 @@ def _planes_to_bytes_kernel(words, k, spread):
 def planes_to_bytes_inplace(words, k: int) -> None:
     """Convert C-contiguous uint32 (or int32) bit-plane words (rows, G*k), k = 2, 4 or 8, to
     the runner's byte layout, in place (no second copy of the codes; ~1000x the torch path)."""
-    k = _byte_bits(k)
+    k = check_byte_bits(k)
     if not isinstance(words, np.ndarray) or words.dtype.itemsize != 4 or words.dtype.kind not in "ui" \
             or words.ndim != 2 or not words.flags.c_contiguous or words.shape[1] % k:
         raise KbitValueError(f"planes_to_bytes_inplace takes C-contiguous 32-bit words (rows, G*{k})")
     _planes_to_bytes_kernel(words.view(np.uint32), k, SPREAD)
-
-
-def _byte_bits(k: int) -> int:
-    k = check_bits(k)
-    if k not in BYTE_LAYOUT_BITS:
-        raise KbitValueError(f"the byte code layout holds k = 2, 4 or 8 bits, got {k}")
-    return k
 
 
 def _code_bytes(words) -> np.ndarray:
@@ -959,7 +949,7 @@ def dequantize_bytes(words, k, B, cols, s, o, cb) -> np.ndarray:
     """CpuOps.dequantize for the runner's byte layout (words: int32/uint32 (rows, G*k), each
     word 32 // k consecutive codes, code i at bits [i*k, i*k + k)): the same float32 values,
     bit for bit, as dequantizing the bit planes the bytes were converted from."""
-    B, k, cols = check_block(B), _byte_bits(k), int(cols)
+    B, k, cols = check_block(B), check_byte_bits(k), int(cols)
     words = _gemv_array("packed words", words, "ui", "uint32 (or int32) words")
     if words.dtype.itemsize != 4:
         raise KbitValueError(f"packed words must be uint32 (or int32), got {words.dtype}")

@@ -47,7 +47,8 @@ from numba import config, cuda
 
 from kbitformat import KbitValueError
 
-from ._checks import check_bits, check_block, check_blockwise, check_codebook, check_search, check_words, check_x
+from ._checks import (check_bits, check_block, check_blockwise, check_byte_bits, check_codebook, check_search,
+                      check_words, check_x)
 
 F32 = np.float32
 SIMULATOR = bool(getattr(config, "ENABLE_CUDASIM", False))
@@ -700,7 +701,6 @@ def gemv_torch(codes, k, B, cols, scales, offsets, codebook, x):
 #     result to out (stored for the first tile). No atomics: results are deterministic.
 # Only device arrays are passed, nothing is allocated or copied by Numba, so a launch on
 # torch's current stream can be captured in a CUDA graph (compile on a warm-up call first).
-BYTES_KS = (2, 4, 8)
 _BYTES_KERNELS: dict = {}
 _SHARED_BUDGET = 46 * 1024  # bytes of static shared memory a kernel may use (limit 48 KiB)
 
@@ -758,13 +758,6 @@ else:  # pragma: no cover - needs a GPU (or numba-cuda's compile_ptx)
     except Exception:  # an old numba without these hooks: scalar loads
         _vload4, _vload2 = _scalar_load4, _scalar_load2
         _VECTOR_LOADS = False
-
-
-def _check_bytes_k(k: int) -> int:
-    k = check_bits(k)
-    if k not in BYTES_KS:
-        raise KbitValueError(f"the bytes layout holds k = 2, 4 or 8 bits, got {k}")
-    return k
 
 
 class BytesGemvConfig:
@@ -1160,7 +1153,7 @@ def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
 
 
 def _bytes_dims(words, k, B, cols, s, o, cb):
-    B, k, cols = check_block(B), _check_bytes_k(k), int(cols)
+    B, k, cols = check_block(B), check_byte_bits(k), int(cols)
     rows, nb = check_words(words, k, B, cols, s, o)
     check_codebook(cb, None, k)
     return B, k, cols, rows, nb, nb * B // 32
@@ -1261,7 +1254,7 @@ def dequantize_bytes(words, k, B, cols, s, o, cb) -> np.ndarray:
 
 def _check_torch_bytes(codes, k: int, B: int, cols: int, scales, offsets, codebook) -> tuple[int, int, int]:
     """(B, k, cols) checked against KbitLinear-style torch buffers."""
-    B, k, cols = check_block(B), _check_bytes_k(k), int(cols)
+    B, k, cols = check_block(B), check_byte_bits(k), int(cols)
     rows, nb = check_words(codes, k, B, cols, scales, offsets)
     check_codebook(codebook, None, k)
     _check_torch_codes(codes, k, B, nb * B // 32, scales)

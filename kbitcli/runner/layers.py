@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kbitcli.kernels._checks import BYTE_LAYOUT_BITS, check_byte_bits
+
 
 def _plane_tables() -> torch.Tensor:
     """(8, 256) int64: table[j, b] has, in its byte i, bit i of b shifted left by j."""
@@ -86,24 +88,12 @@ def unpack_codes(words: torch.Tensor, k: int) -> torch.Tensor:
     return acc.view(torch.uint8).view(rows, -1)                          # (rows, G, 4) int64 -> (rows, G*32) bytes
 
 
-#: code layouts of KbitLinear's codes buffer: the format's bit planes, or bytes (k = 2, 4, 8)
-CODE_LAYOUTS = ("planes", "bytes")
-#: widths that get the byte layout: 8 // k whole codes per byte
-BYTE_LAYOUT_BITS = (2, 4, 8)
-
-
-def _check_byte_bits(k: int) -> int:
-    if int(k) not in BYTE_LAYOUT_BITS:
-        raise ValueError(f"the byte code layout holds k = 2, 4 or 8 bits, got {k}")
-    return int(k)
-
-
 def codes_to_bytes(codes: torch.Tensor, k: int) -> torch.Tensor:
     """codes uint8 (rows, n), n a multiple of 32 // k * 4 -> int32 (rows, n * k // 32) in the byte
     layout: 8 // k codes per byte, code i at bits [(i % (8//k)) * k, +k) of byte i // (8//k), the
     bytes read as little-endian int32 words (so a word holds 32 // k consecutive codes, code i of
     the word at bits [i*k, i*k + k))."""
-    k = _check_byte_bits(k)
+    k = check_byte_bits(k)
     rows = codes.shape[0]
     per = 8 // k
     c = codes.contiguous().view(rows, -1, per)
@@ -115,7 +105,7 @@ def codes_to_bytes(codes: torch.Tensor, k: int) -> torch.Tensor:
 
 def bytes_to_codes(words: torch.Tensor, k: int) -> torch.Tensor:
     """The inverse of codes_to_bytes: int32 (rows, W) in the byte layout -> codes uint8 (rows, W * 32 // k)."""
-    k = _check_byte_bits(k)
+    k = check_byte_bits(k)
     rows = words.shape[0]
     b = words.contiguous().view(torch.uint8).view(rows, -1)
     if k == 8:
@@ -132,7 +122,7 @@ def planes_to_bytes(words: torch.Tensor, k: int) -> torch.Tensor:
 
 def bytes_to_planes(words: torch.Tensor, k: int) -> torch.Tensor:
     """The inverse of planes_to_bytes: byte-layout words -> the format's bit-plane words (int32)."""
-    k = _check_byte_bits(k)
+    k = check_byte_bits(k)
     rows = words.shape[0]
     c = bytes_to_codes(words, k).view(rows, -1, 32).to(torch.int64)          # (rows, G, 32)
     shifts = torch.arange(32, device=words.device, dtype=torch.int64)
