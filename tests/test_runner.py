@@ -331,6 +331,10 @@ def test_numba_cuda_dequantizer_under_the_simulator():
                                     layer.offsets, layer.codebook).numpy()
         ref = dequantize(qt, NumpyOps)
         assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+        if layer.use_byte_layout():  # k = 4: the byte layout's CUDA kernel, the same values
+            got = dequantize_numba_cuda(layer.codes, layer.bits, layer.block_size, layer.shape[1], layer.scales,
+                                        layer.offsets, layer.codebook, layout="bytes").numpy()
+            assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
 def test_torch_dequantization_golden_vectors():

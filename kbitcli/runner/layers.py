@@ -227,10 +227,13 @@ def cuda_byte_kernels():
 
 
 def dequantize_numba_cuda(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
-                          offsets: torch.Tensor | None, codebook: torch.Tensor) -> torch.Tensor:
+                          offsets: torch.Tensor | None, codebook: torch.Tensor, layout: str = "planes") -> torch.Tensor:
     """dequantize_torch with kbitcli.kernels.cuda (imported here, on first use). CUDA tensors go
     to the kernel in place and the result stays on the GPU; CPU tensors (Numba's CUDA simulator
-    in the tests) are copied over and back."""
+    in the tests) are copied over and back. layout "bytes": dequantize_bytes_torch."""
+    if layout == "bytes":
+        from kbitcli.kernels.cuda import dequantize_bytes_torch
+        return dequantize_bytes_torch(words, k, block, cols, scales, offsets, codebook)
     from kbitcli.kernels.cuda import CudaOps, dequantize_torch as cuda_dequantize
     if words.is_cuda:
         return cuda_dequantize(words, k, block, cols, scales, offsets, codebook)
@@ -357,45 +360,24 @@ class KbitLinear(nn.Module):
         """The weight in its stored layout, float32 reference values cast to self.dtype (the
         same values from either code layout)."""
         args = (self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets, self.codebook)
-        if self.code_layout == "bytes":
-            w = self._dequantized_bytes(args)
-        elif self.kernel == "torch":
-            w = dequantize_torch(*args)
+        lay = self.code_layout
+        if self.kernel == "torch":
+            w = dequantize_torch(*args, layout=lay)
         elif self.codes.device.type == "cpu":
-            w = dequantize_numba(*args) if self.kernel == "numba" or numba_dequantize() else dequantize_torch(*args)
+            w = (dequantize_numba(*args, layout=lay) if self.kernel == "numba" or numba_dequantize()
+                 else dequantize_torch(*args, layout=lay))
         elif self.kernel == "numba":
-            w = dequantize_numba_cuda(*args)
+            w = dequantize_numba_cuda(*args, layout=lay)
         else:  # auto on a GPU: the Numba CUDA kernel, or the torch code if it cannot run
             try:
-                w = dequantize_numba_cuda(*args)
+                w = dequantize_numba_cuda(*args, layout=lay)
             except Exception as e:  # noqa: BLE001 - any failure: the torch code gives the same values
                 import warnings
                 warnings.warn(f"kbit: the Numba CUDA dequantizer failed ({type(e).__name__}: {e}); "
                               "using the torch code", RuntimeWarning, stacklevel=2)
                 self.kernel = "torch"
-                w = dequantize_torch(*args)
+                w = dequantize_torch(*args, layout=lay)
         return w if self.dtype == torch.float32 else w.to(self.dtype)
-
-    def _dequantized_bytes(self, args) -> torch.Tensor:
-        if self.kernel == "torch":
-            return dequantize_torch(*args, layout="bytes")
-        if self.codes.device.type == "cpu":
-            if self.kernel == "numba" or numba_dequantize():
-                return dequantize_numba(*args, layout="bytes")
-            return dequantize_torch(*args, layout="bytes")
-        try:
-            fns = cuda_byte_kernels()
-            if fns is None:
-                raise RuntimeError("kbitcli.kernels.cuda has no dequantize_bytes_torch")
-            return fns[0](*args)
-        except Exception as e:  # noqa: BLE001 - any failure: the torch code gives the same values
-            if self.kernel == "numba":
-                raise
-            import warnings
-            warnings.warn(f"kbit: the Numba CUDA dequantizer of the byte layout failed ({type(e).__name__}: {e}); "
-                          "using the torch code", RuntimeWarning, stacklevel=3)
-            self.kernel = "torch"
-            return dequantize_torch(*args, layout="bytes")
 
     @property
     def weight(self) -> torch.Tensor:  # for code that inspects .weight (e.g. a tied head)
