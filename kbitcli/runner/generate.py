@@ -339,7 +339,7 @@ def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, 
     t_end = time.perf_counter()
     if limited_by_ctx:
         reasons = ["context" if r == "length" else r for r in reasons]
-    ran = mode if static is None or mode != "graph" or static.graph else "static"
+    ran = "static" if static is not None and mode == "graph" and not static.graph else mode  # a failed capture
     timings = {"prefill_seconds": t_first - t0, "decode_seconds": t_end - t_first, "decode_steps": step - 1,
                "decode_mode": ran if step > 1 else "none", "graph_captures": static.captures if static else 0}
     return out, reasons, timings

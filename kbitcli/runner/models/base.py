@@ -83,12 +83,11 @@ class KVCache:
         self.k_index: torch.Tensor | None = None     # [capacity] long
         self.attend = 0                              # positions attention reads (static mode)
 
-    def _grow(self, layer: int, like_k: torch.Tensor, like_v: torch.Tensor, end: int, zero: bool = False) -> None:
+    def _grow(self, layer: int, like_k: torch.Tensor, like_v: torch.Tensor, end: int) -> None:
         buf = self.k[layer]
         cap = max(end, self.capacity, 0 if buf is None else 2 * buf.shape[2])
-        make = torch.Tensor.new_zeros if zero else torch.Tensor.new_empty
-        nk = make(like_k, (like_k.shape[0], like_k.shape[1], cap, like_k.shape[3]))
-        nv = make(like_v, (like_v.shape[0], like_v.shape[1], cap, like_v.shape[3]))
+        nk = like_k.new_empty(like_k.shape[0], like_k.shape[1], cap, like_k.shape[3])
+        nv = like_v.new_empty(like_v.shape[0], like_v.shape[1], cap, like_v.shape[3])
         if buf is not None:
             nk[:, :, :self.length] = buf[:, :, :self.length]
             nv[:, :, :self.length] = self.v[layer][:, :, :self.length]  # type: ignore[index]
@@ -133,7 +132,7 @@ class KVCache:
         self.capacity = max(self.capacity, self.length + 1)
         for i, kb in enumerate(self.k):
             if kb.shape[2] < self.capacity:  # type: ignore[union-attr]
-                self._grow(i, kb, self.v[i], self.capacity, zero=True)  # type: ignore[arg-type]
+                self._grow(i, kb, self.v[i], self.capacity)  # type: ignore[arg-type]
             self.k[i][:, :, self.length:].zero_()  # type: ignore[index]
             self.v[i][:, :, self.length:].zero_()  # type: ignore[index]
         dev = attention_mask.device
