@@ -1128,8 +1128,10 @@ _BYTES_LAUNCHES: dict = {}
 
 
 def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
-    """(kernel, grid, threads, split) of a bytes GEMV launch (cached: the decode step's host
-    cost); split None for the one-pass kernel, else (S, NVS, reduce grid, reduce threads)."""
+    """(kernel, grid, threads, split, once) of a bytes GEMV launch (cached: the decode step's
+    host cost); split None for the one-pass kernel, else (S, NVS, reduce grid, reduce
+    threads); once: every output is written once (split-K, or one column tile), so it may be
+    float16 (rounded once)."""
     key = (k, M, affine, B, rows, NV, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
     hit = _BYTES_LAUNCHES.get(key)
     if hit is None:
@@ -1148,8 +1150,8 @@ def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
     if "GRID" in over:
         grid = min(nrg, int(over["GRID"]))
     if S == 1:
-        return kern, max(1, grid), cfg.NW * 32, None
-    return kern, (max(1, grid), S), cfg.NW * 32, (S, NVS, max(1, -(-M * rows // TPB)), TPB)
+        return kern, max(1, grid), cfg.NW * 32, None, -(-NV // cfg.TV) == 1
+    return kern, (max(1, grid), S), cfg.NW * 32, (S, NVS, max(1, -(-M * rows // TPB)), TPB), True
 
 
 def _bytes_dims(words, k, B, cols, s, o, cb):
@@ -1173,8 +1175,8 @@ def gemv_bytes_device(words, k, B, cols, s, o, cb, x, x_dtype=F32, out_dtype=F32
     dw = _dev(words, np.uint32).reshape(rows * G * k)
     ds = _dev(s, F32)
     do = _dev(o, F32) if affine else ds
-    kern, grid, threads, split = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
-    if np.dtype(out_dtype) != F32 and split is None and not _bytes_one_tile(k, M, B, rows, NV, over):
+    kern, grid, threads, split, once = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
+    if np.dtype(out_dtype) != F32 and not once:
         raise KbitValueError("a float16 output needs rows of one column tile (or split-K)")
     out = cuda.device_array((M, rows), dtype=out_dtype)
     if split is None:
@@ -1187,16 +1189,6 @@ def gemv_bytes_device(words, k, B, cols, s, o, cb, x, x_dtype=F32, out_dtype=F32
     return out
 
 
-def _bytes_one_tile(k, M, B, rows, NV, over) -> bool:
-    """Whether a bytes GEMV launch covers the columns in one tile (each output written once)."""
-    key = (k, M, B, rows, NV, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
-    hit = _BYTES_ONE_TILE.get(key)
-    if hit is None:
-        hit = _BYTES_ONE_TILE[key] = -(-NV // bytes_gemv_config(k, M, B, rows, NV, **over).TV) == 1
-    return hit
-
-
-_BYTES_ONE_TILE: dict = {}
 
 
 def gemv_bytes(words, k, B, cols, s, o, cb, x, **over) -> np.ndarray:
@@ -1293,10 +1285,8 @@ def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, out_dtype=
     if codes.data_ptr() % (4 * V):
         raise KbitValueError(f"packed codes must be {4 * V}-byte aligned for the bytes GEMV")
     NV = G * k // V
-    kern, grid, threads, split = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
-    odt = torch.float32
-    if out_dtype == torch.float16 and (split is not None or _bytes_one_tile(k, M, B, rows, NV, over)):
-        odt = torch.float16
+    kern, grid, threads, split, once = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
+    odt = torch.float16 if out_dtype == torch.float16 and once else torch.float32
     out = torch.empty((M, rows), dtype=odt, device=x.device)
     dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)
     ds = _cached_view(scales)
