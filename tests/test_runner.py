@@ -285,12 +285,12 @@ def test_kbit_4bit_greedy_tokens_same_through_gemv(arch, tiny, tmp_path):
             calls.append(x.shape[0])
             return plan(x)
         return call
-    orig, L._numba_gemv_plan = L._numba_gemv_plan, counting
+    orig, L.numba_gemv_plan = L.numba_gemv_plan, lambda: counting
     try:
         got, _, _ = generate_ids(packed, prompts[:1], 16, eos_token_ids=[], pad_token_id=0)
         got2, _, _ = generate_ids(packed, prompts, 12, eos_token_ids=[], pad_token_id=0)
     finally:
-        L._numba_gemv_plan = orig
+        L.numba_gemv_plan = orig
     assert calls and set(calls) <= {1, 2, 5}  # decode steps (and the 5-token prompt) took the GEMV
     ref, _, _ = generate_ids(dense, prompts[:1], 16, eos_token_ids=[], pad_token_id=0)
     ref2, _, _ = generate_ids(dense, prompts, 12, eos_token_ids=[], pad_token_id=0)

@@ -46,6 +46,9 @@ the layer back on planes until its next forward).
 """
 from __future__ import annotations
 
+import functools
+import importlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -150,35 +153,35 @@ def dequantize_torch(words: torch.Tensor, k: int, block: int, cols: int, scales:
 KERNELS = ("auto", "torch", "numba")
 #: input rows (tokens x batch) up to which forward uses the fused GEMV (decode steps)
 GEMV_MAX_ROWS = 8
-_numba_ops = None
+def _kernels_once(module: str, *names: str):
+    """A function that returns the attributes `names` (dotted paths; one name: the attribute,
+    several: a tuple) of kbitcli.kernels.<module>, imported on the first call and remembered,
+    or None for good when the module cannot be imported or lacks one of them (the caller
+    then uses its torch code or another path)."""
+    box: list = []
+
+    def get():
+        if not box:
+            try:
+                mod = importlib.import_module(f"kbitcli.kernels.{module}")
+                got = tuple(functools.reduce(getattr, n.split("."), mod) for n in names)
+                box.append(got[0] if len(got) == 1 else got)
+            except Exception:  # noqa: BLE001 - any import problem: the fallback of the caller
+                box.append(None)
+        return box[0]
+    return get
 
 
-def numba_dequantize():
-    """kbitcli.kernels.cpu.CpuOps.dequantize, or None when Numba's CPU kernels are unavailable."""
-    global _numba_ops
-    if _numba_ops is None:
-        try:
-            from kbitcli.kernels.cpu import CpuOps
-            _numba_ops = CpuOps.dequantize
-        except Exception:  # noqa: BLE001 - any import problem: use the torch code
-            _numba_ops = False
-    return _numba_ops or None
-
-
-_numba_gemv_plan = None
-
-
-def numba_gemv_plan():
-    """kbitcli.kernels.cpu.gemv_plan (prepares a packed weight for the fused CPU GEMV of decode
-    steps; the plan is called with x), or None when Numba's CPU kernels are unavailable."""
-    global _numba_gemv_plan
-    if _numba_gemv_plan is None:
-        try:
-            from kbitcli.kernels.cpu import gemv_plan
-            _numba_gemv_plan = gemv_plan
-        except Exception:  # noqa: BLE001 - any import problem: dequantize + matmul instead
-            _numba_gemv_plan = False
-    return _numba_gemv_plan or None
+#: kbitcli.kernels.cpu.CpuOps.dequantize (Numba), or None: the torch code
+numba_dequantize = _kernels_once("cpu", "CpuOps.dequantize")
+#: kbitcli.kernels.cpu.gemv_plan (prepares a packed weight for the fused CPU GEMV of decode
+#: steps; the plan is called with x), or None: dequantize + matmul
+numba_gemv_plan = _kernels_once("cpu", "gemv_plan")
+#: kbitcli.kernels.cpu.planes_to_bytes_inplace, or None: the torch converter
+numba_planes_to_bytes = _kernels_once("cpu", "planes_to_bytes_inplace")
+#: (dequantize_bytes_torch, gemv_bytes_torch) of kbitcli.kernels.cuda, or None: layers on a
+#: GPU keep the bit planes
+cuda_byte_kernels = _kernels_once("cuda", "dequantize_bytes_torch", "gemv_bytes_torch")
 
 
 def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
@@ -193,37 +196,6 @@ def dequantize_numba(words: torch.Tensor, k: int, block: int, cols: int, scales:
     out = fn(words.numpy().view(np.uint32), k, block, cols, scales.numpy(),
              None if offsets is None else offsets.numpy(), codebook.numpy())
     return torch.from_numpy(out)
-
-
-_numba_p2b = None
-
-
-def numba_planes_to_bytes():
-    """kbitcli.kernels.cpu.planes_to_bytes_inplace, or None when Numba's CPU kernels are unavailable."""
-    global _numba_p2b
-    if _numba_p2b is None:
-        try:
-            from kbitcli.kernels.cpu import planes_to_bytes_inplace
-            _numba_p2b = planes_to_bytes_inplace
-        except Exception:  # noqa: BLE001 - any import problem: the torch converter
-            _numba_p2b = False
-    return _numba_p2b or None
-
-
-_cuda_byte_kernels = None
-
-
-def cuda_byte_kernels():
-    """(dequantize_bytes_torch, gemv_bytes_torch) of kbitcli.kernels.cuda, or None when that
-    module cannot be imported or does not have them (yet). Looked up once."""
-    global _cuda_byte_kernels
-    if _cuda_byte_kernels is None:
-        try:
-            from kbitcli.kernels import cuda
-            _cuda_byte_kernels = (cuda.dequantize_bytes_torch, cuda.gemv_bytes_torch)
-        except Exception:  # noqa: BLE001 - no CUDA kernels for the byte layout: layers keep the bit planes
-            _cuda_byte_kernels = False
-    return _cuda_byte_kernels or None
 
 
 def dequantize_numba_cuda(words: torch.Tensor, k: int, block: int, cols: int, scales: torch.Tensor,
