@@ -855,14 +855,8 @@ def gemv(words, k, B, cols, s, o, cb, x, layout: str = "planes") -> np.ndarray:
     dequantize + matmul (the sum runs in another order, with fused multiply-adds); the error
     is that of a float32 dot product, within about cols * 2**-24 * sum|x||w| per output."""
     B, k, cols, words = _check_gemv_args(words, k, B, cols, s, o, cb, layout)
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        _gemv_array("x", x, "f", "floats")
-    if len(x.shape) != 2 or x.shape[1] != cols:
-        raise KbitValueError(f"x must be (M, {cols}), got {tuple(x.shape)}")
-    M = x.shape[0]
-    if M < 1:
-        raise KbitValueError("the fused GEMV takes at least 1 input row, got 0")
-    return GemvPlan(words, k, B, cols, s, o, cb, layout)(x)
+    _gemv_array("x", x, "f", "floats")
+    return GemvPlan(words, k, B, cols, s, o, cb, layout)(x)  # the plan checks x's shape
 
 
 class GemvPlan:
@@ -889,8 +883,10 @@ class GemvPlan:
     def __call__(self, x) -> np.ndarray:
         if x.dtype != F32 or not x.flags.c_contiguous:
             x = _f32(x)
-        if x.ndim != 2 or x.shape[1] != self.cols or x.shape[0] < 1:
-            raise KbitValueError(f"x must be (M >= 1, {self.cols}), got {tuple(x.shape)}")
+        if x.ndim != 2 or x.shape[1] != self.cols:
+            raise KbitValueError(f"x must be (M, {self.cols}), got {tuple(x.shape)}")
+        if x.shape[0] < 1:
+            raise KbitValueError("the fused GEMV takes at least 1 input row, got 0")
         out = np.empty((x.shape[0], self.rows), dtype=F32)
         if self.layout == "bytes":
             _gemv_bytes_kernel(self.words, self.k, self.B, self.cols, self.s, self.ov, self.affine, self.tab,
