@@ -46,6 +46,11 @@ import numpy as np  # noqa: E402
 GB = 1e9
 MB = 1e6
 KBIT = Path(sys.executable).parent / "kbit"
+# the `kbit` script of this interpreter's environment, else `python -m kbitcli` (a machine
+# where kbit is not installed, only on PYTHONPATH: the GPU check machine)
+KBIT_CMD = [str(KBIT)] if KBIT.exists() else [sys.executable, "-m", "kbitcli"]
+THREADS = 2  # OMP / NUMBA / MKL threads of the kbit subprocesses (--threads)
+DEVICE_ARGS: list = []  # --device cuda: ["--device", "cuda"]
 SPEC_ARGS = ["--bits", "4", "--dtype", "int", "--block-size", "64"]
 POOL_VALUES = 1 << 25  # bf16 values of random data reused (rotated) across tensors
 
@@ -269,7 +274,8 @@ sys.exit(main(sys.argv[1:]))
 
 def env2() -> dict:
     e = dict(os.environ)
-    e.update({"OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+    n = str(THREADS)
+    e.update({"OMP_NUM_THREADS": n, "NUMBA_NUM_THREADS": n, "MKL_NUM_THREADS": n})
     return e
 
 
@@ -298,7 +304,7 @@ def one_size(size_gb: float, a, rep: Report, results: list) -> None:
         gen = time.perf_counter() - t
         print(f"[{size_gb:g} GB] wrote {ck['tensors']} tensors, {ck['total'] / GB:.2f} GB in {ck['shards']} shards "
               f"({gen:.0f} s)", flush=True)
-        cmd = [str(KBIT), "quantize", str(src), str(out), *SPEC_ARGS, "--quiet", "--json", "--force"]
+        cmd = [*KBIT_CMD, "quantize", str(src), str(out), *SPEC_ARGS, *DEVICE_ARGS, "--quiet", "--json", "--force"]
         colds, warms, runs, evicted = [], [], [], True
         for k in range(a.repeat):
             evicted = evict(ck["files"]) and evicted
@@ -366,7 +372,7 @@ def one_size(size_gb: float, a, rep: Report, results: list) -> None:
         results.append({"size": size_gb, "ck": ck, "cold": cold, "warm": warm, "evicted": evicted, "kbit": r,
                         "colds": colds, "warms": warms, "cold_run": cold_run,
                         "summary": summ, "naive": naive, "noerr": noerr, "general": general, "largest_q": largest_q, "layers": layers,
-                        "cmd": " ".join(["kbit", "quantize", "SRC", "OUT", *SPEC_ARGS, "--quiet", "--json", "--force"])})
+                        "cmd": " ".join(["kbit", "quantize", "SRC", "OUT", *SPEC_ARGS, *DEVICE_ARGS, "--quiet", "--json", "--force"])})
     finally:
         if not a.keep:
             shutil.rmtree(src, ignore_errors=True)
@@ -380,7 +386,7 @@ def warm_up(a, rep: Report) -> None:
     out = src.parent / (src.name + "-kbit")
     try:
         write_checkpoint(src, llama_tensors(1, 256, 512, 512, 256), 3, {"model_type": "llama"})
-        cmd = [str(KBIT), "quantize", str(src), str(out), *SPEC_ARGS, "--quiet", "--json", "--force"]
+        cmd = [*KBIT_CMD, "quantize", str(src), str(out), *SPEC_ARGS, *DEVICE_ARGS, "--quiet", "--json", "--force"]
         first = run_measured(cmd, env=env2())
         shutil.rmtree(out, ignore_errors=True)
         second = run_measured(cmd, env=env2())
@@ -502,7 +508,7 @@ def embedded(a, rep: Report) -> None:
         # competing with numpy's BLAS threads on small tensors
         for extra, env_extra in (([], {}), (SPEC_ARGS, {}), ([], {"OMP_WAIT_POLICY": "PASSIVE"})):
             out = Path(tmp) / "out"
-            cmd = [str(KBIT), "quantize", "embedded", str(out), *extra, "--quiet", "--json", "--force"]
+            cmd = [*KBIT_CMD, "quantize", "embedded", str(out), *extra, "--quiet", "--json", "--force"]
             r = run_measured(cmd, env={**env2(), **env_extra})
             if r["rc"] != 0:
                 rep.note(f"kbit quantize embedded failed (exit {r['rc']}): {r['stderr'][-1500:]}")
@@ -543,17 +549,22 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run the cat reads and the kbit conversion N times per size (min / median reported)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="OMP/NUMBA/MKL threads of the kbit subprocesses (default 2, the CI machine's cores)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="kbit quantize --device (cuda: the GPU kernels quantize)")
     a = ap.parse_args(argv)
+    global THREADS
+    THREADS = max(1, a.threads)
+    DEVICE_ARGS[:] = ["--device", a.device] if a.device != "cpu" else []
     sizes = [float(s) for s in (a.sizes or ("1" if a.quick else "2,6")).split(",") if s.strip()]
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
-    if not KBIT.exists():
-        print(f"{KBIT} not found: install kbit into this interpreter's environment (scripts/setup.sh)")
-        return 2
     t0 = time.perf_counter()
     rep = Report()
     rep.note(f"machine: {machine()}")
-    rep.note(f"versions: {versions('numpy', 'numba', 'torch', 'safetensors')}; kbit subprocess with "
-             "OMP_NUM_THREADS=NUMBA_NUM_THREADS=2")
+    rep.note(f"versions: {versions('numpy', 'numba', 'torch', 'safetensors')}; kbit subprocess ({' '.join(KBIT_CMD)}) "
+             f"with OMP_NUM_THREADS=NUMBA_NUM_THREADS={THREADS}"
+             + (f", quantize {' '.join(DEVICE_ARGS)}" if DEVICE_ARGS else ""))
     rep.note(f"synthetic checkpoints: hidden {a.hidden}, intermediate {a.intermediate}, vocab {a.vocab}, bfloat16, "
              f"under {a.workdir} (free: {shutil.disk_usage(a.workdir).free / GB:.0f} GB)")
     results: list = []

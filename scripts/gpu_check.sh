@@ -18,7 +18,10 @@
 #   kernel-tests  tests/test_kernels.py: the CUDA kernels bit for bit against the numpy
 #                 reference, with larger tensors than the simulator allows (issue 2);
 #   kernel-bench  scripts/kernel_bench.py: weights/s of quantize_pack and dequantize for
-#                 k = 2..8 on 4096x4096 and 16384x16384, against the CPU kernels (issue 2).
+#                 k = 2..8 on 4096x4096 and 16384x16384, against the CPU kernels (issue 2);
+#   convert-bench benchmarks/bench_convert.py on this machine's cores (issue 3): conversion
+#                 throughput of 2 and 6 GB synthetic checkpoints against cat, then the 6 GB
+#                 one with --device cuda (not in the default steps: name it in KBIT_GPU_STEPS).
 # Logs and reports go to $OUT (else $KBIT_GPU_LOG, default /tmp/kbit-gpu-logs).
 # Fails loudly (exit 1) when there is no usable GPU.
 #
@@ -37,7 +40,8 @@
 #   KBIT_GPU_MODELS      bench_gpu.py models (default 7b8; "small,7b8" adds the SmolLM2 shape and
 #                        the GPU-vs-CPU conversion bit check)
 #   KBIT_GPU_STEPS       which steps (default: runner-tests gemv-bench bench-gpu gemv-tests kernel-tests kernel-bench)
-#   KBIT_GPU_T_TESTS / _T_GBENCH / _T_BENCH / _T_GTESTS / _T_KTESTS / _T_KBENCH   per-step time limits (s)
+#   KBIT_GPU_T_TESTS / _T_GBENCH / _T_BENCH / _T_GTESTS / _T_KTESTS / _T_KBENCH / _T_CBENCH   per-step time limits (s)
+#   KBIT_GPU_CONVERT_SIZES  convert-bench sizes in GB (default 2,6)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -183,6 +187,11 @@ step bench-gpu "${KBIT_GPU_T_BENCH:-200}" "$PY" benchmarks/bench_gpu.py --models
 step kernel-tests "${KBIT_GPU_T_KTESTS:-110}" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py ${KBIT_GPU_PYTEST:-}
 step kernel-bench "${KBIT_GPU_T_KBENCH:-80}" "$PY" scripts/kernel_bench.py --devices cuda,cpu --bits 2-8 --reps 5 \
   --sizes "${KBIT_GPU_SIZES:-4096x4096,16384x16384}" --cpu-max-weights 2e7
+step convert-bench "${KBIT_GPU_T_CBENCH:-150}" bash -c '"$0" benchmarks/bench_convert.py --threads "$(nproc)" \
+  --sizes "${KBIT_GPU_CONVERT_SIZES:-2,6}" --repeat 2 --no-general --no-embedded --workdir /tmp/kbit-bench \
+  --markdown "$1/bench_convert.md" && "$0" benchmarks/bench_convert.py --threads "$(nproc)" --device cuda \
+  --sizes "${KBIT_GPU_CONVERT_SIZES##*,}" --no-general --no-embedded --no-naive --no-library-row \
+  --workdir /tmp/kbit-bench --markdown "$1/bench_convert_cuda.md"' "$PY" "$LOG"
 
 say "summary ($(( $(date +%s) - T0 )) s)"
 FAIL=0
