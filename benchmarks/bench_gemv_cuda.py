@@ -15,10 +15,10 @@ includes the host launch cost); the "method" column says which. Also printed: GB
 bytes each call must read (codes, scales, offsets, x; the output), that rate as a fraction
 of a measured device-to-device copy (read + write bytes / time), the ratio to fp16 F.linear,
 and the host cost of one eager call (the Python + Numba launch overhead that CUDA graphs
-remove). A sweep of launch shapes of the bytes GEMV (BYTES_TUNING: R rows a warp, NW
-warps a CTA, CTAs per SM, SPLIT column slices of split-K) follows, so one run tells which
-default to keep; each main shape also gets a split-K row (SPLIT="auto", or 2 where "auto"
-picks no split). Each variant
+remove). At M = 1 the bytes GEMV is the x-in-registers kernel; each main shape also gets a
+row of the tile kernel (KERNEL="tile"). A sweep of launch shapes (BYTES_TUNING: XR_NG row
+groups and XR_D rows in flight of the x-in-registers kernel; R rows a warp and NW warps a
+CTA of the tile kernel) follows, so one run tells which default to keep. Each variant
 fails soft (the error is printed, the run goes on); the run stops adding variants after
 --time-limit seconds.
 
@@ -42,23 +42,22 @@ for p in (ROOT, ROOT / "formats"):
         sys.path.insert(0, str(p))
 
 SHAPES = "4096x4096,11008x4096,4096x11008,32000x4096"
-SWEEP = [  # (label, BYTES_TUNING overrides) for the bytes GEMV, k=4 (default: R4 NW8, 8 CTAs/SM)
-    # split-K first (the newest option; the sweep is cut at --time-limit): S column slices in
-    # S times the CTAs, a float32 workspace and a second kernel adding the S partials
-    ("R4 NW8 SPLIT2", dict(R=4, NW=8, SPLIT=2)),
-    ("R4 NW8 SPLIT4", dict(R=4, NW=8, SPLIT=4)),
-    ("R4 NW8 SPLIT8", dict(R=4, NW=8, SPLIT=8)),
-    ("R2 NW8 SPLIT2", dict(R=2, NW=8, SPLIT=2)),
-    ("R2 NW8 SPLIT4", dict(R=2, NW=8, SPLIT=4)),
-    ("R2 NW8 SPLIT8", dict(R=2, NW=8, SPLIT=8)),
-    ("R2 NW8 SPLIT4 64reg", dict(R=2, NW=8, SPLIT=4, MAXREG=64)),  # 4 CTAs an SM (ptxas: no spills)
-    ("SPLIT auto", dict(SPLIT="auto")),
-    ("R4 NW4", dict(R=4, NW=4)),
-    ("R2 NW8", dict(R=2, NW=8)),
-    ("R4 NW16", dict(R=4, NW=16)),
-    ("R8 NW8", dict(R=8, NW=8, NP=1)),
-    ("R4 NW8 4/SM", dict(R=4, NW=8, CTAS_PER_SM=4)),
-    ("R2 NW16", dict(R=2, NW=16)),
+SWEEP = [  # (label, BYTES_TUNING overrides) for the bytes GEMV, k=4
+    # the x-in-registers kernel (the M = 1 default; XR_NG row groups a CTA, XR_D rows in flight
+    # a group, XR_CTAS CTAs an SM at most; default NG = max(1, 4 // warps a row group), D = 4)
+    ("XR NG1 D4", dict(XR_NG=1, XR_D=4)),
+    ("XR NG1 D2", dict(XR_NG=1, XR_D=2)),
+    ("XR NG1 D8", dict(XR_NG=1, XR_D=8)),
+    ("XR NG2 D4", dict(XR_NG=2, XR_D=4)),
+    ("XR NG2 D2", dict(XR_NG=2, XR_D=2)),
+    ("XR NG4 D2", dict(XR_NG=4, XR_D=2)),
+    ("XR NG1 D1", dict(XR_NG=1, XR_D=1)),
+    ("XR NG1 D4 4/SM", dict(XR_NG=1, XR_D=4, XR_CTAS=4)),
+    ("XR NG1 D4 80reg", dict(XR_NG=1, XR_D=4, MAXREG=80)),
+    # the tile kernel (x staged in shared memory; R rows a warp, NW warps a CTA); split-K
+    # made it slower on the H200 (docs/data/gpu-2026-11-28d)
+    ("tile R4 NW8", dict(KERNEL="tile", R=4, NW=8)),
+    ("tile R2 NW16", dict(KERNEL="tile", R=2, NW=16)),
 ]
 
 
@@ -71,7 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--m", type=int, default=1, help="input rows (default 1)")
     ap.add_argument("--launches", type=int, default=20, help="launches captured per graph (default 20)")
     ap.add_argument("--replays", type=int, default=10, help="timed graph replays (default 10)")
-    ap.add_argument("--sweep-shapes", default="4096x4096", help="shapes of the launch-shape sweep ('' none)")
+    ap.add_argument("--sweep-shapes", default="4096x4096,11008x4096", help="shapes of the launch-shape sweep ('' none)")
     ap.add_argument("--time-limit", type=float, default=75.0, help="no new variant after this many seconds (default 75)")
     ap.add_argument("--json", help="write the results as JSON here")
     ap.add_argument("--markdown", help="write the results as a markdown table here")
@@ -266,6 +265,12 @@ def main(argv=None) -> int:
     def cfg_for(k, rows, W, tun=None):
         """The launch shape (a string with the split-K slices where S > 1)."""
         tun = dict(K.BYTES_TUNING, **(tun or {}))
+        if hasattr(K, "bytes_gemv_plan"):
+            V, NV, _, grid, threads, split, _ = K.bytes_gemv_plan(k, M, affine, B, rows, W, **tun)
+            xr = K.xr_gemv_config(k, M, B, rows, NV, **tun)
+            if xr is not None:
+                return (f"x-in-registers V={xr[0]} NG={xr[1]} D={xr[2]} warps/row={xr[3]} grid={grid} "
+                        f"threads={threads}" + (f" MAXREG={tun['MAXREG']}" if tun.get("MAXREG") else ""))
         V = K.bytes_gemv_config(k, M, B, rows, 1, **tun).V
         NV = max(1, W // V)
         S, NVS = K.bytes_gemv_split(k, M, B, rows, NV, **tun) if hasattr(K, "bytes_gemv_split") else (1, NV)
@@ -286,13 +291,6 @@ def main(argv=None) -> int:
             print(f"  data: FAILED {e}")
             return None
         return rows, cols, k0, data, gemv_bytes_count(*data[:3], data[4], rows)
-
-    def split_row(k, rows, W):
-        """(label, tuning) of the split-K row of a main shape: "auto", or 2 slices where auto
-        picks none (there the rows alone give enough CTAs, or no SM count: the simulator)."""
-        V = K.bytes_gemv_config(k, M, B, rows, 1).V
-        S, _ = K.bytes_gemv_split(k, M, B, rows, max(1, W // V), SPLIT="auto")
-        return (f"split-K auto S={S}", dict(SPLIT="auto")) if S > 1 else ("split-K S=2", dict(SPLIT=2))
 
     def gemv_bytes_count(codes, s, o, x, rows):
         return (codes.numel() * 4 + s.numel() * 4 * (2 if o is not None else 1) + x.numel() * 4 + M * rows * 4)
@@ -315,13 +313,10 @@ def main(argv=None) -> int:
             print(f"  fp16 F.linear FAILED: {e}")
         run(f"bytes k={k0}", shape, k0, nbytes, lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x),
             cfg_over=cfg_for(k0, rows, codes.shape[1]))
-        try:
-            label, tun = split_row(k0, rows, codes.shape[1])
-            run(f"bytes k={k0} {label}", shape, k0, nbytes,
-                lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x), tuning=tun,
-                cfg_over=cfg_for(k0, rows, codes.shape[1], tun))
-        except Exception as e:
-            print(f"  bytes k={k0} split-K: no config ({e})")
+        tile = dict(KERNEL="tile")
+        run(f"bytes k={k0} tile kernel", shape, k0, nbytes,
+            lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x), tuning=tile,
+            cfg_over=cfg_for(k0, rows, codes.shape[1], tile))
         if shape == shapes[0]:  # correctness spot check against dequantize + F.linear
             try:
                 y = K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x)
@@ -331,11 +326,11 @@ def main(argv=None) -> int:
                 ok = bool(((y.double() - y64).abs() <= bound).all())
                 print(f"  check: bytes GEMV vs float64 dequantize-product: {'ok' if ok else 'MISMATCH'}")
                 info["spot_check_ok"] = ok
-                for S in (4, 3):  # split-K too (3: uneven slices)
-                    ys = K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x, SPLIT=S)
+                for name, over in (("tile kernel", dict(KERNEL="tile")), ("split-K S=3", dict(SPLIT=3))):
+                    ys = K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x, **over)
                     ok = bool(((ys.double() - y64).abs() <= bound).all())
-                    print(f"  check: split-K S={S} vs float64 dequantize-product: {'ok' if ok else 'MISMATCH'}")
-                    info[f"spot_check_split{S}_ok"] = ok
+                    print(f"  check: {name} vs float64 dequantize-product: {'ok' if ok else 'MISMATCH'}")
+                    info[f"spot_check_{name.split()[0]}_ok"] = ok
                 del w
             except Exception as e:
                 print(f"  check FAILED: {e}")

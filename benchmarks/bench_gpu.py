@@ -14,8 +14,9 @@ values) and a word-level tokenizer, then:
      --repeats: kbit fp16 (the HF folder) and kbit 4-bit packed (fused GEMV decode), each
      with its decode steps replayed as CUDA graphs (the runner's default on a GPU; the
      captures are inside the timed decode) and eager (the growing cache, every kernel
-     launched from Python); 4-bit packed with the split-K GEMV (BYTES_TUNING["SPLIT"] =
-     "auto", not yet the default) and with the format's bit planes kept (no byte layout);
+     launched from Python); 4-bit packed with the tile GEMV (BYTES_TUNING["KERNEL"] = "tile",
+     the M = 1 default before the x-in-registers kernel) and with the format's bit planes
+     kept (no byte layout);
      4-bit packed with the GEMV switched off (the whole weight
      dequantized in every forward), 4-bit dequantized on load (fp16), and transformers'
      fp16 generate as the peer. Each with the weight bytes one decode step reads (every
@@ -310,6 +311,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--spec", default="4:nf:b64")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--skip", default="", help="comma-separated substrings: skip the decode contenders whose "
+                    "label contains one (e.g. 'eager,bit planes,dequantize every' for a short GPU lease)")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--workdir", type=Path, help="where to write the checkpoints (default: a temp folder)")
@@ -379,18 +382,22 @@ def main() -> int:
                       ("kbit 4-bit packed, fused GEMV, CUDA graphs", out, {}, True, graph),
                       ("kbit fp16 (HF folder), eager", src, {}, None, "dynamic"),
                       ("kbit 4-bit packed, fused GEMV, eager", out, {}, True, "dynamic"),
-                      ("kbit 4-bit packed, split-K GEMV (SPLIT=auto, off by default), CUDA graphs", out,
-                       {"split": "auto"}, True, graph),
+                      ("kbit 4-bit packed, tile GEMV (KERNEL=tile, the previous default), CUDA graphs", out,
+                       {"tuning": {"KERNEL": "tile"}}, True, graph),
                       ("kbit 4-bit packed, fused GEMV on the format's bit planes, CUDA graphs", out,
                        {"byte_layout": False}, True, graph),
                       ("kbit 4-bit packed, dequantize every forward, CUDA graphs", out, {}, False, graph),
                       ("kbit 4-bit dequantized on load (fp16), CUDA graphs", out, {"dequantize_on_load": True},
                        None, graph)]
         fp16_rate = None
+        skip = [w.strip() for w in args.skip.split(",") if w.strip()]
         for label, path, kw, gemv, decode in contenders:
+            if any(w in label for w in skip):
+                print(f"  (skipped: {label})")
+                continue
             kw = dict(kw)
             byte_layout = kw.pop("byte_layout", True)
-            tuning = {"SPLIT": kw.pop("split")} if "split" in kw else {}
+            tuning = kw.pop("tuning", {})
             if tuning and device.type != "cuda":
                 continue
             saved = None

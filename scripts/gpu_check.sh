@@ -41,6 +41,8 @@
 #                        the GPU-vs-CPU conversion bit check)
 #   KBIT_GPU_STEPS       which steps (default: runner-tests gemv-bench bench-gpu gemv-tests kernel-tests kernel-bench)
 #   KBIT_GPU_T_TESTS / _T_GBENCH / _T_BENCH / _T_GTESTS / _T_KTESTS / _T_KBENCH / _T_CBENCH   per-step time limits (s)
+#   KBIT_GPU_GBENCH_ARGS / KBIT_GPU_BENCH_ARGS   extra arguments of bench_gemv_cuda.py / bench_gpu.py
+#                        (e.g. "--bits 4 --sweep-shapes 4096x4096" / "--skip eager,bit planes")
 #   KBIT_GPU_CONVERT_SIZES  convert-bench sizes in GB (default 2,6)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -174,7 +176,7 @@ step() {  # step NAME SECONDS command...  (only the steps named in KBIT_GPU_STEP
   case $STEPS in *" $1 "*) run_step "$@";; *) echo; echo "== $1: not selected (KBIT_GPU_STEPS)";; esac
 }
 step gemv-bench "${KBIT_GPU_T_GBENCH:-100}" "$PY" benchmarks/bench_gemv_cuda.py \
-  --json "$LOG/bench_gemv_cuda.json" --markdown "$LOG/bench_gemv_cuda.md"
+  --json "$LOG/bench_gemv_cuda.json" --markdown "$LOG/bench_gemv_cuda.md" ${KBIT_GPU_GBENCH_ARGS:-}
 # The runner and the GEMV tests are two steps with their own limits (each test shape compiles
 # its kernels: in one step of 110-170 s the runner tests alone used the whole limit).
 step runner-tests "${KBIT_GPU_T_TESTS:-200}" "$PY" -m pytest -q -p no:cacheprovider -rs \
@@ -182,7 +184,7 @@ step runner-tests "${KBIT_GPU_T_TESTS:-200}" "$PY" -m pytest -q -p no:cacheprovi
 step gemv-tests "${KBIT_GPU_T_GTESTS:-150}" "$PY" -m pytest -q -p no:cacheprovider -rs \
   tests/test_gemv_cuda.py ${KBIT_GPU_TEST_K:+-k "$KBIT_GPU_TEST_K"} ${KBIT_GPU_PYTEST:-}
 step bench-gpu "${KBIT_GPU_T_BENCH:-200}" "$PY" benchmarks/bench_gpu.py --models "${KBIT_GPU_MODELS:-7b8}" \
-  --repeats 3 --markdown "$LOG/bench_gpu.md" --json "$LOG/bench_gpu.json"
+  --repeats 3 --markdown "$LOG/bench_gpu.md" --json "$LOG/bench_gpu.json" ${KBIT_GPU_BENCH_ARGS:-}
 # shellcheck disable=SC2086
 step kernel-tests "${KBIT_GPU_T_KTESTS:-110}" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py ${KBIT_GPU_PYTEST:-}
 step kernel-bench "${KBIT_GPU_T_KBENCH:-80}" "$PY" scripts/kernel_bench.py --devices cuda,cpu --bits 2-8 --reps 5 \

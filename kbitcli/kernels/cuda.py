@@ -1154,6 +1154,218 @@ def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
     return kern, (max(1, grid), S), cfg.NW * 32, (S, NVS, max(1, -(-M * rows // TPB)), TPB), True
 
 
+# x-in-registers GEMV (bytes layout, one input row: the decode step of a batch of one). The
+# tile kernel above stages x in shared memory and walks every column of its rows in each
+# lane; on an H200 it reached 20-35% of the memory bandwidth, and split-K made it slower: it
+# is limited by the instructions and shared-memory loads spent per code and by how few warps
+# hold a whole row's work, not by too few CTAs. Here a row is cut across the lanes of a
+# "row group" of nwg = ceil(NV/32) warps: lane l of warp w of the group owns vector
+# v = w*32 + l (P = 32V/k codes) of every row, so its P values of x are loaded once, into
+# registers, and each code costs one shift-and-mask, one codebook load from shared memory
+# and one fused multiply-add (no x loads in the loop). A CTA holds NG row groups; each takes D
+# rows at a time (all D rows' vectors loaded before any is used: D x 16 bytes in flight a
+# lane), then every lane's partial sums are added across the warp by a butterfly of shuffles
+# (the same tree on every lane), lane 0 of each warp stores its warp's sum and one thread a
+# row adds the nwg warp sums in warp order and writes out (once: float16 out allowed). No
+# atomics: the same bits on every call. Rows past the end are clamped (computed, not
+# stored). Eligible when M = 1, a vector holds at most 32 codes (V = 2 at k = 2, V = 4 at
+# k = 4 and 8) and nwg <= 32 (cols <= 32768 at k = 4); otherwise the tile kernel runs.
+# Numba's simulator has no shuffles: there the butterfly exchanges values through shared
+# memory (_xr_sim_xor), with the same additions in the same order.
+XR_KEYS = ("KERNEL", "XR_NG", "XR_D", "XR_CTAS", "XR_GRID", "MAXREG")
+
+
+def _xr_vector_words(k: int, B: int) -> int:
+    WB = B * k // 32
+    V = 2 if k == 2 else 4
+    while V > 1 and WB % V:
+        V //= 2
+    return V
+
+
+def xr_gemv_config(k: int, M: int, B: int, rows: int, NV: int, **over):
+    """(V, NG, D, nwg) of the x-in-registers kernel for this call, or None when the tile
+    kernel runs (M > 1, too many vectors, a tile-kernel setting in `over` / BYTES_TUNING, or
+    KERNEL="tile"). NV: vectors of V words a row (V from _xr_vector_words)."""
+    t = dict(BYTES_TUNING)
+    t.update(over)
+    kern = t.get("KERNEL", "auto")
+    if kern == "tile" or M != 1 or any(key not in XR_KEYS for key in t if key != "SPLIT") or \
+            int(t.get("SPLIT", 1) if t.get("SPLIT", 1) != "auto" else 1) > 1:
+        return None
+    V = _xr_vector_words(k, B)
+    nwg = -(-NV // 32)
+    if V < 2 or nwg > 32:
+        return None
+    NG = int(t.get("XR_NG", 0)) or max(1, 4 // nwg)  # about 4 warps a CTA
+    NG = max(1, min(NG, 32 // nwg))
+    D = max(1, int(t.get("XR_D", 4)))
+    if SIMULATOR:
+        D = min(D, 2)
+    return V, NG, D, nwg
+
+
+@cuda.jit(device=True)
+def _xr_sim_xor(buf, tid, lane, v, m):
+    """v of lane (lane ^ m) of this warp, through shared memory (the simulator has no shuffles;
+    every thread of the block calls this at the same point)."""
+    buf[tid] = v
+    cuda.syncthreads()
+    w = buf[tid - lane + (lane ^ m)]
+    cuda.syncthreads()
+    return w
+
+
+def _xr_gemv_source(k: int, affine: bool, V: int, NG: int, D: int, CBREP: int, wbshift: int) -> str:
+    P = 32 * V // k
+    CPW = 32 // k
+    NP = 2
+    vl = "_vload4" if V == 4 else "_vload2"
+    L = []
+    e = L.append
+    e("def kern(words, NV, WB, s, o, cb, x, out):")
+    e("    tid = cuda.threadIdx.x")
+    e("    warp = tid // 32")
+    e("    lane = tid - warp * 32")
+    e("    lane_u = u32(lane)")
+    e("    nwg = (NV + 31) // 32")
+    e("    g = warp // nwg")
+    e("    v = (warp - g * nwg) * 32 + lane")
+    e("    live = v < NV")
+    e("    rows = out.shape[1]")
+    e("    cols = x.shape[1]")
+    e(f"    cbs = cuda.shared.array({(1 << k) * CBREP}, dtype=f32)")
+    e(f"    red = cuda.shared.array({32 * D}, dtype=f32)")
+    if SIMULATOR:
+        e("    xbuf = cuda.shared.array(1024, dtype=f32)")
+    e(f"    for q in range(tid, {(1 << k) * CBREP}, cuda.blockDim.x):")
+    e(f"        cbs[q] = cb[q >> {5 if CBREP > 1 else 0}]")
+    e(f"    c0 = v * {P}")
+    for i in range(P):
+        e(f"    x{i} = f32(0.0)")
+    e("    bn = 0")
+    e("    if live:")
+    if wbshift >= 0:
+        e(f"        bn = (v * {V}) >> {wbshift}")
+    else:
+        e(f"        bn = (v * {V}) // WB")
+    for i in range(P):
+        e(f"        if c0 + {i} < cols:")
+        e(f"            x{i} = f32(x[0, c0 + {i}])")
+    if affine:
+        e("    xs = " + " + ".join(f"x{i}" for i in range(P)))
+    e("    woff = v * " + str(V))
+    e(f"    rstride = NV * {V}")
+    e(f"    nch = (rows + {NG * D - 1}) // {NG * D}")
+    e("    cuda.syncthreads()")
+    e("    for ch in range(cuda.blockIdx.x, nch, cuda.gridDim.x):")
+    e(f"        rb = ch * {NG * D} + g * {D}")
+    for d in range(D):
+        e(f"        r{d} = rb + {d}")
+        e(f"        if r{d} >= rows:")
+        e(f"            r{d} = rows - 1")
+    e("        if live:")
+    for d in range(D):
+        names = ", ".join(f"c{d}_{j}" for j in range(V))
+        e(f"            {names} = {vl}(words, r{d} * rstride + woff)")
+        e(f"            s{d} = s[r{d}, bn]")
+        if affine:
+            e(f"            o{d} = o[r{d}, bn]")
+    e("        else:")
+    for d in range(D):
+        for j in range(V):
+            e(f"            c{d}_{j} = U0")
+        e(f"            s{d} = f32(0.0)")
+        if affine:
+            e(f"            o{d} = f32(0.0)")
+    for d in range(D):
+        for h in range(NP):
+            e(f"        p{d}_{h} = f32(0.0)")
+    for i in range(P):
+        for d in range(D):
+            e(f"        p{d}_{i % NP} += cbs[{_bytes_code_expr(k, CBREP, f'c{d}_{i // CPW}', i % CPW)}] * x{i}")
+    for d in range(D):
+        extra = f" + o{d} * xs" if affine else ""
+        e(f"        a{d} = (" + " + ".join(f"p{d}_{h}" for h in range(NP)) + f") * s{d}{extra}")
+    for m in (16, 8, 4, 2, 1):
+        for d in range(D):
+            if SIMULATOR:
+                e(f"        a{d} = a{d} + _xr_sim_xor(xbuf, tid, lane, a{d}, {m})")
+            else:
+                e(f"        a{d} = a{d} + cuda.shfl_xor_sync(0xFFFFFFFF, a{d}, {m})")
+    e("        if lane == 0:")
+    for d in range(D):
+        e(f"            red[warp * {D} + {d}] = a{d}")
+    e("        cuda.syncthreads()")
+    e(f"        if tid < {NG * D}:")
+    e(f"            gg = tid // {D}")
+    e(f"            dd = tid - gg * {D}")
+    e(f"            r = ch * {NG * D} + tid")
+    e(f"            q = gg * nwg * {D} + dd")
+    e("            t = red[q]")
+    e("            for w in range(1, nwg):")
+    e(f"                t += red[q + w * {D}]")
+    e("            if r < rows:")
+    e("                out[0, r] = t")
+    e("        cuda.syncthreads()")
+    return "\n".join(L) + "\n"
+
+
+def xr_gemv_pyfunc(k: int, affine: bool, V: int, NG: int, D: int, CBREP: int, wbshift: int):
+    """The Python function of one x-in-registers GEMV kernel (before cuda.jit)."""
+    ns = {"cuda": cuda, "f32": np.float32, "u32": np.uint32, "_vload4": _vload4, "_vload2": _vload2,
+          "_xr_sim_xor": _xr_sim_xor}
+    ns.update({f"U{v}": np.uint32(v) for v in set(range(33)) | {(1 << k) - 1, ((1 << k) - 1) << 5}})
+    src = _xr_gemv_source(k, affine, V, NG, D, CBREP, wbshift)
+    name = f"<kbit xr gemv k={k} affine={affine} V={V} NG={NG} D={D} CBREP={CBREP}>"
+    exec(compile(src, name, "exec"), ns)  # noqa: S102
+    return ns["kern"]
+
+
+def _xr_gemv_kernel(k, affine, V, NG, D, CBREP, wbshift, maxreg=0):
+    key = ("xr", k, affine, V, NG, D, CBREP, wbshift, maxreg)
+    kern = _BYTES_KERNELS.get(key)
+    if kern is None:
+        opts = {"max_registers": maxreg} if maxreg and not SIMULATOR else {}
+        kern = _BYTES_KERNELS[key] = cuda.jit(xr_gemv_pyfunc(k, affine, V, NG, D, CBREP, wbshift), **opts)
+    return kern
+
+
+def _xr_gemv_launch(k, affine, B, rows, xr, **over):
+    """(kernel, grid, threads, None, True) of an x-in-registers launch (xr: xr_gemv_config's)."""
+    V, NG, D, nwg = xr
+    t = dict(BYTES_TUNING, **over)
+    CBREP = 32 if k == 8 else 1
+    kern = _xr_gemv_kernel(k, affine, V, NG, D, CBREP, _wbshift(k, B), int(t.get("MAXREG") or 0))
+    nch = -(-rows // (NG * D))
+    nsm = _sm_count()
+    grid = nch if nsm == 0 else min(nch, nsm * int(t.get("XR_CTAS", 8)))
+    if "XR_GRID" in t:  # tests: fewer CTAs than row chunks (each loops)
+        grid = min(nch, int(t["XR_GRID"]))
+    return kern, max(1, grid), NG * nwg * 32, None, True
+
+
+_BYTES_PLANS: dict = {}
+
+
+def bytes_gemv_plan(k, M, affine, B, rows, W, **over):
+    """(V, NV, kernel, grid, threads, split, once) of a bytes GEMV call over rows of W words:
+    the x-in-registers kernel where xr_gemv_config allows it, else the tile kernel
+    (_bytes_gemv_launch). Cached: the decode step's host cost."""
+    key = (k, M, affine, B, rows, W, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
+    hit = _BYTES_PLANS.get(key)
+    if hit is None:
+        V = _xr_vector_words(k, B)
+        xr = xr_gemv_config(k, M, B, rows, W // V, **over) if V >= 2 else None
+        if xr is not None:
+            hit = (V, W // V) + _xr_gemv_launch(k, affine, B, rows, xr, **over)
+        else:
+            V = bytes_gemv_config(k, M, B, rows, 1, **over).V
+            hit = (V, W // V) + _bytes_gemv_launch(k, M, affine, B, rows, W // V, **over)
+        _BYTES_PLANS[key] = hit
+    return hit
+
+
 def _bytes_dims(words, k, B, cols, s, o, cb):
     B, k, cols = check_block(B), check_byte_bits(k), int(cols)
     rows, nb = check_words(words, k, B, cols, s, o)
@@ -1170,12 +1382,10 @@ def gemv_bytes_device(words, k, B, cols, s, o, cb, x, x_dtype=F32, out_dtype=F32
     B, k, cols, rows, nb, G = _bytes_dims(words, k, B, cols, s, o, cb)
     M = _check_gemv_x(x, cols)
     affine = o is not None
-    cfg_V = bytes_gemv_config(k, M, B, rows, 1, **over).V
-    NV = G * k // cfg_V
+    _, NV, kern, grid, threads, split, once = bytes_gemv_plan(k, M, affine, B, rows, G * k, **over)
     dw = _dev(words, np.uint32).reshape(rows * G * k)
     ds = _dev(s, F32)
     do = _dev(o, F32) if affine else ds
-    kern, grid, threads, split, once = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
     if np.dtype(out_dtype) != F32 and not once:
         raise KbitValueError("a float16 output needs rows of one column tile (or split-K)")
     out = cuda.device_array((M, rows), dtype=out_dtype)
@@ -1281,11 +1491,9 @@ def gemv_bytes_torch(codes, k, B, cols, scales, offsets, codebook, x, out_dtype=
     rows = codes.shape[0]
     G = codes.shape[1] // k
     affine = offsets is not None
-    V = bytes_gemv_config(k, M, B, rows, 1, **over).V
+    V, NV, kern, grid, threads, split, once = bytes_gemv_plan(k, M, affine, B, rows, G * k, **over)
     if codes.data_ptr() % (4 * V):
         raise KbitValueError(f"packed codes must be {4 * V}-byte aligned for the bytes GEMV")
-    NV = G * k // V
-    kern, grid, threads, split, once = _bytes_gemv_launch(k, M, affine, B, rows, NV, **over)
     odt = torch.float16 if out_dtype == torch.float16 and once else torch.float32
     out = torch.empty((M, rows), dtype=odt, device=x.device)
     dw = _cached_view(codes).view(np.uint32).reshape(rows * G * k)

@@ -356,21 +356,20 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(device="cpu"), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, 1, S, dim] for apply_rotary; sin has its first half negated (the sign
+        of rotate_half folded in once per forward instead of in every layer)."""
         inv = self.inv_freq
         if inv.device != positions.device:
             inv = inv.to(positions.device)
         freqs = positions.float()[..., None] * inv.float()        # [B, S, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, S, dim]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        sin = freqs.sin()
+        return emb.cos().to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B,H,S,D]; rotates the first cos.shape[-1] features (partial rotary) and keeps the rest.
+    cos, sin: Rotary's (sin with its first half negated).
     The result has x's memory order: when x is a [B,S,H,D] tensor seen as [B,H,S,D] (a projection
     viewed per head and transposed), so is the result, and attention's output then needs no copy."""
     if x.dim() == 4 and x.stride(1) < x.stride(2):
@@ -379,18 +378,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x * cos + rotate_half(x) * sin, computed half by half (the same float operations, so the
-    # same bits: (-x2) * s == -(x2 * s) and a + (-b) == a - b) without the negated copy
+    # transformers' x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): here
+    # (x2, x1) * (-s, s) with the sign in Rotary's sin, the same bits ((-x2) * s == x2 * (-s))
+    # in four kernels (cat, mul, mul, add) instead of seven
     rd = cos.shape[-1]
     h = rd // 2
-    x1, x2 = x[..., :h], x[..., h:rd]
-    parts = [x1 * cos[..., :h] - x2 * sin[..., :h], x2 * cos[..., h:] + x1 * sin[..., h:]]
-    if rd != x.shape[-1]:
-        parts.append(x[..., rd:])
-    return torch.cat(parts, dim=-1)
+    xr = x if rd == x.shape[-1] else x[..., :rd]
+    out = xr * cos + torch.cat((xr[..., h:], xr[..., :h]), dim=-1) * sin
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
 
 
 # ----------------------------------------------------------------------------- norms, activations
+#: F.rms_norm (torch >= 2.4; a single fused kernel on CUDA in recent releases)
+FUSED_RMS_NORM = hasattr(F, "rms_norm")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -399,6 +401,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if x.is_cuda and FUSED_RMS_NORM and self.weight.dtype == dtype:
+            # one kernel (torch's fused CUDA RMSNorm) instead of eight; it multiplies by the
+            # weight before rounding to x's dtype (transformers rounds, then multiplies): at
+            # most an ulp of float16 apart, the same to float32 rounding in float32
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
