@@ -15,8 +15,8 @@ includes the host launch cost); the "method" column says which. Also printed: GB
 bytes each call must read (codes, scales, offsets, x; the output), that rate as a fraction
 of a measured device-to-device copy (read + write bytes / time), the ratio to fp16 F.linear,
 and the host cost of one eager call (the Python + Numba launch overhead that CUDA graphs
-remove). At M = 1 the bytes GEMV is the x-in-registers kernel; each main shape also gets a
-row of the tile kernel (KERNEL="tile"). A sweep of launch shapes (BYTES_TUNING: XR_NG row
+remove). The bytes GEMV's default is the tile kernel; each main shape also gets a row of
+the x-in-registers kernel (KERNEL="xr", M = 1). A sweep of launch shapes (BYTES_TUNING: XR_NG row
 groups and XR_D rows in flight of the x-in-registers kernel; R rows a warp and NW warps a
 CTA of the tile kernel) follows, so one run tells which default to keep. Each variant
 fails soft (the error is printed, the run goes on); the run stops adding variants after
@@ -43,17 +43,17 @@ for p in (ROOT, ROOT / "formats"):
 
 SHAPES = "4096x4096,11008x4096,4096x11008,32000x4096"
 SWEEP = [  # (label, BYTES_TUNING overrides) for the bytes GEMV, k=4
-    # the x-in-registers kernel (the M = 1 default; XR_NG row groups a CTA, XR_D rows in flight
+    # the x-in-registers kernel (KERNEL="xr", M = 1; XR_NG row groups a CTA, XR_D rows in flight
     # a group, XR_CTAS CTAs an SM at most; default NG = max(1, 4 // warps a row group), D = 4)
-    ("XR NG1 D4", dict(XR_NG=1, XR_D=4)),
-    ("XR NG1 D2", dict(XR_NG=1, XR_D=2)),
-    ("XR NG1 D8", dict(XR_NG=1, XR_D=8)),
-    ("XR NG2 D4", dict(XR_NG=2, XR_D=4)),
-    ("XR NG2 D2", dict(XR_NG=2, XR_D=2)),
-    ("XR NG4 D2", dict(XR_NG=4, XR_D=2)),
-    ("XR NG1 D1", dict(XR_NG=1, XR_D=1)),
-    ("XR NG1 D4 4/SM", dict(XR_NG=1, XR_D=4, XR_CTAS=4)),
-    ("XR NG1 D4 80reg", dict(XR_NG=1, XR_D=4, MAXREG=80)),
+    ("XR NG1 D4", dict(KERNEL="xr", XR_NG=1, XR_D=4)),
+    ("XR NG1 D2", dict(KERNEL="xr", XR_NG=1, XR_D=2)),
+    ("XR NG1 D8", dict(KERNEL="xr", XR_NG=1, XR_D=8)),
+    ("XR NG2 D4", dict(KERNEL="xr", XR_NG=2, XR_D=4)),
+    ("XR NG2 D2", dict(KERNEL="xr", XR_NG=2, XR_D=2)),
+    ("XR NG4 D2", dict(KERNEL="xr", XR_NG=4, XR_D=2)),
+    ("XR NG1 D1", dict(KERNEL="xr", XR_NG=1, XR_D=1)),
+    ("XR NG1 D4 4/SM", dict(KERNEL="xr", XR_NG=1, XR_D=4, XR_CTAS=4)),
+    ("XR NG1 D4 80reg", dict(KERNEL="xr", XR_NG=1, XR_D=4, MAXREG=80)),
     # the tile kernel (x staged in shared memory; R rows a warp, NW warps a CTA); split-K
     # made it slower on the H200 (docs/data/gpu-2026-11-28d)
     ("tile R4 NW8", dict(KERNEL="tile", R=4, NW=8)),
@@ -313,10 +313,10 @@ def main(argv=None) -> int:
             print(f"  fp16 F.linear FAILED: {e}")
         run(f"bytes k={k0}", shape, k0, nbytes, lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x),
             cfg_over=cfg_for(k0, rows, codes.shape[1]))
-        tile = dict(KERNEL="tile")
-        run(f"bytes k={k0} tile kernel", shape, k0, nbytes,
-            lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x), tuning=tile,
-            cfg_over=cfg_for(k0, rows, codes.shape[1], tile))
+        xr = dict(KERNEL="xr")
+        run(f"bytes k={k0} x-in-registers", shape, k0, nbytes,
+            lambda: K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x), tuning=xr,
+            cfg_over=cfg_for(k0, rows, codes.shape[1], xr))
         if shape == shapes[0]:  # correctness spot check against dequantize + F.linear
             try:
                 y = K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x)
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
                 ok = bool(((y.double() - y64).abs() <= bound).all())
                 print(f"  check: bytes GEMV vs float64 dequantize-product: {'ok' if ok else 'MISMATCH'}")
                 info["spot_check_ok"] = ok
-                for name, over in (("tile kernel", dict(KERNEL="tile")), ("split-K S=3", dict(SPLIT=3))):
+                for name, over in (("x-in-registers", dict(KERNEL="xr")), ("split-K S=3", dict(SPLIT=3))):
                     ys = K.gemv_bytes_torch(codes, k0, B, cols, s, o, cb, x, **over)
                     ok = bool(((ys.double() - y64).abs() <= bound).all())
                     print(f"  check: {name} vs float64 dequantize-product: {'ok' if ok else 'MISMATCH'}")

@@ -14,8 +14,8 @@ values) and a word-level tokenizer, then:
      --repeats: kbit fp16 (the HF folder) and kbit 4-bit packed (fused GEMV decode), each
      with its decode steps replayed as CUDA graphs (the runner's default on a GPU; the
      captures are inside the timed decode) and eager (the growing cache, every kernel
-     launched from Python); 4-bit packed with the tile GEMV (BYTES_TUNING["KERNEL"] = "tile",
-     the M = 1 default before the x-in-registers kernel) and with the format's bit planes
+     launched from Python); 4-bit packed with the x-in-registers GEMV
+     (BYTES_TUNING["KERNEL"] = "xr", not yet the default) and with the format's bit planes
      kept (no byte layout);
      4-bit packed with the GEMV switched off (the whole weight
      dequantized in every forward), 4-bit dequantized on load (fp16), and transformers'
@@ -382,8 +382,8 @@ def main() -> int:
                       ("kbit 4-bit packed, fused GEMV, CUDA graphs", out, {}, True, graph),
                       ("kbit fp16 (HF folder), eager", src, {}, None, "dynamic"),
                       ("kbit 4-bit packed, fused GEMV, eager", out, {}, True, "dynamic"),
-                      ("kbit 4-bit packed, tile GEMV (KERNEL=tile, the previous default), CUDA graphs", out,
-                       {"tuning": {"KERNEL": "tile"}}, True, graph),
+                      ("kbit 4-bit packed, x-in-registers GEMV (KERNEL=xr, not yet the default), CUDA graphs",
+                       out, {"tuning": {"KERNEL": "xr"}}, True, graph),
                       ("kbit 4-bit packed, fused GEMV on the format's bit planes, CUDA graphs", out,
                        {"byte_layout": False}, True, graph),
                       ("kbit 4-bit packed, dequantize every forward, CUDA graphs", out, {}, False, graph),

@@ -423,19 +423,20 @@ def test_bytes_split_k_captures_in_cuda_graph(K):
     check(y.cpu().numpy(), 2 * ref, 2 * bound, "split-K graph replay")
 
 
-# The x-in-registers kernel (M = 1, the default there): a row cut across the lanes of a
-# group of ceil(NV/32) warps, x held in registers, warp sums by a shuffle butterfly (shared
-# memory in the simulator), D rows at a time, NG row groups a CTA.
+# The x-in-registers kernel (KERNEL="xr", M = 1; not the default until a GPU has timed it):
+# a row cut across the lanes of a group of ceil(NV/32) warps, x held in registers, warp sums
+# by a shuffle butterfly (shared memory in the simulator), D rows at a time, NG row groups a CTA.
+XR = dict(KERNEL="xr")
 XR_CASES = [
-    ("4:nf:b64", 300, dict(XR_NG=1, XR_D=1)),
-    ("4:nf:b64", 1100, {}),                         # 2 warps a row group (35 vectors of 32 codes)
-    ("4:affine:b32", 1100, dict(XR_NG=3, XR_D=2, XR_GRID=2)),  # CTAs loop over row chunks
-    ("2:nf:b32", 700, {}),                          # V = 2 (k = 2: 32 codes a vector)
-    ("2:affine:b64", 90, dict(XR_NG=2)),
-    ("8:nf:b64", 500, {}),                          # lane-replicated codebook, 16 codes a vector
-    ("8:affine:b32", 2100, dict(XR_D=1)),           # 3 warps a row group
-    ("4:int:b0", 150, {}),                          # one block a row (words a block not a power of 2)
-    ("2:int:b0", 80, {}),                           # one block of 96 codes a row: 6 words, V = 2
+    ("4:nf:b64", 300, dict(XR, XR_NG=1, XR_D=1)),
+    ("4:nf:b64", 1100, XR),                         # 2 warps a row group (35 vectors of 32 codes)
+    ("4:affine:b32", 1100, dict(XR, XR_NG=3, XR_D=2, XR_GRID=2)),  # CTAs loop over row chunks
+    ("2:nf:b32", 700, XR),                          # V = 2 (k = 2: 32 codes a vector)
+    ("2:affine:b64", 90, dict(XR, XR_NG=2)),
+    ("8:nf:b64", 500, XR),                          # lane-replicated codebook, 16 codes a vector
+    ("8:affine:b32", 2100, dict(XR, XR_D=1)),       # 3 warps a row group
+    ("4:int:b0", 150, XR),                          # one block a row (words a block not a power of 2)
+    ("2:int:b0", 80, XR),                           # one block of 96 codes a row: 6 words, V = 2
 ]
 
 
@@ -452,7 +453,7 @@ def test_gemv_bytes_x_in_registers(K, spec, cols, over):
     got = K.gemv_bytes(*args, x, **over)
     check(got, ref, bound, f"xr {spec} {cols} {over}")
     assert np.array_equal(K.gemv_bytes(*args, x, **over).view(np.uint32), got.view(np.uint32))  # deterministic
-    tile = K.gemv_bytes(*args, x, KERNEL="tile")
+    tile = K.gemv_bytes(*args, x)  # the default (tile) kernel
     check(tile, ref, bound, f"tile {spec} {cols}")
     x16 = x.astype(np.float16)
     want = K.gemv_bytes(*args, x16.astype(np.float32), **over)
@@ -461,13 +462,17 @@ def test_gemv_bytes_x_in_registers(K, spec, cols, over):
 
 
 def test_gemv_bytes_kernel_choice(K):
-    """M = 1 takes the x-in-registers kernel unless a tile-kernel setting is given, split-K is
-    asked for, or a row has more than 32 warps' vectors; M > 1 always takes the tile kernel."""
-    assert K.xr_gemv_config(4, 1, 64, 4096, 128) is not None
-    assert K.xr_gemv_config(4, 2, 64, 4096, 128) is None
+    """KERNEL="xr" at M = 1 takes the x-in-registers kernel unless a tile-kernel setting is
+    given, split-K is asked for, or a row has more than 32 warps' vectors; M > 1 always takes
+    the tile kernel, and so does the default (DEFAULT_KERNEL, "tile" until a GPU has timed xr)."""
+    assert K.xr_gemv_config(4, 1, 64, 4096, 128, **XR) is not None
+    assert (K.xr_gemv_config(4, 1, 64, 4096, 128) is None) == (K.DEFAULT_KERNEL == "tile")
+    assert K.xr_gemv_config(4, 2, 64, 4096, 128, **XR) is None
     assert K.xr_gemv_config(4, 1, 64, 4096, 128, KERNEL="tile") is None
-    assert K.xr_gemv_config(4, 1, 64, 4096, 128, R=2) is None
-    assert K.xr_gemv_config(4, 1, 64, 4096, 128, SPLIT=2) is None
-    assert K.xr_gemv_config(4, 1, 64, 4096, 32 * 32 + 1) is None
-    V, NG, D, nwg = K.xr_gemv_config(4, 1, 64, 4096, 4096 // 32)  # 4096 columns: 4 warps a row group
+    assert K.xr_gemv_config(4, 1, 64, 4096, 128, R=2, **XR) is None
+    assert K.xr_gemv_config(4, 1, 64, 4096, 128, SPLIT=2, **XR) is None
+    assert K.xr_gemv_config(4, 1, 64, 4096, 32 * 32 + 1, **XR) is None
+    with pytest.raises(KbitValueError, match="KERNEL"):
+        K.xr_gemv_config(4, 1, 64, 4096, 128, KERNEL="fast")
+    V, NG, D, nwg = K.xr_gemv_config(4, 1, 64, 4096, 4096 // 32, **XR)  # 4096 columns: 4 warps a row group
     assert (V, nwg) == (4, 4) and NG * nwg <= 32

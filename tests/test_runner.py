@@ -574,3 +574,29 @@ def test_cli_prompt_too_long_and_no_chat_template(tiny, capsys):
     assert "context window" in _one_line_error(capsys)
     assert _run(capsys, ["generate", str(folder), "-p", "t5", "--chat"]) == 3
     assert "chat template" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("partial", [1.0, 0.25])
+def test_rotary_same_bits_as_transformers_formula(dtype, partial):
+    """apply_rotary (sign of rotate_half folded into Rotary's sin, 4 kernels) gives exactly the
+    bits of transformers' x * cos + rotate_half(x) * sin with the plain sin, for full and
+    partial rotary, in [B,H,S,D] and in transposed [B,S,H,D] memory order."""
+    from kbitcli.runner.models.base import Rotary, apply_rotary, rope_inv_freq, rope_settings
+    D = 64
+    rd = int(D * partial)
+    rot = Rotary(rope_inv_freq(rope_settings({"rope_theta": 10000.0, "partial_rotary_factor": partial}), D))
+    g = torch.Generator().manual_seed(3)
+    pos = torch.tensor([[0, 5, 17, 1000], [3, 4, 2047, 9]])
+    cos, sin_signed = rot(pos, dtype)
+    freqs = pos.float()[..., None] * rot.inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    c, s = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    assert torch.equal(cos, c)
+    for x in (torch.randn(2, 3, 4, D, generator=g).to(dtype),
+              torch.randn(2, 4, 3, D, generator=g).to(dtype).transpose(1, 2)):
+        xr = x[..., :rd]
+        half = torch.cat((-xr[..., rd // 2:], xr[..., :rd // 2]), dim=-1)
+        want = torch.cat((xr * c + half * s, x[..., rd:]), dim=-1)
+        got = apply_rotary(x, cos, sin_signed)
+        assert got.dtype == dtype and torch.equal(got, want)

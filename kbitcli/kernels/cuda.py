@@ -1170,9 +1170,15 @@ def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
 # atomics: the same bits on every call. Rows past the end are clamped (computed, not
 # stored). Eligible when M = 1, a vector holds at most 32 codes (V = 2 at k = 2, V = 4 at
 # k = 4 and 8) and nwg <= 32 (cols <= 32768 at k = 4); otherwise the tile kernel runs.
+# Not the default yet (BYTES_TUNING["KERNEL"] = "xr" selects it): it passes the simulator's
+# tests and ptxas (sm_90) fits it in 96 registers without spills at D = 4, but it has not run
+# on a GPU (the lease for its measurement was not granted); the tile kernel stays the default
+# until bench_gemv_cuda.py / bench_gpu.py on a GPU say which is faster.
 # Numba's simulator has no shuffles: there the butterfly exchanges values through shared
 # memory (_xr_sim_xor), with the same additions in the same order.
 XR_KEYS = ("KERNEL", "XR_NG", "XR_D", "XR_CTAS", "XR_GRID", "MAXREG")
+#: the M = 1 bytes GEMV when BYTES_TUNING / a call names no KERNEL ("tile" or "xr")
+DEFAULT_KERNEL = "tile"
 
 
 def _xr_vector_words(k: int, B: int) -> int:
@@ -1185,12 +1191,15 @@ def _xr_vector_words(k: int, B: int) -> int:
 
 def xr_gemv_config(k: int, M: int, B: int, rows: int, NV: int, **over):
     """(V, NG, D, nwg) of the x-in-registers kernel for this call, or None when the tile
-    kernel runs (M > 1, too many vectors, a tile-kernel setting in `over` / BYTES_TUNING, or
-    KERNEL="tile"). NV: vectors of V words a row (V from _xr_vector_words)."""
+    kernel runs (KERNEL, from `over` / BYTES_TUNING / DEFAULT_KERNEL, is not "xr"; M > 1; too
+    many vectors; a tile-kernel setting or split-K asked for). NV: vectors of V words a row
+    (V from _xr_vector_words)."""
     t = dict(BYTES_TUNING)
     t.update(over)
-    kern = t.get("KERNEL", "auto")
-    if kern == "tile" or M != 1 or any(key not in XR_KEYS for key in t if key != "SPLIT") or \
+    kern = t.get("KERNEL", DEFAULT_KERNEL)
+    if kern not in ("tile", "xr"):
+        raise KbitValueError(f"KERNEL must be 'tile' or 'xr', got {kern!r}")
+    if kern != "xr" or M != 1 or any(key not in XR_KEYS for key in t if key != "SPLIT") or \
             int(t.get("SPLIT", 1) if t.get("SPLIT", 1) != "auto" else 1) > 1:
         return None
     V = _xr_vector_words(k, B)
