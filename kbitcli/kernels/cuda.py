@@ -856,6 +856,19 @@ def _bytes_code_expr(k: int, cbrep: int, w: str, pos: int) -> str:
     return f"((({w} >> U{sh - 5}) & U{m5}) | lane_u)"
 
 
+def _emit_zero_vectors(e, indent: int, rows: int, V: int, affine: bool, code: str, scale: str, offset: str):
+    """Emit (through e) the zeroing of the code words, scale and offset variables of `rows`
+    rows (a lane with no vector to load): code a format string of r (row) and j (word),
+    scale / offset of r."""
+    sp = " " * indent
+    for r in range(rows):
+        for j in range(V):
+            e(f"{sp}{code.format(r=r, j=j)} = U0")
+        e(f"{sp}{scale.format(r=r)} = f32(0.0)")
+        if affine:
+            e(f"{sp}{offset.format(r=r)} = f32(0.0)")
+
+
 def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int, split: bool = False) -> str:
     """Source of one bytes GEMV kernel. split: the split-K variant (see "split-K" below): CTA
     (x, y) works on the vectors [y*NVS, min((y+1)*NVS, NV)) of its rows and writes its partial
@@ -939,19 +952,10 @@ def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshi
             if affine:
                 e(f"{sp}{prefix}o{rr} = o[rl{rr}, bn]")
 
-    def zero(prefix, indent):
-        sp = " " * indent
-        for rr in range(R):
-            for j in range(V):
-                e(f"{sp}{prefix}{rr}_{j} = U0")
-            e(f"{sp}{prefix}s{rr} = f32(0.0)")
-            if affine:
-                e(f"{sp}{prefix}o{rr} = f32(0.0)")
-
     e("            if vi < vend:")
     load("n", "vi", 16)
     e("            else:")
-    zero("n", 16)
+    _emit_zero_vectors(e, 16, R, V, affine, "n{r}_{j}", "ns{r}", "no{r}")
     e("            while vi < vend:")
     for rr in range(R):
         for j in range(V):
@@ -1124,22 +1128,11 @@ def bytes_gemv_split(k: int, M: int, B: int, rows: int, NV: int, **over) -> tupl
     return -(-NV // NVS), NVS
 
 
-_BYTES_LAUNCHES: dict = {}
-
-
 def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
-    """(kernel, grid, threads, split, once) of a bytes GEMV launch (cached: the decode step's
-    host cost); split None for the one-pass kernel, else (S, NVS, reduce grid, reduce
-    threads); once: every output is written once (split-K, or one column tile), so it may be
-    float16 (rounded once)."""
-    key = (k, M, affine, B, rows, NV, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
-    hit = _BYTES_LAUNCHES.get(key)
-    if hit is None:
-        hit = _BYTES_LAUNCHES[key] = _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over)
-    return hit
-
-
-def _bytes_gemv_launch_uncached(k, M, affine, B, rows, NV, **over):
+    """(kernel, grid, threads, split, once) of a tile-kernel launch (bytes_gemv_plan caches
+    it); split None for the one-pass kernel, else (S, NVS, reduce grid, reduce threads);
+    once: every output is written once (split-K, or one column tile), so it may be float16
+    (rounded once)."""
     S, NVS = bytes_gemv_split(k, M, B, rows, NV, **over)
     cfg = bytes_gemv_config(k, M, B, rows, NVS, **over)
     maxreg = int(dict(BYTES_TUNING, **over).get("MAXREG") or 0)
@@ -1181,12 +1174,10 @@ XR_KEYS = ("KERNEL", "XR_NG", "XR_D", "XR_CTAS", "XR_GRID", "MAXREG")
 DEFAULT_KERNEL = "tile"
 
 
-def _xr_vector_words(k: int, B: int) -> int:
-    WB = B * k // 32
-    V = 2 if k == 2 else 4
-    while V > 1 and WB % V:
-        V //= 2
-    return V
+def _xr_vector_words(k: int) -> int:
+    """Words a lane's vector holds: 32 codes at k = 2 and 4, 16 at k = 8. Blocks are multiples
+    of 32 codes (B*k/32 words, a multiple of V), so a vector never spans two blocks."""
+    return 2 if k == 2 else 4
 
 
 def xr_gemv_config(k: int, M: int, B: int, rows: int, NV: int, **over):
@@ -1199,12 +1190,13 @@ def xr_gemv_config(k: int, M: int, B: int, rows: int, NV: int, **over):
     kern = t.get("KERNEL", DEFAULT_KERNEL)
     if kern not in ("tile", "xr"):
         raise KbitValueError(f"KERNEL must be 'tile' or 'xr', got {kern!r}")
+    split = t.get("SPLIT", 1)
     if kern != "xr" or M != 1 or any(key not in XR_KEYS for key in t if key != "SPLIT") or \
-            int(t.get("SPLIT", 1) if t.get("SPLIT", 1) != "auto" else 1) > 1:
+            (split != "auto" and int(split) > 1):
         return None
-    V = _xr_vector_words(k, B)
+    V = _xr_vector_words(k)
     nwg = -(-NV // 32)
-    if V < 2 or nwg > 32:
+    if nwg > 32:
         return None
     NG = int(t.get("XR_NG", 0)) or max(1, 4 // nwg)  # about 4 warps a CTA
     NG = max(1, min(NG, 32 // nwg))
@@ -1281,12 +1273,7 @@ def _xr_gemv_source(k: int, affine: bool, V: int, NG: int, D: int, CBREP: int, w
         if affine:
             e(f"            o{d} = o[r{d}, bn]")
     e("        else:")
-    for d in range(D):
-        for j in range(V):
-            e(f"            c{d}_{j} = U0")
-        e(f"            s{d} = f32(0.0)")
-        if affine:
-            e(f"            o{d} = f32(0.0)")
+    _emit_zero_vectors(e, 12, D, V, affine, "c{r}_{j}", "s{r}", "o{r}")
     for d in range(D):
         for h in range(NP):
             e(f"        p{d}_{h} = f32(0.0)")
@@ -1364,8 +1351,8 @@ def bytes_gemv_plan(k, M, affine, B, rows, W, **over):
     key = (k, M, affine, B, rows, W, tuple(sorted(BYTES_TUNING.items())), tuple(sorted(over.items())))
     hit = _BYTES_PLANS.get(key)
     if hit is None:
-        V = _xr_vector_words(k, B)
-        xr = xr_gemv_config(k, M, B, rows, W // V, **over) if V >= 2 else None
+        V = _xr_vector_words(k)
+        xr = xr_gemv_config(k, M, B, rows, W // V, **over)
         if xr is not None:
             hit = (V, W // V) + _xr_gemv_launch(k, affine, B, rows, xr, **over)
         else:
