@@ -297,6 +297,97 @@ def test_kbit_4bit_greedy_tokens_same_through_gemv(arch, tiny, tmp_path):
     assert got == ref and got2 == ref2
 
 
+# ----------------------------------------------------------------------------- fused projections
+def _kbit_layer(rows: int, cols: int, spec: QuantSpec, seed: int, bias: bool = False) -> KbitLinear:
+    rng = np.random.default_rng(seed)
+    qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), spec)
+    return KbitLinear.from_quantized(qt, bias=rng.standard_normal(rows).astype(np.float32) if bias else None)
+
+
+@pytest.mark.parametrize("spec,bias", [(QuantSpec(4, "nf", 64), False), (QuantSpec(4, "affine", 32), True),
+                                       (QuantSpec(3, "int", 32, scale="dq"), False), (QuantSpec(8, "fp", 64), True)])
+def test_kbit_linear_concat_is_the_layers_side_by_side(spec, bias):
+    """The fused layer's output is the separate layers' outputs concatenated: bit for bit in a
+    decode step (the fused GEMV computes each output row alone) and in the dequantized weight;
+    a prompt pass (matmul over the stacked weight) within float32 rounding."""
+    from kbitcli.runner.layers import fuse_linears
+    layers = [_kbit_layer(r, 96, spec, seed, bias) for seed, r in enumerate((64, 32, 32))]
+    fused = fuse_linears(layers)
+    assert isinstance(fused, KbitLinear) and fused.shape == (128, 96)
+    assert torch.equal(fused.dequantized(), torch.cat([m.dequantized() for m in layers]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n in (1, 3, 12):
+            x = torch.randn(1, n, 96, generator=g)
+            want = torch.cat([m(x) for m in layers], dim=-1)
+            got = fused(x)
+            if n <= GEMV_MAX_ROWS:
+                assert torch.equal(got, want), n
+            else:
+                assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item(), n
+
+
+def test_fuse_linears_refuses_layers_that_cannot_share_one():
+    from kbitcli.runner.layers import fuse_linears
+    a = _kbit_layer(32, 64, QuantSpec(4, "nf", 64), 0)
+    assert fuse_linears([a, _kbit_layer(32, 64, QuantSpec(8, "nf", 64), 1)]) is None          # bits
+    assert fuse_linears([a, _kbit_layer(32, 64, QuantSpec(4, "nf", 32), 1)]) is None          # block size
+    assert fuse_linears([a, _kbit_layer(32, 128, QuantSpec(4, "nf", 64), 1)]) is None         # in_features
+    assert fuse_linears([a, _kbit_layer(32, 64, QuantSpec(4, "nf", 64), 1, bias=True)]) is None  # bias
+    assert fuse_linears([a, _kbit_layer(32, 64, QuantSpec(4, "fp", 64), 1)]) is None          # codebook
+    assert fuse_linears([a, torch.nn.Linear(64, 32)]) is None                                 # packed + plain
+    assert fuse_linears([torch.nn.Linear(64, 8), torch.nn.Linear(32, 8)]) is None             # in_features
+    assert fuse_linears([a]) is None
+
+
+@pytest.mark.parametrize("arch,groups", [("llama", 2), ("llama-tied-bias", 2), ("qwen2", 2), ("mistral", 2),
+                                         ("opt", 1), ("gpt2", 0)])
+def test_fused_projections_same_model(arch, groups, tiny, tmp_path):
+    """load(fuse=True) runs q/k/v (and gate/up) as one layer: the same logits as the unfused
+    model (plain checkpoint: within float32 rounding; packed kbit decode steps: bit for bit)."""
+    folder, _ = tiny(arch)
+    fused, _, _ = load(folder)
+    plain, _, _ = load(folder, fuse=False)
+    n_layers = fused.num_layers
+    assert fused.kbit_info["fused"] == groups * n_layers and plain.kbit_info["fused"] == 0
+    names = {n for n, _ in fused.named_modules()}
+    assert any(n.endswith("qkv_proj") for n in names) == (groups > 0)
+    assert not any(n.endswith(".q_proj") for n in names) or groups == 0
+    ids = torch.tensor([_ids(9, 5)])
+    with torch.no_grad():
+        a, b = fused(ids), plain(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 32))
+    kf, _, _ = load(out)
+    ku, _, _ = load(out, fuse=False)
+    assert kf.kbit_info["fused"] == groups * n_layers
+    with torch.no_grad():
+        for m in (kf, ku):
+            m.cache = KVCache(m.num_layers)
+            m(ids, cache=m.cache)
+        for t in _ids(4, 6):  # decode steps: the fused GEMV, row by row as before
+            step = torch.tensor([[t]])
+            assert torch.equal(kf(step, cache=kf.cache), ku(step, cache=ku.cache))
+
+
+def test_fusion_skips_groups_with_different_recipes(tiny, tmp_path):
+    """A rule that gives k_proj another type leaves q/k/v separate; gate/up still fuse."""
+    from kbitcli.convert import convert
+    from kbitcli.recipe import Recipe
+    folder, _ = tiny("llama")
+    out = tmp_path / "kbit"
+    convert(folder, out, Recipe.build(QuantSpec(4, "nf", 32), ["*.k_proj.weight=8:int"]), measure_error=False)
+    model, _, _ = load(out)
+    assert model.kbit_info["fused"] == model.num_layers
+    names = {n for n, _ in model.named_modules()}
+    assert any(n.endswith("self_attn.k_proj") for n in names) and any(n.endswith("gate_up_proj") for n in names)
+    unfused, _, _ = load(out, fuse=False)
+    ids = torch.tensor([_ids(10, 8)])
+    with torch.no_grad():
+        a, b = model(ids), unfused(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(4, "nf", 64), QuantSpec(3, "int", 32, scale="dq"),
                                   QuantSpec(5, "affine", 32), QuantSpec(8, "fp", 128, scale="e8"),
                                   QuantSpec(2, "nf", 0, scale="fp32"), QuantSpec(6, "quantile", 64)])

@@ -28,6 +28,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template as a user message.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")] = None,
     dequantize_on_load: Annotated[bool, typer.Option("--dequantize-on-load", help="Dequantize kbit weights once at load time (faster, more memory) instead of in every forward.")] = False,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Run linear layers that share an input (q/k/v, gate/up) as one layer where compatible: fewer, larger products per step.")] = True,
     decode: Annotated[str, typer.Option("--decode", help="How decode steps run: auto (CUDA graphs on a GPU, else dynamic), graph, static (fixed-shape cache, no graphs) or dynamic (growing cache).")] = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -45,7 +46,7 @@ def generate(
     dev = resolve_device(device)  # before any loading: a missing GPU is reported at once
     resolve_decode_mode(decode, dev)  # a bad --decode before any loading too
     path, _ = resolve_source(model)
-    m, tok, _ = load(path, device=dev, dtype=dtype, dequantize_on_load=dequantize_on_load)
+    m, tok, _ = load(path, device=dev, dtype=dtype, dequantize_on_load=dequantize_on_load, fuse=fuse)
     stream = len(prompt) == 1 and not json_out
     if stream and not chat:  # the continuation follows the prompt, as in a text completion
         sys.stdout.write(prompt[0])

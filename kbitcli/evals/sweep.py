@@ -306,7 +306,7 @@ class LoadedModel:
             self.plans, self.dropped, self.warnings = plan_tensors(src, probe)
         finally:
             src.close()
-        self.model, self.tokenizer, self.config = load(self.path, device="cpu", dtype="float32")
+        self.model, self.tokenizer, self.config = load(self.path, device="cpu", dtype="float32", fuse=False)  # not fused: the sweep swaps parameters by checkpoint name
         params = dict(self.model.named_parameters())
         tied = self.model.tied_weights()
         layouts = _linear_modules(self.model)

@@ -420,6 +420,33 @@ class KbitLinear(nn.Module):
         # exactly what GPT-2's Conv1D does, so packed and dequantized-on-load models agree bit for bit
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
 
+    @classmethod
+    def concat(cls, layers: "list[KbitLinear]") -> "KbitLinear | None":
+        """One layer whose output is the layers' outputs concatenated (their weights stacked by
+        output row), or None when they cannot share one: they must be "out_in" layers with the
+        same bits, block size, in_features, codebook, scale form (offsets or not), bias or not,
+        dtype, kernel, code layout and device. Each output row is decoded from the same codes,
+        scales and codebook as before, so the fused GEMV gives every row the same value."""
+        first = layers[0]
+        same = lambda f: all(f(m) == f(first) for m in layers)  # noqa: E731
+        if not all(isinstance(m, KbitLinear) for m in layers):
+            return None
+        if not (same(lambda m: (m.layout, m.bits, m.block_size, m.shape[1], m.dtype, m.kernel, m.code_layout,
+                                m._layout_chosen, m.fused_gemv, m.byte_layout, m.offsets is None, m.bias is None,
+                                m.codes.device, tuple(m.codes.shape[1:]), tuple(m.scales.shape[1:])))
+                and first.layout == "out_in"
+                and all(m.codebook.shape == first.codebook.shape and torch.equal(m.codebook, first.codebook)
+                        for m in layers)):
+            return None
+        cat = lambda name: torch.cat([getattr(m, name) for m in layers])  # noqa: E731
+        out = sum(m.shape[0] for m in layers)
+        fused = cls(cat("codes"), cat("scales"), None if first.offsets is None else cat("offsets"),
+                    first.codebook, first.bits, first.block_size, (out, first.shape[1]),
+                    None if first.bias is None else cat("bias").detach(), first.layout, first.dtype, first.kernel)
+        fused.code_layout, fused._layout_chosen = first.code_layout, first._layout_chosen
+        fused.fused_gemv, fused.byte_layout = first.fused_gemv, first.byte_layout
+        return fused
+
     def packed_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.codes, self.scales, self.offsets, self.codebook)
                    if b is not None) + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
@@ -428,3 +455,29 @@ class KbitLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"block_size={self.block_size}, layout={self.layout}, bias={self.bias is not None}, "
                 f"kernel={self.kernel}, code_layout={self.code_layout}")
+
+
+def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One linear layer computing `layers` (all fed the same input) at once: their outputs
+    concatenated in order along the last dimension, or None when they cannot be fused (not all
+    plain nn.Linear or all KbitLinear, or KbitLinear.concat refuses them: different bits,
+    block size, codebook, ...). A decode step then launches one GEMV instead of several: on
+    a GPU a wider matrix keeps more of the memory bandwidth busy. nn.Linear: the weights (and
+    biases) stacked; the matrix product of a stacked weight may round its sums differently
+    from separate products (another blocking), within float rounding."""
+    if len(layers) < 2:
+        return None
+    if all(isinstance(m, KbitLinear) for m in layers):
+        return KbitLinear.concat(list(layers))
+    if not all(type(m) is nn.Linear for m in layers):
+        return None
+    w0 = layers[0].weight
+    if any(m.in_features != layers[0].in_features or m.weight.dtype != w0.dtype or m.weight.device != w0.device
+           or (m.bias is None) != (layers[0].bias is None) for m in layers):
+        return None
+    out = sum(m.out_features for m in layers)
+    fused = nn.Linear(layers[0].in_features, out, bias=layers[0].bias is not None, device="meta", dtype=w0.dtype)
+    fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]), requires_grad=False)
+    if layers[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
+    return fused

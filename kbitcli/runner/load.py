@@ -19,6 +19,7 @@ from kbitcli.errors import InputError, UsageError
 
 from .layers import KbitLinear
 from .models import build_args, model_type_of
+from .models.base import fuse_projections
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -250,14 +251,19 @@ def load_weights(model: nn.Module, weights, device: torch.device, dtype: torch.d
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          dequantize_on_load: bool = False, verify: bool = True,
-         kernel: str = "auto") -> tuple[nn.Module, Tokenizer, dict]:
+         kernel: str = "auto", fuse: bool = True) -> tuple[nn.Module, Tokenizer, dict]:
     """(model, tokenizer, config) for a kbit model or a checkpoint.
 
     device: "auto", "cpu" or "cuda"; dtype: compute dtype (default float32 on the CPU, float16
     on CUDA). A kbit model keeps its quantized linear layers packed (KbitLinear, dequantized
     in forward) unless dequantize_on_load, which builds plain weights once at load time.
     verify checks every kbit tensor's CRC-32 as it is read. kernel picks KbitLinear's CPU
-    dequantizer: "auto" (Numba when importable), "torch" or "numba"; all give the same bits."""
+    dequantizer: "auto" (Numba when importable), "torch" or "numba"; all give the same bits.
+    fuse: run the linear layers that share an input (q/k/v; a gated MLP's gate/up) as one
+    layer where they are compatible (models.base.fuse_projections): one GEMV per group in a
+    decode step instead of two or three. Every output row of a fused GEMV is computed as
+    before; a prompt pass's matrix product over a stacked weight may round differently (float
+    rounding), in both the packed and the plain model alike."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     p = Path(path).expanduser()
@@ -275,6 +281,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     finally:
         if src is not None:
             src.close()
+    counts["fused"] = fuse_projections(model) if fuse else 0
     model.to(dev)  # the buffers (rotary tables, ALiBi slopes); parameters are already there
     model.eval()
     model.requires_grad_(False)

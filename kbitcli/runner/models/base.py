@@ -438,3 +438,25 @@ def activation(name: str, arch: str = "model"):
 
 def linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=bias)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Ask every submodule with a fuse() method (attention: q/k/v; gated MLPs: gate/up) to run
+    its projections that share an input as one layer (layers.fuse_linears); returns how many
+    groups were fused. Done once after loading (runner.load(fuse=True))."""
+    return sum(bool(m.fuse()) for m in list(model.modules()) if callable(getattr(m, "fuse", None)))
+
+
+def fuse_group(module: nn.Module, fused_name: str, names: tuple[str, ...]) -> bool:
+    """module's linear layers `names` (fed the same input) -> one layer `fused_name` whose
+    output is theirs concatenated in that order (layers.fuse_linears); the separate layers are
+    dropped. False (nothing changed) when they cannot be fused; True when fused (now or before)."""
+    if getattr(module, fused_name, None) is None:
+        from ..layers import fuse_linears
+        fused = fuse_linears([getattr(module, n) for n in names])
+        if fused is None:
+            return False
+        for n in names:
+            delattr(module, n)
+        setattr(module, fused_name, fused)
+    return True

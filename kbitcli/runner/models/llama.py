@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (KVCache, RMSNorm, Rotary, activation, apply_rotary, args_from_config, attention, positive,
-                   prepare_step, rope_inv_freq, rope_settings)
+from .base import (KVCache, RMSNorm, Rotary, activation, apply_rotary, args_from_config, attention, fuse_group,
+                   positive, prepare_step, rope_inv_freq, rope_settings)
 
 
 @dataclass
@@ -79,12 +79,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=a.o_bias)
+        self.qkv_proj = None  # q_proj, k_proj and v_proj as one layer, after fuse()
+
+    def fuse(self) -> bool:
+        """Replace q_proj, k_proj and v_proj by one qkv_proj when they can be fused."""
+        return fuse_group(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x, cos, sin, step, cache: KVCache | None):
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.nh, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
+        q = q.view(B, S, self.nh, self.hd).transpose(1, 2)
+        k = k.view(B, S, self.nkv, self.hd).transpose(1, 2)
+        v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -98,9 +107,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
         self.act = activation(a.hidden_act, a.model_type)
+        self.inter = a.intermediate_size
+        self.gate_up_proj = None  # gate_proj and up_proj as one layer, after fuse()
+
+    def fuse(self) -> bool:
+        """Replace gate_proj and up_proj by one gate_up_proj when they can be fused."""
+        return fuse_group(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):

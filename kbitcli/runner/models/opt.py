@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KVCache, activation, args_from_config, attention, positive, prepare_step
+from .base import KVCache, activation, args_from_config, attention, fuse_group, positive, prepare_step
 
 POSITION_OFFSET = 2
 
@@ -49,12 +49,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(E, E, bias=a.enable_bias)
         self.q_proj = nn.Linear(E, E, bias=a.enable_bias)
         self.out_proj = nn.Linear(E, E, bias=a.enable_bias)
+        self.qkv_proj = None  # q_proj, k_proj and v_proj as one layer, after fuse()
+
+    def fuse(self) -> bool:
+        """Replace q_proj, k_proj and v_proj by one qkv_proj when they can be fused."""
+        return fuse_group(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x, step, cache):
         B, S, _ = x.shape
-        q = (self.q_proj(x) * self.scaling).view(B, S, self.nh, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.nh, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.nh, self.hd).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        q = (q * self.scaling).view(B, S, self.nh, self.hd).transpose(1, 2)
+        k = k.view(B, S, self.nh, self.hd).transpose(1, 2)
+        v = v.view(B, S, self.nh, self.hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         return self.out_proj(attention(q, k, v, step, 1.0))
