@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from kbitformat import FORMAT_VERSION_STR, quantization_error, quantize
-from kbitformat.io import INDEX_NAME, KbitWriter, f32_to_bf16
+from kbitformat.io import INDEX_NAME, KbitWriter, f32_to_bf16, header_bound
 
 from . import __version__
 from .errors import InputError, OutputError, UsageError
@@ -264,6 +264,23 @@ def _keep(add, source, p: Plan) -> tuple[str, float]:
     return str(arr.dtype), arr.dtype.itemsize * 8.0
 
 
+def header_reserve(todo: list[Plan]) -> Callable[[int], int]:
+    """KbitWriter's header_reserve for writing the plans `todo` in order: the header bound
+    (kbitformat.io.header_bound) of the tensors not yet added, so each shard is written in
+    one pass. Reads `todo` when the writer asks (the list may be filled after this call)."""
+    suffix: list[int] = []
+
+    def reserve(added: int) -> int:
+        if len(suffix) != len(todo):
+            acc, suffix[:] = 0, []
+            for p in reversed(todo):
+                acc += header_bound(p.name, None if p.spec is None else p.spec.bits)
+                suffix.append(acc)
+            suffix.reverse()
+        return suffix[added] if added < len(suffix) else 0
+    return reserve
+
+
 def _fused_ok(ops, p: Plan) -> bool:
     """True when the tensor takes the fused CPU kernel (kbitcli.kernels.cpu_fused)."""
     if getattr(ops, "name", None) != "cpu" or p.spec is None:
@@ -328,10 +345,12 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     work.mkdir(parents=True, exist_ok=True)
     writer = out_q = ahead = None
     try:
-        writer = KbitWriter(work, max_shard_bytes=shard_size, model_metadata=meta, tool=TOOL, resume=resume)
+        todo: list[Plan] = []
+        writer = KbitWriter(work, max_shard_bytes=shard_size, model_metadata=meta, tool=TOOL, resume=resume,
+                            header_reserve=header_reserve(todo))
         done = set(writer.resumed)
         summary.resumed = len(done)
-        todo = [p for p in plans if p.name not in done]
+        todo += [p for p in plans if p.name not in done]
         progress("start", total=len(plans), total_bytes=sum(p.nbytes for p in plans), resumed=len(done))
         out_q = _Worker("kbit-writer", depth=1)
         prefetch = getattr(src, "prefetch", None)

@@ -267,3 +267,93 @@ def test_plain_export_has_no_kbit_metadata(tmp_path):
     (f,) = shards(tmp_path)
     with safe_open(str(f), "np") as s:
         assert s.metadata() == {"format": "pt"}
+
+
+def _write_with_room(path, reserve, spec=QuantSpec(8, "quantile", 64)):
+    """Quantized (a quantile codebook of 256 values: the longest recipe) and plain tensors with
+    long names, in shards of about two tensors, with KbitWriter(header_reserve=reserve)."""
+    from kbitformat.io import header_bound
+    r = np.random.default_rng(5)
+    items = [(f"model.layers.{i}.self_attn.a_rather_long_projection_name_ü.weight", r.standard_normal((40, 130)))
+             for i in range(5)] + [("model.norm.weight", np.ones(130, np.float32))]
+    bounds = [header_bound(n, spec.bits if x.ndim == 2 else None) for n, x in items]
+    with KbitWriter(path, max_shard_bytes=17_000, model_metadata={"source": "test ü"}, tool="kbit test",
+                    header_reserve=reserve and (lambda k: reserve(bounds[k:]))) as w:
+        for name, x in items:
+            if x.ndim == 2:
+                w.add_quantized(name, quantize(x.astype(np.float32), spec, name), {"error": 0.1234567890123})
+            else:
+                w.add_tensor(name, x)
+    return items
+
+
+def _split(f):
+    b = f.read_bytes()
+    n = struct.unpack("<Q", b[:8])[0]
+    return b[8:8 + n], b[8 + n:]
+
+
+@pytest.mark.parametrize("kind", ["bound", "too small"])
+def test_header_room_gives_the_same_shards_but_for_padding(tmp_path, kind, monkeypatch):
+    """header_reserve: the data is written once, straight into the shard behind room for the
+    header (no copy: _copy_rest is never called); the header is the same JSON padded with
+    spaces, the data bytes the same, and plain safetensors reads it. Room that turns out too
+    small falls back to the copy: byte for byte the shards written without room."""
+    import kbitformat.io as kio
+    _write_with_room(tmp_path / "plain", None)
+    if kind == "bound":
+        monkeypatch.setattr(kio, "_copy_rest", lambda *a: pytest.fail("the data was copied"))
+        items = _write_with_room(tmp_path / "room", sum)
+    else:
+        items = _write_with_room(tmp_path / "room", lambda rest: 1)
+    a, b = shards(tmp_path / "plain"), shards(tmp_path / "room")
+    assert len(a) == len(b) >= 3
+    for fa, fb in zip(a, b):
+        (ha, da), (hb, db) = _split(fa), _split(fb)
+        assert da == db
+        if kind == "too small":
+            assert ha == hb
+        else:
+            assert hb.rstrip(b" ") == ha.rstrip(b" ") and len(hb) % 8 == 0 and len(hb) > len(ha)
+            with safe_open(str(fb), "np") as s:
+                for key in s.keys():
+                    s.get_tensor(key)
+    r = KbitReader(tmp_path / "room")
+    assert r.verify_all() == []
+    ref = KbitReader(tmp_path / "plain")
+    for name, _ in items:
+        assert np.array_equal(r.load(name), ref.load(name))
+    assert not [p for p in (tmp_path / "room").iterdir() if p.name.startswith(".")]
+
+
+def test_header_bound_holds_for_long_names_and_codebooks(tmp_path):
+    """The bound covers what a tensor really adds to the header (quantized with a 256-value
+    codebook and an error, or plain), for names with characters JSON escapes."""
+    from kbitformat.io import header_bound
+    for name in ("w", "model.layers.0.mlp.down_proj.weight", 'we"ird\\name ü ' * 8):
+        for bits, x in ((8, np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)), (None, None)):
+            sizes = []
+            for with_tensor in (False, True):
+                out = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+                with KbitWriter(out, model_metadata={"s": 1}) as w:
+                    w.add_tensor("anchor", np.zeros(8, np.float32))
+                    if with_tensor and bits:
+                        w.add_quantized(name, quantize(x, QuantSpec(bits, "quantile", 64), name),
+                                        {"error": -1.2345678901234567e-300})
+                    elif with_tensor:
+                        w.add_tensor(name, np.zeros((3, 5, 7, 2), np.float32), orig_dtype="float32")
+                sizes.append(len(_split(shards(out)[0])[0].rstrip(b" ")))
+            assert 0 < sizes[1] - sizes[0] <= header_bound(name, bits), (name, bits)
+
+
+def test_interrupted_shard_with_room_is_removed_on_resume(tmp_path):
+    w = KbitWriter(tmp_path, max_shard_bytes=1, header_reserve=lambda k: 4096)
+    w.add_tensor("a", np.ones(10, np.float32))
+    w.add_tensor("b", np.ones(10, np.float32))  # finishes shard 1, starts shard 2
+    assert len(list(tmp_path.glob(".shard-*.safetensors.part"))) == 1
+    del w  # killed: the unfinished shard stays as .part
+    w2 = KbitWriter(tmp_path, max_shard_bytes=1, resume=True, header_reserve=lambda k: 4096)
+    assert w2.resumed == ["a"] and not list(tmp_path.glob("*.part"))
+    w2.add_tensor("b", np.ones(10, np.float32))
+    w2.close()
+    assert KbitReader(tmp_path).verify_all() == []

@@ -122,6 +122,21 @@ class _Entry:
     crc: str
 
 
+def header_bound(name: str, bits: int | None = None, extra_bytes: int = 256) -> int:
+    """An upper bound of the bytes one logical tensor adds to its shard's header: its stored
+    entries, their checksums and its recipe (quantized with `bits`: up to four parts and a
+    2**bits codebook; None: kept as it is), with room for `extra_bytes` of extra recipe keys
+    (e.g. the conversion's error). For KbitWriter(header_reserve=...)."""
+    n1 = len(json.dumps(name))              # the name in the header
+    n2 = len(json.dumps(json.dumps(name)))  # the name inside a metadata string (escaped twice)
+    entry = n1 + 24 + 240                   # ":{dtype, shape (up to 8 dims), data_offsets}", suffix
+    checksum = n2 + 24 + 40                 # "crc32:xxxxxxxx" under the stored name
+    if bits is None:
+        return entry + checksum + n2 + 400 + extra_bytes
+    recipe = 700 + (2 ** int(bits)) * 26 + 4 * (n2 + 48)  # keys and values, codebook, component names
+    return 4 * (entry + checksum) + n2 + recipe + extra_bytes
+
+
 class KbitWriter:
     """Write tensors into bounded shards in `out_dir` (which must exist and be empty of
     kbit files). Use as a context manager or call close(); abort() removes partial files.
@@ -133,7 +148,16 @@ class KbitWriter:
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
                  model_metadata: dict | None = None, tool: str = "kbitformat",
-                 resume: bool = False, kbit_metadata: bool = True) -> None:
+                 resume: bool = False, kbit_metadata: bool = True,
+                 header_reserve=None) -> None:
+        """header_reserve: None, or a function of the number of logical tensors added so far
+        that returns an upper bound of the header bytes of the shard about to start (e.g.
+        the sum of header_bound() over the tensors still to come). With it, a shard's data is
+        written straight into the shard file behind that much room, and the header is written
+        into the room at the end, padded with spaces (section 3 of SPEC.md): no second pass
+        over the data. Without it (or when the header outgrows the room) the data goes to a
+        temporary file that is copied behind the header when the shard is finished; both
+        give valid shards, and the same bounds give the same bytes."""
         if max_shard_bytes < 1:
             raise KbitValueError("the shard size must be positive")
         self.out = Path(out_dir)
@@ -142,20 +166,23 @@ class KbitWriter:
         self.model_metadata = dict(model_metadata or {})
         self.tool = tool
         self.kbit_metadata = kbit_metadata  # False: plain safetensors (e.g. a dequantized export)
+        self.header_reserve = header_reserve
+        self._added = 0  # logical tensors added by this writer
         self._shards: list[Path] = []        # finished shards (temporary names)
         self._weight_map: dict[str, int] = {}  # stored name -> shard number
         self._total = 0
         self._state = "open"
         #: logical tensor names found in finished shards adopted by resume
         self.resumed: list[str] = []
-        for stale in self.out.glob(".shard-*.data.tmp"):
-            stale.unlink()
+        for pattern in (".shard-*.data.tmp", ".shard-*.safetensors.part"):
+            for stale in self.out.glob(pattern):
+                stale.unlink()
         if resume:
             self._adopt_finished()
         else:
             for stale in self.out.glob(".shard-*.safetensors.tmp"):
                 stale.unlink()
-        self._start_shard()
+        self._data = self._data_path = None  # the shard being written starts with its first tensor
 
     def _adopt_finished(self) -> None:
         """Take over the finished shards of an interrupted run into the same folder: each
@@ -189,8 +216,22 @@ class KbitWriter:
 
     # -- state
     def _start_shard(self) -> None:
-        self._data_path = self.out / f".shard-{len(self._shards) + 1:05d}.data.tmp"
-        self._data = open(self._data_path, "wb")
+        number = len(self._shards) + 1
+        room = 0
+        if self.header_reserve is not None:
+            fixed = len(json.dumps(json.dumps(self.model_metadata, separators=(",", ":")))) + \
+                len(json.dumps(self.tool)) + 512  # the metadata every shard carries
+            room = int(self.header_reserve(self._added)) + fixed
+        #: bytes before the data in the file being written: 8 + the header's room (direct
+        #: writing), or 0 (a temporary data file, copied behind the header at the end)
+        self._base = 8 + room + (-room % 8) if room > 0 else 0
+        if self._base:
+            self._data_path = self.out / f".shard-{number:05d}.safetensors.part"
+            self._data = open(self._data_path, "wb")
+            self._data.seek(self._base)
+        else:
+            self._data_path = self.out / f".shard-{number:05d}.data.tmp"
+            self._data = open(self._data_path, "wb")
         self._entries: list[_Entry] = []
         self._recipes: dict[str, dict] = {}
         self._pos = 0
@@ -219,7 +260,9 @@ class KbitWriter:
         self._pos += n
 
     def _make_room(self, nbytes: int) -> None:
-        if self._entries and self._pos + nbytes > self.max_shard_bytes:
+        if self._data is None:
+            self._start_shard()
+        elif self._entries and self._pos + nbytes > self.max_shard_bytes:
             self._finish_shard()
             self._start_shard()
 
@@ -248,6 +291,7 @@ class KbitWriter:
         for c, arr in comps.items():
             self._write_array(component_name(name, c), arr)
         self._recipes[name] = recipe
+        self._added += 1
         return recipe
 
     def add_tensor(self, name: str, arr: np.ndarray, orig_dtype: str | None = None,
@@ -262,6 +306,7 @@ class KbitWriter:
         if extra:
             recipe.update(extra)
         self._recipes[name] = recipe
+        self._added += 1
         return recipe
 
     def _shard_metadata(self) -> dict[str, str]:
@@ -283,17 +328,25 @@ class KbitWriter:
         for e in self._entries:
             header[e.name] = {"dtype": e.dtype, "shape": e.shape, "data_offsets": [e.begin, e.end]}
         hb = json.dumps(header, separators=(",", ":")).encode()
-        hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned
         number = len(self._shards) + 1
         path = self.out / f".shard-{number:05d}.safetensors.tmp"
-        with open(path, "wb") as f, open(self._data_path, "rb", buffering=0) as d:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
-            f.flush()
-            _copy_rest(d, f)
-            f.flush()
-            os.fsync(f.fileno())
-        self._data_path.unlink()
+        if self._base and 8 + len(hb) <= self._base:  # the header fits the room left for it
+            hb += b" " * (self._base - 8 - len(hb))
+            with open(self._data_path, "r+b", buffering=0) as f:
+                f.write(struct.pack("<Q", len(hb)) + hb)
+                os.fsync(f.fileno())
+            os.replace(self._data_path, path)
+        else:
+            hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned
+            with open(path, "wb") as f, open(self._data_path, "rb", buffering=0) as d:
+                f.write(struct.pack("<Q", len(hb)))
+                f.write(hb)
+                f.flush()
+                d.seek(self._base)
+                _copy_rest(d, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._data_path.unlink()
         for e in self._entries:
             self._weight_map[e.name] = number
         self._total += self._pos
@@ -304,6 +357,8 @@ class KbitWriter:
         if self._state == "closed":
             return self.out / INDEX_NAME
         self._require_open()
+        if self._data is None:
+            self._start_shard()  # no tensor added: one shard holding none
         self._finish_shard()
         self._state = "closed"
         n = len(self._shards)
@@ -326,10 +381,12 @@ class KbitWriter:
     def abort(self, keep_finished: bool = False) -> None:
         """Remove every file this writer made (keep_finished: all but the finished shards,
         which a later KbitWriter(..., resume=True) can adopt); the writer is unusable afterwards."""
-        if self._state == "open":
+        if self._state == "open" and self._data is not None:
             self._data.close()
         self._state = "aborted"
         for p in [self._data_path, *([] if keep_finished else self._shards)]:
+            if p is None:
+                continue
             try:
                 p.unlink()
             except FileNotFoundError:
