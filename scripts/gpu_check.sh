@@ -44,6 +44,8 @@
 #   KBIT_GPU_GBENCH_ARGS / KBIT_GPU_BENCH_ARGS   extra arguments of bench_gemv_cuda.py / bench_gpu.py
 #                        (e.g. "--bits 4 --sweep-shapes 4096x4096" / "--skip eager,bit planes")
 #   KBIT_GPU_CONVERT_SIZES  convert-bench sizes in GB (default 2,6)
+#   KBIT_GPU_CONVERT_CUDA   0: convert-bench without its --device cuda run
+#   KBIT_GPU_CONVERT_ARGS   extra arguments of the CPU run of bench_convert.py (e.g. "--no-naive --no-cold-run")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -190,10 +192,10 @@ step kernel-tests "${KBIT_GPU_T_KTESTS:-110}" "$PY" -m pytest -q -p no:cacheprov
 step kernel-bench "${KBIT_GPU_T_KBENCH:-80}" "$PY" scripts/kernel_bench.py --devices cuda,cpu --bits 2-8 --reps 5 \
   --sizes "${KBIT_GPU_SIZES:-4096x4096,16384x16384}" --cpu-max-weights 2e7
 step convert-bench "${KBIT_GPU_T_CBENCH:-150}" bash -c '"$0" benchmarks/bench_convert.py --threads "$(nproc)" \
-  --sizes "${KBIT_GPU_CONVERT_SIZES:-2,6}" --repeat 2 --no-general --no-embedded --workdir /tmp/kbit-bench \
-  --markdown "$1/bench_convert.md" && "$0" benchmarks/bench_convert.py --threads "$(nproc)" --device cuda \
-  --sizes "${KBIT_GPU_CONVERT_SIZES##*,}" --no-general --no-embedded --no-naive --no-library-row \
-  --workdir /tmp/kbit-bench --markdown "$1/bench_convert_cuda.md"' "$PY" "$LOG"
+  --sizes "${KBIT_GPU_CONVERT_SIZES:-2,6}" --repeat 2 --no-general --no-embedded ${KBIT_GPU_CONVERT_ARGS:-} --workdir /tmp/kbit-bench \
+  --markdown "$1/bench_convert.md" && { [ "${KBIT_GPU_CONVERT_CUDA:-1}" = 0 ] || "$0" benchmarks/bench_convert.py \
+  --threads "$(nproc)" --device cuda --sizes "${KBIT_GPU_CONVERT_SIZES##*,}" --no-general --no-embedded --no-naive \
+  --no-library-row --workdir /tmp/kbit-bench --markdown "$1/bench_convert_cuda.md"; }' "$PY" "$LOG"
 
 say "summary ($(( $(date +%s) - T0 )) s)"
 FAIL=0

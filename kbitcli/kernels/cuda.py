@@ -1163,10 +1163,11 @@ def _bytes_gemv_launch(k, M, affine, B, rows, NV, **over):
 # atomics: the same bits on every call. Rows past the end are clamped (computed, not
 # stored). Eligible when M = 1, a vector holds at most 32 codes (V = 2 at k = 2, V = 4 at
 # k = 4 and 8) and nwg <= 32 (cols <= 32768 at k = 4); otherwise the tile kernel runs.
-# Not the default yet (BYTES_TUNING["KERNEL"] = "xr" selects it): it passes the simulator's
-# tests and ptxas (sm_90) fits it in 96 registers without spills at D = 4, but it has not run
-# on a GPU (the lease for its measurement was not granted); the tile kernel stays the default
-# until bench_gemv_cuda.py / bench_gpu.py on a GPU say which is faster.
+# Not the default (BYTES_TUNING["KERNEL"] = "xr" selects it): measured on an H200 (k = 4,
+# docs/data/gpu-2026-11-28e) it is slower than the tile kernel on every Llama-7B shape:
+# 4096x4096 24.8 us against 10.1 (D = 8: 14.2), 11008x4096 31.0 against 20.9, 4096x11008
+# 63.9 against 27.0, 32000x4096 55.5 against 51.6. Kept opt-in for launch-shape experiments
+# (deeper D helped most); the tile kernel is the default.
 # Numba's simulator has no shuffles: there the butterfly exchanges values through shared
 # memory (_xr_sim_xor), with the same additions in the same order.
 XR_KEYS = ("KERNEL", "XR_NG", "XR_D", "XR_CTAS", "XR_GRID", "MAXREG")
