@@ -17,8 +17,12 @@ as one after the other and memory stays at about one tensor:
     (kbitcli.kernels.cpu_fused); otherwise by reading it into one reused float32 buffer (no
     fresh allocation per tensor) and running kbitformat.quantize / quantization_error. Both
     give the same bytes;
-  * a writer thread checksums and writes the results and finishes shards (the copy of a
-    shard's data behind its header and the fsync), at most one tensor behind.
+  * a writer thread checksums and writes the results, at most one tensor behind: each shard
+    in one pass, its data straight into the shard file behind room reserved for the header
+    (an upper bound, kbitformat.io.header_bound, of the tensors still to come), with O_DIRECT
+    where the file system takes it (no page-cache copy, no writeback work competing for the
+    CPU; plain writes elsewhere, the same bytes); the header is written into its room when
+    the shard is finished, then the fsync.
 An error in a thread is raised in the main thread at its next hand-over; Ctrl-C stops the
 threads (the writer after the tensor it is writing) before the partial folder is kept.
 """
@@ -347,7 +351,7 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     try:
         todo: list[Plan] = []
         writer = KbitWriter(work, max_shard_bytes=shard_size, model_metadata=meta, tool=TOOL, resume=resume,
-                            header_reserve=header_reserve(todo))
+                            header_reserve=header_reserve(todo), direct_io=True)
         done = set(writer.resumed)
         summary.resumed = len(done)
         todo += [p for p in plans if p.name not in done]

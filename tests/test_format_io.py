@@ -357,3 +357,54 @@ def test_interrupted_shard_with_room_is_removed_on_resume(tmp_path):
     w2.add_tensor("b", np.ones(10, np.float32))
     w2.close()
     assert KbitReader(tmp_path).verify_all() == []
+
+
+def _direct_model(path, direct_io):
+    r = np.random.default_rng(9)
+    with KbitWriter(path, max_shard_bytes=3_000_000, model_metadata={"source": "t"},
+                    header_reserve=lambda k: 20_000, direct_io=direct_io) as w:
+        for i in range(4):  # tensors of odd sizes, some larger than _DirectFile's staging buffer
+            w.add_tensor(f"t{i}", r.integers(0, 255, 1_000_003 + i * 4_500_001, dtype=np.uint8))
+        w.add_quantized("q", quantize(r.standard_normal((33, 100)).astype(np.float32), QuantSpec(4, "nf", 64)))
+
+
+@pytest.mark.parametrize("refuse", [None, "open", "write"])
+def test_direct_io_writes_the_same_bytes(tmp_path, monkeypatch, refuse):
+    """direct_io=True (O_DIRECT from an aligned staging buffer, data at a multiple of
+    DATA_ALIGN) gives the same files as buffered writes; where O_DIRECT is refused at open or
+    at a write (EINVAL: tmpfs, ...), the writer goes on buffered, with the same bytes."""
+    import errno as errno_mod
+    import os
+    import kbitformat.io as kio
+    _direct_model(tmp_path / "buffered", False)
+    direct_files, direct_opens = [], []
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def fake_open(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            if refuse == "open":
+                raise OSError(errno_mod.EINVAL, "no O_DIRECT here")
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_files.append(fd)
+            direct_opens.append(path)
+        elif fd in direct_files:  # a closed O_DIRECT descriptor's number, reused
+            direct_files.remove(fd)
+        return fd
+
+    def fake_pwrite(fd, data, offset):
+        if refuse == "write" and fd in direct_files:
+            raise OSError(errno_mod.EINVAL, "no O_DIRECT writes here")
+        return real_pwrite(fd, data, offset)
+    monkeypatch.setattr(kio.os, "open", fake_open)
+    monkeypatch.setattr(kio.os, "pwrite", fake_pwrite)
+    _direct_model(tmp_path / "direct", True)
+    monkeypatch.undo()
+    a, b = shards(tmp_path / "buffered"), shards(tmp_path / "direct")
+    assert len(a) == len(b) > 1
+    for fa, fb in zip(a, b):
+        assert fa.read_bytes() == fb.read_bytes()
+        assert (8 + struct.unpack("<Q", fb.read_bytes()[:8])[0]) % kio.DATA_ALIGN == 0
+    assert KbitReader(tmp_path / "direct").verify_all() == []
+    if refuse is None and hasattr(os, "O_DIRECT"):
+        assert direct_opens  # O_DIRECT was really used where the file system offers it

@@ -137,6 +137,92 @@ def header_bound(name: str, bits: int | None = None, extra_bytes: int = 256) -> 
     return 4 * (entry + checksum) + n2 + recipe + extra_bytes
 
 
+#: a one-pass shard's data start at a multiple of this (the header's room is rounded up to
+#: it), so that its data can be written with O_DIRECT (aligned file offsets)
+DATA_ALIGN = 4096
+
+
+class _DirectFile:
+    """Sequential writes into `path` from offset `base` (a multiple of DATA_ALIGN) with
+    O_DIRECT: the bytes go from an aligned staging buffer to the device, not through the page
+    cache (on a virtual machine's ext4 here: 2.3 GB/s against 0.41 GB/s for buffered writes
+    and their fsync, and no kernel writeback threads competing with the conversion for the
+    CPU). Where the system or file system refuses O_DIRECT (no os.O_DIRECT, EINVAL at open or
+    at a write: tmpfs, some network file systems) it goes on with plain buffered writes: the
+    same bytes either way. finish() writes the unaligned tail, truncates to the exact size,
+    writes the header at offset 0 and fsyncs."""
+
+    CHUNK = 8 * 1024 * 1024
+
+    def __init__(self, path: Path, base: int) -> None:
+        self.path, self.offset = path, base
+        flag = getattr(os, "O_DIRECT", 0)
+        self.direct = False
+        if flag:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        if not self.direct:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        raw = np.empty(self.CHUNK + DATA_ALIGN, np.uint8)
+        start = (-raw.ctypes.data) % DATA_ALIGN
+        self.buf = raw[start:start + self.CHUNK]
+        self.fill = 0
+
+    def write(self, piece) -> None:
+        src = np.frombuffer(piece, np.uint8)
+        i = 0
+        while i < src.size:
+            m = min(src.size - i, self.CHUNK - self.fill)
+            self.buf[self.fill:self.fill + m] = src[i:i + m]
+            self.fill += m
+            i += m
+            if self.fill == self.CHUNK:
+                self._flush(self.CHUNK)
+
+    def _to_buffered(self) -> None:
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY)
+        self.direct = False
+
+    def _flush(self, nbytes: int) -> None:
+        view = memoryview(self.buf)[:nbytes]
+        done = 0
+        while done < nbytes:
+            try:
+                done += os.pwrite(self.fd, view[done:], self.offset + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._to_buffered()  # O_DIRECT refused at write time: buffered from here on
+        self.offset += nbytes
+        self.fill = 0
+
+    def finish(self, head: bytes, size: int) -> None:
+        """The data's tail, the exact file size `size`, `head` at offset 0, fsync, close."""
+        if self.fill:
+            n = self.fill
+            pad = -n % DATA_ALIGN if self.direct else 0
+            self.buf[n:n + pad] = 0
+            self._flush(n + pad)
+        os.ftruncate(self.fd, size)
+        if self.direct:
+            self._to_buffered()
+        view = memoryview(head)
+        while view:
+            view = view[os.pwrite(self.fd, view, len(head) - len(view)):]
+        os.fsync(self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class KbitWriter:
     """Write tensors into bounded shards in `out_dir` (which must exist and be empty of
     kbit files). Use as a context manager or call close(); abort() removes partial files.
@@ -149,7 +235,7 @@ class KbitWriter:
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
                  model_metadata: dict | None = None, tool: str = "kbitformat",
                  resume: bool = False, kbit_metadata: bool = True,
-                 header_reserve=None) -> None:
+                 header_reserve=None, direct_io: bool = False) -> None:
         """header_reserve: None, or a function of the number of logical tensors added so far
         that returns an upper bound of the header bytes of the shard about to start (e.g.
         the sum of header_bound() over the tensors still to come). With it, a shard's data is
@@ -157,7 +243,9 @@ class KbitWriter:
         into the room at the end, padded with spaces (section 3 of SPEC.md): no second pass
         over the data. Without it (or when the header outgrows the room) the data goes to a
         temporary file that is copied behind the header when the shard is finished; both
-        give valid shards, and the same bounds give the same bytes."""
+        give valid shards, and the same bounds give the same bytes. A one-pass shard's data
+        start at a multiple of DATA_ALIGN. direct_io: write one-pass shards with O_DIRECT
+        where the file system takes it (_DirectFile; the same bytes)."""
         if max_shard_bytes < 1:
             raise KbitValueError("the shard size must be positive")
         self.out = Path(out_dir)
@@ -167,6 +255,7 @@ class KbitWriter:
         self.tool = tool
         self.kbit_metadata = kbit_metadata  # False: plain safetensors (e.g. a dequantized export)
         self.header_reserve = header_reserve
+        self.direct_io = bool(direct_io)
         self._added = 0  # logical tensors added by this writer
         self._shards: list[Path] = []        # finished shards (temporary names)
         self._weight_map: dict[str, int] = {}  # stored name -> shard number
@@ -222,13 +311,16 @@ class KbitWriter:
             fixed = len(json.dumps(json.dumps(self.model_metadata, separators=(",", ":")))) + \
                 len(json.dumps(self.tool)) + 512  # the metadata every shard carries
             room = int(self.header_reserve(self._added)) + fixed
-        #: bytes before the data in the file being written: 8 + the header's room (direct
-        #: writing), or 0 (a temporary data file, copied behind the header at the end)
-        self._base = 8 + room + (-room % 8) if room > 0 else 0
+        #: bytes before the data in the file being written: 8 + the header's room, rounded up
+        #: to DATA_ALIGN (one pass), or 0 (a temporary data file, copied behind the header)
+        self._base = 8 + room + (-(8 + room) % DATA_ALIGN) if room > 0 else 0
         if self._base:
             self._data_path = self.out / f".shard-{number:05d}.safetensors.part"
-            self._data = open(self._data_path, "wb")
-            self._data.seek(self._base)
+            if self.direct_io:
+                self._data = _DirectFile(self._data_path, self._base)
+            else:
+                self._data = open(self._data_path, "wb")
+                self._data.seek(self._base)
         else:
             self._data_path = self.out / f".shard-{number:05d}.data.tmp"
             self._data = open(self._data_path, "wb")
@@ -323,7 +415,9 @@ class KbitWriter:
         }
 
     def _finish_shard(self) -> None:
-        self._data.close()
+        direct = self._data if isinstance(self._data, _DirectFile) else None
+        if direct is None:
+            self._data.close()
         header = {"__metadata__": self._shard_metadata()}
         for e in self._entries:
             header[e.name] = {"dtype": e.dtype, "shape": e.shape, "data_offsets": [e.begin, e.end]}
@@ -332,11 +426,16 @@ class KbitWriter:
         path = self.out / f".shard-{number:05d}.safetensors.tmp"
         if self._base and 8 + len(hb) <= self._base:  # the header fits the room left for it
             hb += b" " * (self._base - 8 - len(hb))
-            with open(self._data_path, "r+b", buffering=0) as f:
-                f.write(struct.pack("<Q", len(hb)) + hb)
-                os.fsync(f.fileno())
+            if direct is not None:
+                direct.finish(struct.pack("<Q", len(hb)) + hb, self._base + self._pos)
+            else:
+                with open(self._data_path, "r+b", buffering=0) as f:
+                    f.write(struct.pack("<Q", len(hb)) + hb)
+                    os.fsync(f.fileno())
             os.replace(self._data_path, path)
         else:
+            if direct is not None:
+                direct.finish(b"", self._base + self._pos)
             hb += b" " * (-len(hb) % 8)  # data starts 8-byte aligned
             with open(path, "wb") as f, open(self._data_path, "rb", buffering=0) as d:
                 f.write(struct.pack("<Q", len(hb)))

@@ -13,7 +13,7 @@ import typer
 
 from kbitformat import QuantSpec, relative_error
 from kbitformat.constants import DTYPES, SCALE_ENCODINGS
-from kbitformat.io import INDEX_NAME, KbitReader, KbitWriter, f32_to_bf16
+from kbitformat.io import INDEX_NAME, KbitReader, KbitWriter, f32_to_bf16, header_bound
 
 from ..errors import CheckFailed, InputError, OutputError, UsageError
 from .main import app
@@ -299,8 +299,11 @@ def dequantize(path: Annotated[Path, typer.Argument(help="A kbit model folder.")
     work = partial_dir(out)
     shutil.rmtree(work, ignore_errors=True)
     try:
-        with KbitWriter(work, max_shard_bytes=parse_size(shard_size), kbit_metadata=False) as w:
-            for name in r.names():
+        names = r.names()
+        rest = np.cumsum([header_bound(n) for n in reversed(names)]).tolist()[::-1]  # header room, one pass
+        with KbitWriter(work, max_shard_bytes=parse_size(shard_size), kbit_metadata=False, direct_io=True,
+                        header_reserve=lambda k: rest[k] if k < len(rest) else 0) as w:
+            for name in names:
                 x = r.load(name, ops)
                 if not np.issubdtype(x.dtype, np.floating):
                     w.add_tensor(name, x)
