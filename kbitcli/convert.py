@@ -9,8 +9,9 @@ are verified. Any other failure (disk full, bad input) removes the partial folde
 
 Three stages overlap, in order and with bounded queues, so the output bytes are the same
 as one after the other and memory stays at about one tensor:
-  * read-ahead: a thread asks the source to bring the next tensor into the page cache
-    (Source.prefetch; for safetensors posix_fadvise WILLNEED, which costs no memory here);
+  * read-ahead: a thread asks the source to bring the coming tensors into the page cache,
+    up to READ_AHEAD_BYTES past the one being converted (Source.prefetch; for safetensors
+    posix_fadvise WILLNEED, which costs no memory of this process);
   * the main thread quantizes the tensor and measures its error: on the CPU, for the common
     recipes (fixed codebooks, no search, fp16/fp32 scales; bfloat16/float16/float32 sources)
     with one fused parallel kernel reading the source's memory-mapped values
@@ -248,6 +249,37 @@ class _Worker:
         self._error = None
 
 
+#: bytes of source the read-ahead keeps asked for beyond the tensor being converted (at least
+#: the next tensor): on a cold page cache the disk reads them while the CPU works
+READ_AHEAD_BYTES = 512 * 1024**2
+
+
+class _ReadAhead:
+    """Hints the source (Source.prefetch, on the read-ahead worker) to read the tensors of
+    `todo` in order, up to READ_AHEAD_BYTES (and at least one tensor) past the one being
+    converted; starting() is called as each tensor of todo starts."""
+
+    def __init__(self, worker, prefetch, todo: list[Plan]) -> None:
+        self.worker, self.prefetch, self.todo = worker, prefetch, todo
+        self.cur = -1   # index in todo of the tensor being converted
+        self.nxt = 0    # next index to hint
+        self.window = 0  # bytes of todo[cur + 1 : nxt]
+
+    def starting(self) -> None:
+        if self.worker is None:
+            return
+        self.cur += 1
+        if self.nxt <= self.cur:  # not hinted yet (the first tensor)
+            self.worker.offer(self.prefetch, self.todo[self.cur].name)
+            self.nxt = self.cur + 1
+        else:
+            self.window -= self.todo[self.cur].nbytes
+        while self.nxt < len(self.todo) and (self.nxt == self.cur + 1 or self.window < READ_AHEAD_BYTES):
+            self.worker.offer(self.prefetch, self.todo[self.nxt].name)
+            self.window += self.todo[self.nxt].nbytes
+            self.nxt += 1
+
+
 def _keep(add, source, p: Plan) -> tuple[str, float]:
     """Store a tensor unquantized in its source dtype with add(name, arr, orig_dtype=...,
     st_dtype=...) (KbitWriter.add_tensor, or a call handing it to the writer thread); GGUF
@@ -359,23 +391,20 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
         out_q = _Worker("kbit-writer", depth=1)
         prefetch = getattr(src, "prefetch", None)
         if prefetch is not None and todo:
-            ahead = _Worker("kbit-read-ahead", depth=2)
-            ahead.offer(prefetch, todo[0].name)
+            ahead = _Worker("kbit-read-ahead", depth=64)
+        read_ahead = _ReadAhead(ahead, prefetch, todo)
         # one float32 buffer for every tensor the source can read into one (no fresh
         # allocation, and no page faults on new memory, per tensor)
         fast = getattr(src, "load_into_dtypes", frozenset()) if isinstance(src, BaseSource) else frozenset()
         need = max((int(np.prod(p.shape)) for p in todo if p.spec is not None and p.dtype in fast
                     and not _fused_ok(ops, p)), default=0)
         scratch = np.empty(need, dtype=np.float32) if need else None
-        nxt = 1
         for i, p in enumerate(plans):
             ts = time.perf_counter()
             if p.name in done:
                 progress("tensor", index=i, name=p.name, nbytes=p.nbytes, skipped=True)
                 continue
-            if ahead is not None and nxt < len(todo):
-                ahead.offer(prefetch, todo[nxt].name)
-                nxt += 1
+            read_ahead.starting()
             if p.spec is None:
                 stored, bpw = _keep(functools.partial(out_q.submit, writer.add_tensor), src, p)
                 rep = TensorReport(p.name, p.shape, p.dtype, False, None, stored, bpw, None, 0.0)
