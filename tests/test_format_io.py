@@ -343,7 +343,8 @@ def test_header_bound_holds_for_long_names_and_codebooks(tmp_path):
                     elif with_tensor:
                         w.add_tensor(name, np.zeros((3, 5, 7, 2), np.float32), orig_dtype="float32")
                 sizes.append(len(_split(shards(out)[0])[0].rstrip(b" ")))
-            assert 0 < sizes[1] - sizes[0] <= header_bound(name, bits), (name, bits)
+            bound = header_bound(name, bits, ndim=2 if bits else 4)
+            assert 0 < sizes[1] - sizes[0] <= bound < 3 * (sizes[1] - sizes[0]) + 1024, (name, bits)
 
 
 def test_interrupted_shard_with_room_is_removed_on_resume(tmp_path):

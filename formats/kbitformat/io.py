@@ -122,19 +122,33 @@ class _Entry:
     crc: str
 
 
-def header_bound(name: str, bits: int | None = None, extra_bytes: int = 256) -> int:
-    """An upper bound of the bytes one logical tensor adds to its shard's header: its stored
-    entries, their checksums and its recipe (quantized with `bits`: up to four parts and a
-    2**bits codebook; None: kept as it is), with room for `extra_bytes` of extra recipe keys
-    (e.g. the conversion's error). For KbitWriter(header_reserve=...)."""
-    n1 = len(json.dumps(name))              # the name in the header
-    n2 = len(json.dumps(json.dumps(name)))  # the name inside a metadata string (escaped twice)
-    entry = n1 + 24 + 240                   # ":{dtype, shape (up to 8 dims), data_offsets}", suffix
-    checksum = n2 + 24 + 40                 # "crc32:xxxxxxxx" under the stored name
+def header_bound(name: str, bits: int | None = None, ndim: int = 8, parts: int = 4,
+                 extra_bytes: int = 64) -> int:
+    """An upper bound of the bytes one logical tensor of `ndim` dimensions adds to its shard's
+    header: its stored entries, their checksums and its recipe (quantized with `bits`: `parts`
+    stored parts (codes, scales, and dq_absmax and offsets where the spec has them; at most
+    4) and a 2**bits codebook; None: kept as it is), with room for `extra_bytes` of extra
+    recipe keys (64: the conversion's "error"). Every number is counted at 16 digits (sizes up
+    to 10**16 bytes) or a float's longest repr, and every string at its longest value, so the
+    bound is about 1.2-2.5x what the tensor adds. For KbitWriter(header_reserve=...)."""
+    big, flt = 10 ** 15, -1.2345678901234567e-300   # 16 digits; the longest float text
+    ndim = max(1, int(ndim))
+    parts = ("codes", "scales", "dq_absmax", "offsets")[:max(1, min(4, int(parts)))] if bits is not None else ("",)
+    stored = [name + (f".kbit.{p}" if p else "") for p in parts]
+    entries = {n: {"dtype": "BF16", "shape": [big] * (2 if bits is not None else ndim),
+                   "data_offsets": [big, big]} for n in stored}
+    checksums = {n: "crc32:ffffffff" for n in stored}
     if bits is None:
-        return entry + checksum + n2 + 400 + extra_bytes
-    recipe = 700 + (2 ** int(bits)) * 26 + 4 * (n2 + 48)  # keys and values, codebook, component names
-    return 4 * (entry + checksum) + n2 + recipe + extra_bytes
+        recipe = {"quantized": False, "shape": [big] * ndim, "orig_dtype": "float8_e4m3fnuz"}
+    else:
+        recipe = {"quantized": True, "shape": [big] * ndim, "orig_dtype": "float8_e4m3fnuz", "bits": 8,
+                  "dtype": "dynamic", "block_size": big, "scale": "fp16", "search": "none", "fp_exponent": big,
+                  "codebook": [flt] * (2 ** int(bits)),
+                  "components": {p: n for p, n in zip(parts, stored)}, "bits_per_weight": flt}
+    sep = (",", ":")
+    text = json.dumps(entries, separators=sep) + json.dumps(json.dumps(checksums, separators=sep)) + \
+        json.dumps(json.dumps({name: recipe}, separators=sep))
+    return len(text) + 2 * extra_bytes  # extra keys: escaped inside the metadata string
 
 
 #: a one-pass shard's data start at a multiple of this (the header's room is rounded up to

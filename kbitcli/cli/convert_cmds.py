@@ -300,7 +300,8 @@ def dequantize(path: Annotated[Path, typer.Argument(help="A kbit model folder.")
     shutil.rmtree(work, ignore_errors=True)
     try:
         names = r.names()
-        rest = np.cumsum([header_bound(n) for n in reversed(names)]).tolist()[::-1]  # header room, one pass
+        # header room of the tensors still to come: each shard written in one pass
+        rest = np.cumsum([header_bound(n, ndim=len(r.recipe(n)["shape"])) for n in reversed(names)]).tolist()[::-1]
         with KbitWriter(work, max_shard_bytes=parse_size(shard_size), kbit_metadata=False, direct_io=True,
                         header_reserve=lambda k: rest[k] if k < len(rest) else 0) as w:
             for name in names:
