@@ -310,7 +310,7 @@ def header_reserve(todo: list[Plan]) -> Callable[[int], int]:
         if len(suffix) != len(todo):
             acc, suffix[:] = 0, []
             for p in reversed(todo):
-                parts = 0 if p.spec is None else 2 + (p.spec.scale == "dq") + (p.spec.dtype == "affine")
+                parts = 0 if p.spec is None else 2 + (p.spec.scale == "dq") + bool(p.spec.affine)
                 acc += header_bound(p.name, None if p.spec is None else p.spec.bits, ndim=len(p.shape),
                                     parts=parts)
                 suffix.append(acc)

@@ -142,7 +142,7 @@ def header_bound(name: str, bits: int | None = None, ndim: int = 8, parts: int =
         recipe = {"quantized": False, "shape": [big] * ndim, "orig_dtype": "float8_e4m3fnuz"}
     else:
         recipe = {"quantized": True, "shape": [big] * ndim, "orig_dtype": "float8_e4m3fnuz", "bits": 8,
-                  "dtype": "dynamic", "block_size": big, "scale": "fp16", "search": "none", "fp_exponent": big,
+                  "dtype": "quantile", "block_size": big, "scale": "fp16", "search": "none", "fp_exponent": big,
                   "codebook": [flt] * (2 ** int(bits)),
                   "components": {p: n for p, n in zip(parts, stored)}, "bits_per_weight": flt}
     sep = (",", ":")
