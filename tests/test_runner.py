@@ -596,6 +596,19 @@ def test_cli_generate_json(tiny, capsys):
     assert len(doc["completions"]) == 2 and doc["model_type"] == "qwen2"
 
 
+def test_cli_generate_no_fuse_same_tokens(tiny, capsys):
+    """--no-fuse keeps q/k/v and gate/up separate; greedy generation gives the same tokens."""
+    folder, _ = tiny("llama")
+    docs = []
+    for flag in ("--fuse", "--no-fuse"):
+        rc = _run(capsys, ["generate", str(folder), "--prompt", "t5 t6 t9", "-n", "6", "--device", "cpu", "--json",
+                           flag])
+        assert rc == 0
+        docs.append(json.loads(capsys.readouterr().out))
+    assert [c["text"] for c in docs[0]["completions"]] == [c["text"] for c in docs[1]["completions"]]
+    assert docs[0]["fused_groups"] == 4 and docs[1]["fused_groups"] == 0  # 2 layers x (qkv, gate/up)
+
+
 def test_cli_stream_single_prompt(tiny, capsys):
     folder, _ = tiny("gpt_neox")
     rc = _run(capsys, ["generate", str(folder), "-p", "t5 t6", "-n", "3", "--temperature", "0.7", "--seed", "1", "-q"])

@@ -62,7 +62,7 @@ def generate(
     info = m.kbit_info
     if json_out:
         doc = {"model": str(path), "kind": info["kind"], "model_type": info["model_type"], "device": info["device"],
-               "dtype": info["dtype"], "packed_layers": info["packed"], **res.to_dict()}
+               "dtype": info["dtype"], "packed_layers": info["packed"], "fused_groups": info.get("fused", 0), **res.to_dict()}
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return
     if stream:
