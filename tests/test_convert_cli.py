@@ -298,8 +298,15 @@ def test_ctrl_c_then_resume(tmp_path):
     cmd = KBIT + ["quantize", str(src), str(out), "--shard-size", "64KiB", "--search", "mse", "--dtype", "int"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob(".shard-*.safetensors.tmp"))) < 3:
-        time.sleep(0.05)
+    t_start, seen = time.time(), []
+    while time.time() < deadline and p.poll() is None:
+        seen.append(len(list(work.glob(".shard-*.safetensors.tmp"))))
+        if seen[-1] >= 3:
+            break
+        time.sleep(0.01)
+    # the conversion must still be running: otherwise this run cannot test Ctrl-C (say why)
+    assert p.poll() is None, (f"the conversion ended (exit {p.returncode}) after {time.time() - t_start:.1f} s "
+                              f"before 3 finished shards were seen (largest count seen: {max(seen, default=0)})")
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
