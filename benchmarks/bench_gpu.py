@@ -14,8 +14,9 @@ values) and a word-level tokenizer, then:
      --repeats: kbit fp16 (the HF folder) and kbit 4-bit packed (fused GEMV decode), each
      with its decode steps replayed as CUDA graphs (the runner's default on a GPU; the
      captures are inside the timed decode) and eager (the growing cache, every kernel
-     launched from Python); 4-bit packed with the x-in-registers GEMV
-     (BYTES_TUNING["KERNEL"] = "xr", not yet the default) and with the format's bit planes
+     launched from Python); both with q/k/v and gate/up as separate layers (load(fuse=False),
+     against the default fused projections); 4-bit packed with the x-in-registers GEMV
+     (BYTES_TUNING["KERNEL"] = "xr", opt-in, measured slower) and with the format's bit planes
      kept (no byte layout);
      4-bit packed with the GEMV switched off (the whole weight
      dequantized in every forward), 4-bit dequantized on load (fp16), and transformers'
@@ -380,9 +381,13 @@ def main() -> int:
         graph = "graph" if device.type == "cuda" else "dynamic"
         contenders = [("kbit fp16 (HF folder), CUDA graphs", src, {}, None, graph),
                       ("kbit 4-bit packed, fused GEMV, CUDA graphs", out, {}, True, graph),
+                      ("kbit fp16 (HF folder), separate q/k/v and gate/up (--no-fuse), CUDA graphs", src,
+                       {"fuse": False}, None, graph),
+                      ("kbit 4-bit packed, separate q/k/v and gate/up (--no-fuse), CUDA graphs", out,
+                       {"fuse": False}, True, graph),
                       ("kbit fp16 (HF folder), eager", src, {}, None, "dynamic"),
                       ("kbit 4-bit packed, fused GEMV, eager", out, {}, True, "dynamic"),
-                      ("kbit 4-bit packed, x-in-registers GEMV (KERNEL=xr, not yet the default), CUDA graphs",
+                      ("kbit 4-bit packed, x-in-registers GEMV (KERNEL=xr, opt-in), CUDA graphs",
                        out, {"tuning": {"KERNEL": "xr"}}, True, graph),
                       ("kbit 4-bit packed, fused GEMV on the format's bit planes, CUDA graphs", out,
                        {"byte_layout": False}, True, graph),
