@@ -227,6 +227,25 @@ def test_bf16_source_keeps_bf16(tmp_path, capsys):
     assert r.recipe("model.layers.0.mlp.up_proj.weight")["orig_dtype"] == "bfloat16"
 
 
+def test_no_error_same_bytes_without_recorded_errors(model, tmp_path, capsys):
+    """--no-error skips the per-tensor error measurement: the same codes and scales (the
+    stored tensors bit for bit), recipes with "error": null, errors null in --json; inspect and
+    verify still work."""
+    from kbitformat.io import read_header
+    src, _ = model
+    assert run(["quantize", src, tmp_path / "a", "-q"], capsys)[0] == 0
+    c, stdout, _ = run(["quantize", src, tmp_path / "b", "--no-error", "--json"], capsys)
+    d = json.loads(stdout)
+    assert c == 0 and all(t["error"] is None for t in d["tensors"]) and any(t["quantized"] for t in d["tensors"])
+    fa, fb = (tmp_path / x / "model-00001-of-00001.safetensors" for x in ("a", "b"))
+    (_, sa, ka), (_, sb, kb) = read_header(fa), read_header(fb)
+    assert {n: t.crc for n, t in sa.items()} == {n: t.crc for n, t in sb.items()}
+    assert all(r["error"] > 0 for r in ka["kbit.tensors"].values() if r["quantized"])
+    assert all(r.get("error") is None for r in kb["kbit.tensors"].values())
+    assert run(["inspect", tmp_path / "b"], capsys)[0] == 0
+    assert run(["verify", tmp_path / "b", "--against", src], capsys)[0] == 0
+
+
 def test_inspect_and_verify(model, tmp_path, capsys):
     src, tensors = model
     out = tmp_path / "out"

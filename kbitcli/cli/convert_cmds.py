@@ -110,6 +110,7 @@ def quantize(
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 2GB, 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the verified shards of an interrupted run.")] = False,
+    measure_error: Annotated[bool, typer.Option("--error/--no-error", help="Measure each quantized tensor's relative error (the default; --no-error is faster and records none).")] = True,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -130,7 +131,7 @@ def quantize(
     reporter = Reporter(quiet or False)
     try:
         summary = convert(path, out, recipe, device=device, shard_size=size, force=force, resume=resume,
-                          provenance=prov, progress=reporter)
+                          provenance=prov, progress=reporter, measure_error=measure_error)
     except KeyboardInterrupt:
         reporter.stop()
         print(f"kbit: interrupted; finished shards were kept: rerun with --resume to continue", file=sys.stderr)
