@@ -315,7 +315,11 @@ def test_ctrl_c_then_resume(tmp_path):
     out = tmp_path / "out"
     work = tmp_path / ".out.kbit-partial"
     cmd = KBIT + ["quantize", str(src), str(out), "--shard-size", "64KiB", "--search", "mse", "--dtype", "int"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &`
+    # in a script, nohup) ignores SIGINT, the child would inherit that, and Python then
+    # installs no KeyboardInterrupt handler (this test failed so in a fresh-clone CI run)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     t_start, seen = time.time(), []
     while time.time() < deadline and p.poll() is None:
