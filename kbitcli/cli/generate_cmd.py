@@ -75,4 +75,5 @@ def generate(
         print(f"kbit: {res.generated_tokens} tokens in {res.seconds:.2f} s ({res.tokens_per_second:.2f} tokens/s; "
               f"prompt {res.prefill_tokens_per_second:.1f} tokens/s, decode {res.decode_tokens_per_second:.2f} tokens/s) "
               f"on {info['device']} {info['dtype']}, {info['kind']}, {res.decode_mode} decode"
-              + (f" with {info['packed']} packed k-bit layers" if info["packed"] else ""), file=sys.stderr)
+              + (f" with {info['packed']} packed k-bit layers" if info["packed"] else "")
+              + (f"; {info['fused']} groups of projections fused" if info.get("fused") else ""), file=sys.stderr)
