@@ -170,3 +170,29 @@ def test_shards_are_written_in_one_pass(tmp_path, monkeypatch, spec, rules, shar
     conv.convert(tmp_path / "src", tmp_path / "out", Recipe.build(spec, rules), shard_size=shard_size)
     r = KbitReader(tmp_path / "out")
     assert r.verify_all() == [] and len(r.names()) == 8
+
+
+def test_read_ahead_window(monkeypatch):
+    """The read-ahead hints the tensors in order, at least one and up to READ_AHEAD_BYTES
+    past the one being converted, each once."""
+    monkeypatch.setattr(conv, "READ_AHEAD_BYTES", 100)
+    hinted: list[str] = []
+
+    class Worker:
+        def offer(self, fn, name):
+            hinted.append(name)
+
+    sizes = [10, 300, 40, 40, 40, 5, 5, 200, 1]
+    todo = [conv.Plan(f"t{i}", (n,), "float32", True, n, None) for i, n in enumerate(sizes)]
+    ra = conv._ReadAhead(Worker(), None, todo)
+    seen = []
+    for i in range(len(todo)):
+        ra.starting()
+        seen.append(list(hinted))
+        ahead = [int(n[1:]) for n in hinted if int(n[1:]) > i]
+        assert hinted == [f"t{j}" for j in range(len(hinted))]               # in order, each once
+        assert f"t{i}" in hinted and (i + 1 == len(todo) or f"t{i + 1}" in hinted)  # at least the next one
+        # no more than needed: without the last one hinted, the window would be under the limit
+        assert sum(sizes[j] for j in ahead[:-1]) < 100 or len(ahead) <= 1
+    assert seen[0] == ["t0", "t1"] and seen[1] == ["t0", "t1", "t2", "t3", "t4"]
+    assert conv._ReadAhead(None, None, todo).starting() is None  # no worker: nothing to do
