@@ -869,6 +869,20 @@ def _emit_zero_vectors(e, indent: int, rows: int, V: int, affine: bool, code: st
             e(f"{sp}{offset.format(r=r)} = f32(0.0)")
 
 
+def _emit_vector_loads(e, indent: int, rows: int, V: int, affine: bool, vl: str, code: str, scale: str,
+                       offset: str, addr: str, row: str):
+    """Emit (through e) the loads of `rows` rows' code words (V words by `vl` from `addr`),
+    block scale and offset (at [row, bn]) into the variables that _emit_zero_vectors zeroes:
+    code a format string of r (row) and j (word); scale, offset, addr and row of r."""
+    sp = " " * indent
+    for r in range(rows):
+        names = ", ".join(code.format(r=r, j=j) for j in range(V))
+        e(f"{sp}{names} = {vl}(words, {addr.format(r=r)})")
+        e(f"{sp}{scale.format(r=r)} = s[{row.format(r=r)}, bn]")
+        if affine:
+            e(f"{sp}{offset.format(r=r)} = o[{row.format(r=r)}, bn]")
+
+
 def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshift: int, split: bool = False) -> str:
     """Source of one bytes GEMV kernel. split: the split-K variant (see "split-K" below): CTA
     (x, y) works on the vectors [y*NVS, min((y+1)*NVS, NV)) of its rows and writes its partial
@@ -945,12 +959,8 @@ def _bytes_gemv_source(k: int, M: int, affine: bool, cfg: BytesGemvConfig, wbshi
             e(f"{sp}bn = ({vexpr} * {V}) >> {wbshift}")
         else:
             e(f"{sp}bn = ({vexpr} * {V}) // WB")
-        for rr in range(R):
-            names = ", ".join(f"{prefix}{rr}_{j}" for j in range(V))
-            e(f"{sp}{names} = {vl}(words, wb{rr} + {vexpr} * {V})")
-            e(f"{sp}{prefix}s{rr} = s[rl{rr}, bn]")
-            if affine:
-                e(f"{sp}{prefix}o{rr} = o[rl{rr}, bn]")
+        _emit_vector_loads(e, indent, R, V, affine, vl, prefix + "{r}_{j}", prefix + "s{r}", prefix + "o{r}",
+                           "wb{r} + " + f"{vexpr} * {V}", "rl{r}")
 
     e("            if vi < vend:")
     load("n", "vi", 16)
@@ -1267,12 +1277,7 @@ def _xr_gemv_source(k: int, affine: bool, V: int, NG: int, D: int, CBREP: int, w
         e(f"        if r{d} >= rows:")
         e(f"            r{d} = rows - 1")
     e("        if live:")
-    for d in range(D):
-        names = ", ".join(f"c{d}_{j}" for j in range(V))
-        e(f"            {names} = {vl}(words, r{d} * rstride + woff)")
-        e(f"            s{d} = s[r{d}, bn]")
-        if affine:
-            e(f"            o{d} = o[r{d}, bn]")
+    _emit_vector_loads(e, 12, D, V, affine, vl, "c{r}_{j}", "s{r}", "o{r}", "r{r} * rstride + woff", "r{r}")
     e("        else:")
     _emit_zero_vectors(e, 12, D, V, affine, "c{r}_{j}", "s{r}", "o{r}")
     for d in range(D):
