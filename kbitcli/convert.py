@@ -300,23 +300,13 @@ def _keep(add, source, p: Plan) -> tuple[str, float]:
     return str(arr.dtype), arr.dtype.itemsize * 8.0
 
 
-def header_reserve(todo: list[Plan]) -> Callable[[int], int]:
-    """KbitWriter's header_reserve for writing the plans `todo` in order: the header bound
-    (kbitformat.io.header_bound) of the tensors not yet added, so each shard is written in
-    one pass. Reads `todo` when the writer asks (the list may be filled after this call)."""
-    suffix: list[int] = []
-
-    def reserve(added: int) -> int:
-        if len(suffix) != len(todo):
-            acc, suffix[:] = 0, []
-            for p in reversed(todo):
-                parts = 0 if p.spec is None else 2 + (p.spec.scale == "dq") + bool(p.spec.affine)
-                acc += header_bound(p.name, None if p.spec is None else p.spec.bits, ndim=len(p.shape),
-                                    parts=parts)
-                suffix.append(acc)
-            suffix.reverse()
-        return suffix[added] if added < len(suffix) else 0
-    return reserve
+def plan_header_bound(p: Plan) -> int:
+    """kbitformat.io.header_bound of one planned tensor: its name, dimensions, bits and stored
+    parts (codes and scales, plus dq_absmax with dq scales, plus offsets when affine)."""
+    if p.spec is None:
+        return header_bound(p.name, None, ndim=len(p.shape))
+    return header_bound(p.name, p.spec.bits, ndim=len(p.shape),
+                        parts=2 + (p.spec.scale == "dq") + bool(p.spec.affine))
 
 
 def _fused_ok(ops, p: Plan) -> bool:
@@ -383,12 +373,15 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     work.mkdir(parents=True, exist_ok=True)
     writer = out_q = ahead = None
     try:
-        todo: list[Plan] = []
+        # header room for a shard about to start: the bounds of the tensors still to come, so
+        # that each shard is written in one pass (filled once resume has said what is done)
+        bounds: list[int] = []
         writer = KbitWriter(work, max_shard_bytes=shard_size, model_metadata=meta, tool=TOOL, resume=resume,
-                            header_reserve=header_reserve(todo), direct_io=True)
+                            header_reserve=lambda added: sum(bounds[added:]), direct_io=True)
         done = set(writer.resumed)
         summary.resumed = len(done)
-        todo += [p for p in plans if p.name not in done]
+        todo = [p for p in plans if p.name not in done]
+        bounds += [plan_header_bound(p) for p in todo]
         progress("start", total=len(plans), total_bytes=sum(p.nbytes for p in plans), resumed=len(done))
         out_q = _Worker("kbit-writer", depth=1)
         prefetch = getattr(src, "prefetch", None)

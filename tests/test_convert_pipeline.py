@@ -47,8 +47,9 @@ def serial_convert(src: Path, out: Path, recipe: Recipe, shard_size: int) -> Non
     meta = {"source": str(s.path), "source_kind": s.kind, "recipe": recipe.to_dict(),
             "fingerprint": conv.fingerprint(s, plans, recipe)}
     ops = get_ops("cpu")
+    bounds = [conv.plan_header_bound(p) for p in plans]
     with KbitWriter(out, max_shard_bytes=shard_size, model_metadata=meta, tool=conv.TOOL,
-                    header_reserve=conv.header_reserve(plans)) as w:
+                    header_reserve=lambda added: sum(bounds[added:])) as w:
         for p in plans:
             if p.spec is None:
                 if p.dtype == "bfloat16":

@@ -302,9 +302,9 @@ def dequantize(path: Annotated[Path, typer.Argument(help="A kbit model folder.")
     try:
         names = r.names()
         # header room of the tensors still to come: each shard written in one pass
-        rest = np.cumsum([header_bound(n, ndim=len(r.recipe(n)["shape"])) for n in reversed(names)]).tolist()[::-1]
+        bounds = [header_bound(n, ndim=len(r.recipe(n)["shape"])) for n in names]
         with KbitWriter(work, max_shard_bytes=parse_size(shard_size), kbit_metadata=False, direct_io=True,
-                        header_reserve=lambda k: rest[k] if k < len(rest) else 0) as w:
+                        header_reserve=lambda added: sum(bounds[added:])) as w:
             for name in names:
                 x = r.load(name, ops)
                 if not np.issubdtype(x.dtype, np.floating):
