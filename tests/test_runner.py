@@ -63,6 +63,8 @@ def _configs():
                                             max_position_embeddings=64, do_layer_norm_before=False, **common),
                                tf.OPTForCausalLM),
         "bloom": lambda: (tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common), tf.BloomForCausalLM),
+        # 6 heads: ALiBi slopes for a head count that is not a power of two (BLOOM-176B has 112)
+        "bloom-6heads": lambda: (tf.BloomConfig(hidden_size=48, n_layer=2, n_head=6, **common), tf.BloomForCausalLM),
     }
 
 

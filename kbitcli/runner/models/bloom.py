@@ -40,7 +40,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     if closest != num_heads:
         extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device="cpu")
         n = min(closest, num_heads - closest)
-        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * n, 2, dtype=torch.int32))])
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * n, 2, dtype=torch.int32, device="cpu"))])
     return slopes
 
 
