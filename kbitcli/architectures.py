@@ -14,6 +14,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "llama": ("LlamaForCausalLM",),
     "mistral": ("MistralForCausalLM",),
     "qwen2": ("Qwen2ForCausalLM",),
+    "qwen3": ("Qwen3ForCausalLM",),
     "gpt2": ("GPT2LMHeadModel",),
     "gpt_neox": ("GPTNeoXForCausalLM",),
     "opt": ("OPTForCausalLM",),

@@ -47,6 +47,15 @@ def _configs():
         "qwen2": lambda: (tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                          max_position_embeddings=128, **common), tf.Qwen2ForCausalLM),
+        # Qwen3: q_norm / k_norm per head; head_dim (16) is not hidden_size / heads (12)
+        "qwen3": lambda: (tf.Qwen3Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=128, **common), tf.Qwen3ForCausalLM),
+        "qwen3-window": lambda: (tf.Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                                num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                                attention_bias=True, tie_word_embeddings=True,
+                                                use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                                max_position_embeddings=128, **common), tf.Qwen3ForCausalLM),
         "gpt2": lambda: (tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common), tf.GPT2LMHeadModel),
         "gpt_neox": lambda: (tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                               intermediate_size=128, max_position_embeddings=64,
@@ -188,7 +197,7 @@ def test_attention_fast_paths_equal_the_explicit_mask(B, S, past, pad, window, a
     assert torch.equal(attention(q, k, v, m, 0.25, bias=bias), got)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox", "qwen3-window"])
 def test_cache_chunks_equal_full_forward(arch, tiny):
     """A prompt fed as 5 tokens, a chunk of 4 after the cache, then single tokens equals one forward."""
     folder, _ = tiny(arch)
@@ -202,7 +211,7 @@ def test_cache_chunks_equal_full_forward(arch, tiny):
     assert (torch.cat(parts) - full).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "qwen3-window"])
 def test_greedy_generation_matches_transformers(arch, tiny):
     folder, hf = tiny(arch)
     model, tok, _ = load(folder)
@@ -224,7 +233,7 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -343,7 +352,7 @@ def test_fuse_linears_refuses_layers_that_cannot_share_one():
 
 
 @pytest.mark.parametrize("arch,groups", [("llama", 2), ("llama-tied-bias", 2), ("qwen2", 2), ("mistral", 2),
-                                         ("opt", 1), ("gpt2", 0)])
+                                         ("qwen3", 2), ("opt", 1), ("gpt2", 0)])
 def test_fused_projections_same_model(arch, groups, tiny, tmp_path):
     """load(fuse=True) runs q/k/v (and gate/up) as one layer: the same logits as the unfused
     model (plain checkpoint: within float32 rounding; packed kbit decode steps: bit for bit)."""

@@ -69,7 +69,7 @@ def _convert(src, out, spec):
 
 
 @pytest.mark.parametrize("arch,spec", [("llama", "4:nf:b64"), ("llama-tied-bias", "4:affine:b32"),
-                                       ("qwen2", "3:fp:b64"), ("gpt_neox", "8:int:b64"),
+                                       ("qwen2", "3:fp:b64"), ("qwen3", "4:nf:b64"), ("gpt_neox", "8:int:b64"),
                                        ("opt", "2:quantile:b32"), ("bloom", "4:affine:b64:dq"),
                                        ("gpt2", "4:nf:b64")])
 def test_packed_on_cuda(arch, spec, tiny, cuda, tmp_path):

@@ -18,6 +18,7 @@ MODEL_MODULES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "qwen3": "llama",
     "gpt2": "gpt2",
     "gpt_neox": "gpt_neox",
     "opt": "opt",

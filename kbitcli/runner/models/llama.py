@@ -1,6 +1,8 @@
-"""Llama 2/3, Mistral, Qwen2 and SmolLM2 (the Llama family): RMSNorm, rotary embeddings
-(default, linear and llama3 scaling), grouped-query attention, SwiGLU, optional tied
-embeddings; Qwen2 adds q/k/v biases, Mistral (and Qwen2 when enabled) a sliding window."""
+"""Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2 (the Llama family): RMSNorm, rotary
+embeddings (default, linear and llama3 scaling), grouped-query attention, SwiGLU, optional
+tied embeddings; Qwen2 adds q/k/v biases, Qwen3 an RMSNorm of each query and key head
+before the rotary (q_norm, k_norm), Mistral (and Qwen2/Qwen3 when enabled) a sliding
+window."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,7 +44,10 @@ class ModelArgs:
         a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
         positive(a, "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "vocab_size", arch=a.model_type)
-        a.head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        # Qwen3's configuration class defaults head_dim to 128, not hidden_size / heads
+        a.head_dim = a.head_dim or (128 if a.model_type == "qwen3" else a.hidden_size // a.num_attention_heads)
+        if a.max_window_layers is None and a.model_type in ("qwen2", "qwen3"):
+            a.max_window_layers = 28  # their configuration classes' default
         if a.num_attention_heads % a.num_key_value_heads:
             from kbitcli.errors import InputError
             raise InputError(f"config.json: num_attention_heads ({a.num_attention_heads}) is not a multiple of "
@@ -59,12 +64,18 @@ class ModelArgs:
     def o_bias(self) -> bool:
         return False if self.model_type == "qwen2" else bool(self.attention_bias)
 
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
     def window(self, layer: int) -> int | None:
+        if self.model_type in ("qwen2", "qwen3") and not self.use_sliding_window:
+            return None  # their configurations drop sliding_window unless use_sliding_window
         if self.layer_types is not None and layer < len(self.layer_types):
             return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
         if self.model_type == "mistral":
             return self.sliding_window
-        if self.model_type == "qwen2" and self.use_sliding_window and self.sliding_window:
+        if self.model_type in ("qwen2", "qwen3") and self.sliding_window:
             return self.sliding_window if layer >= (self.max_window_layers or 0) else None
         return None
 
@@ -79,6 +90,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=a.o_bias)
+        # Qwen3: an RMSNorm over each head's query and key, before the rotary
+        self.q_norm = RMSNorm(self.hd, a.rms_norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, a.rms_norm_eps) if a.qk_norm else None
         self.qkv_proj = None  # q_proj, k_proj and v_proj as one layer, after fuse()
 
     def fuse(self) -> bool:
@@ -91,8 +105,10 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
-        q = q.view(B, S, self.nh, self.hd).transpose(1, 2)
-        k = k.view(B, S, self.nkv, self.hd).transpose(1, 2)
+        q, k = q.view(B, S, self.nh, self.hd), k.view(B, S, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
