@@ -739,7 +739,15 @@ def _original_tokenizer(family: str):
     from kbitcli.sources.gguf_tokenizer import _LLAMA3_SPLIT
 
     tok = Tokenizer(models.BPE())
-    if family == "llama3":
+    if family == "qwen2":  # as transformers' Qwen2 tokenizer builds it (its regex, NFC)
+        from tokenizers import normalizers
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif family == "llama3":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -798,7 +806,7 @@ def _gguf_with_tokenizer(path: Path, tok, pre: str, add_bos: bool) -> None:
 
 
 @pytest.mark.parametrize("family,pre,add_bos", [
-    ("llama3", "llama-bpe", True), ("digits", "smollm", False), ("gpt2", "gpt-2", False),
+    ("llama3", "llama-bpe", True), ("digits", "smollm", False), ("gpt2", "gpt-2", False), ("qwen2", "qwen2", False),
 ])
 def test_rebuilt_tokenizer_matches_original(tmp_path, family, pre, add_bos):
     from tokenizers import Tokenizer
@@ -808,7 +816,8 @@ def test_rebuilt_tokenizer_matches_original(tmp_path, family, pre, add_bos):
     src = open_source(tmp_path / "m.gguf")
     rebuilt = Tokenizer.from_str(src.extra_files()["tokenizer.json"].decode())
     assert src.warnings == []
-    texts = _CORPUS[:4] + ["Numbers 1 22 333 4444 55555 and 3.14159", "<|begin|>x<|end|>", "", "  "]
+    texts = _CORPUS[:4] + ["Numbers 1 22 333 4444 55555 and 3.14159", "<|begin|>x<|end|>", "", "  ",
+                           "cafe\u0301 vs caf\u00e9 (NFD and NFC)"]
     for text in texts:
         for special in (False, True):
             assert rebuilt.encode(text, add_special_tokens=special).ids == \
@@ -824,3 +833,102 @@ def test_unknown_pre_tokenizer_warns(tmp_path):
     src = open_source(tmp_path / "m.gguf")
     src.extra_files()
     assert any("some-future-model" in w for w in src.warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF of the Qwen family: a tiny transformers model written the way llama.cpp's converter
+# writes it (Qwen2Model / Qwen3Model: no attn_q / attn_k permutation; qwen3's q_norm / k_norm as
+# attn_q_norm / attn_k_norm), then read back and run through kbit's runner against transformers
+
+
+def _qwen_gguf(path: Path, arch: str):
+    import gguf
+    import transformers as tf
+
+    tok = _original_tokenizer("qwen2")
+    vocab = sorted(json.loads(tok.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    common = dict(vocab_size=len(vocab), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  bos_token_id=0, eos_token_id=1, tie_word_embeddings=(arch == "qwen3"))
+    if arch == "qwen3":
+        cfg, cls = tf.Qwen3Config(head_dim=16, **common), tf.Qwen3ForCausalLM
+    else:
+        cfg, cls = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
+    torch.manual_seed(3)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.15 * torch.randn_like(p))
+    hd = cfg.head_dim if arch == "qwen3" else cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in (("block_count", 2), ("context_length", 64), ("embedding_length", 48), ("feed_forward_length", 80),
+                 ("attention.head_count", 4), ("attention.head_count_kv", 2), ("rope.dimension_count", hd)):
+        w.add_uint32(f"{arch}.{k}", v)
+    if arch == "qwen3":
+        w.add_uint32(f"{arch}.attention.key_length", hd)
+        w.add_uint32(f"{arch}.attention.value_length", hd)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{arch}.rope.freq_base", float(cfg.rope_parameters["rope_theta"]))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t.startswith("<|") else 1 for t, _ in vocab])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(False)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    for name, t in model.state_dict().items():
+        a = t.float().numpy()
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", a)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", a)
+        elif name == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                w.add_tensor("output.weight", a)
+        else:
+            _, _, i, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            w.add_tensor(f"blk.{i}.{names[part]}.{kind}", a.astype(np.float16) if part == "mlp.up_proj" else a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with torch.no_grad():  # the F16 up_proj, as stored
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.copy_(layer.mlp.up_proj.weight.half().float())
+    return model, tok
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_runs_like_transformers(tmp_path, arch):
+    from tokenizers import Tokenizer
+
+    from kbitcli.runner import load
+
+    hf, original = _qwen_gguf(tmp_path / "m.gguf", arch)
+    src = open_source(tmp_path / "m.gguf")
+    cfg = src.config()
+    assert (cfg["model_type"], cfg["architectures"]) == (arch, [type(hf).__name__])
+    assert cfg["tie_word_embeddings"] is hf.config.tie_word_embeddings
+    sd = hf.state_dict()
+    ours = {t.name for t in src.tensors()}
+    assert ours | ({"lm_head.weight"} if hf.config.tie_word_embeddings else set()) == set(sd)
+    for name in ours:  # no permutation undone where llama.cpp made none
+        np.testing.assert_array_equal(src.load(name), sd[name].float().numpy(), err_msg=name)
+    rebuilt = Tokenizer.from_str(src.extra_files()["tokenizer.json"].decode())
+    assert src.warnings == []
+    for text in _CORPUS[:4]:
+        assert rebuilt.encode(text).ids == original.encode(text).ids
+    model, tok, _ = load(tmp_path / "m.gguf")
+    ids = original.encode(_CORPUS[0]).ids[:20]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        got = model(torch.tensor([ids]))[0]
+    assert (got - ref).abs().max().item() < 1e-4
+    assert list(tok.encode(_CORPUS[2])) == original.encode(_CORPUS[2]).ids

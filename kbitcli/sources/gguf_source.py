@@ -9,8 +9,9 @@
 * config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json and
   generation_config.json are rebuilt from the GGUF metadata.
 
-Supported architectures: see SUPPORTED_ARCHITECTURES. Supported tokenizers: byte-level BPE
-(tokenizer.ggml.model = "gpt2").
+Supported architectures: see SUPPORTED_ARCHITECTURES (llama, qwen2, qwen3: only llama's attn_q /
+attn_k are permuted by llama.cpp; qwen3 adds attn_q_norm / attn_k_norm). Supported tokenizers:
+byte-level BPE (tokenizer.ggml.model = "gpt2").
 """
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ import numpy as np
 from kbitcli.errors import InputError, UnsupportedArchitectureError
 from kbitcli.sources._base import BaseSource, SourceTensor
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+#: GGUF architecture -> (Hugging Face model_type, class); llama.cpp's converter permutes the
+#: attn_q / attn_k rows of "llama" only (LlamaModel.permute; Qwen2Model and Qwen3Model do not)
+_HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+            "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+_PERMUTED_QK = ("llama",)
 SUPPORTED_TOKENIZERS = ("gpt2",)
 
 _GLOBAL_NAMES = {
@@ -42,6 +48,8 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
 # GGUF tensors with no Hugging Face counterpart: skipped, with a warning.
 _SKIPPED = {
@@ -142,7 +150,7 @@ class GGUFSource(BaseSource):
                 if t.name in _SKIPPED:
                     self.warnings.append(_SKIPPED[t.name])
                     continue
-                raise InputError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face Llama counterpart")
+                raise InputError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face {self.arch} counterpart")
             ttype = t.tensor_type.name
             dtype = _FLOAT_TYPES.get(ttype) or _INT_TYPES.get(ttype) or ttype
             shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
@@ -152,9 +160,9 @@ class GGUFSource(BaseSource):
                     f"{path}: GGUF tensor {t.name!r} ({name}) has shape {list(shape)} but the metadata "
                     f"implies {list(want)}"
                 )
-            if ".attn_q." in t.name:
+            if self.arch in _PERMUTED_QK and ".attn_q." in t.name:
                 self._permute[name] = hp["n_head"]
-            elif ".attn_k." in t.name:
+            elif self.arch in _PERMUTED_QK and ".attn_k." in t.name:
                 self._permute[name] = hp["n_head_kv"]
             if name in self._infos:
                 raise InputError(f"{path}: tensor {t.name!r} appears twice")
@@ -248,6 +256,8 @@ class GGUFSource(BaseSource):
             "mlp.down_proj.weight": (e, f),
             "input_layernorm.weight": (e,),
             "post_attention_layernorm.weight": (e,),
+            "self_attn.q_norm.weight": (hp["head_dim"],),
+            "self_attn.k_norm.weight": (hp["head_dim"],),
         }.get(suffix)
 
     # -- data -----------------------------------------------------------------------------
@@ -285,9 +295,10 @@ class GGUFSource(BaseSource):
     def config(self) -> dict:
         hp = self.hparams
         a = self.arch
+        model_type, cls = _HF_ARCH[a]
         cfg: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [cls],
+            "model_type": model_type,
             "hidden_size": hp["n_embd"],
             "intermediate_size": hp["n_ff"],
             "num_hidden_layers": hp["n_layer"],

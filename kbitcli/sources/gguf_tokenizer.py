@@ -17,12 +17,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from kbitcli.sources.gguf_source import GGUFSource
 
 # Pre-tokenizer families. "gpt2": the GPT-2 regex; "digits": each digit on its own, then the
-# GPT-2 regex (SmolLM, StarCoder); "llama3": the Llama-3 regex (numbers in groups of up to 3).
+# GPT-2 regex (SmolLM, StarCoder); "llama3": the Llama-3 regex (numbers in groups of up to 3);
+# "qwen2": the same regex with each digit on its own, after NFC normalization (Qwen2, Qwen2.5, Qwen3).
 _PRE_FAMILIES = {
     "gpt2": "gpt2", "gpt-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2", "phi-2": "gpt2",
     "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
     "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3",
     "dbrx": "llama3", "falcon3": "llama3",
+    "qwen2": "qwen2",
 }
 
 _LLAMA3_SPLIT = (
@@ -30,13 +32,16 @@ _LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+assert _QWEN2_SPLIT != _LLAMA3_SPLIT
+
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
 
 
 def build_tokenizer(src: "GGUFSource") -> tuple["Tokenizer", str | None]:
     """(tokenizer, warning or None) for the GGUF `src`."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     model_kind = src.meta("tokenizer.ggml.model")
     if model_kind is None:
@@ -78,11 +83,14 @@ def build_tokenizer(src: "GGUFSource") -> tuple["Tokenizer", str | None]:
         vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=(family == "llama3")
     )
     tok = Tokenizer(bpe)
-    if family == "llama3":
+    if family in ("llama3", "qwen2"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if family == "llama3" else _QWEN2_SPLIT),
+                                 behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ])
+        if family == "qwen2":
+            tok.normalizer = normalizers.NFC()
     elif family == "digits":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
