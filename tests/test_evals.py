@@ -241,6 +241,37 @@ def test_cli_perplexity_errors(tiny, capsys, args, code, words):
     assert words in err and "Traceback" not in err
 
 
+def test_default_ctx_fits_a_short_context_window(tiny, runner_model, capsys, tmp_path):
+    """Without --ctx, a model whose context window is under 512 tokens is scored in windows of
+    its window's length (the same figure as asking for it); a --ctx beyond the window is a
+    usage error in perplexity, compare and sweep (sweep used to fail with an IndexError on
+    models with learned positions)."""
+    import shutil
+
+    folder, _, ids, text = tiny
+    short = tmp_path / "short"
+    shutil.copytree(folder, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["max_position_embeddings"] = 96
+    (short / "config.json").write_text(json.dumps(cfg))
+    code, out, err = _run(capsys, "perplexity", short, "--text", text, "--device", "cpu", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["ctx"] == 96
+    assert doc["ppl"] == pytest.approx(perplexity(runner_model[0], ids, ctx=96).ppl, rel=1e-9)
+    code, out, err = _run(capsys, "perplexity", folder, "--text", text, "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["ctx"] == 512  # the default for a long window
+    code, out, err = _run(capsys, "compare", short, short, "--text", text, "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["ctx"] == 96
+    for cmd in (["perplexity", short, "--device", "cpu"], ["compare", short, folder, "--device", "cpu"],
+                ["sweep", short, "-k", "4", "-t", "int", "-b", "64", "--out", tmp_path / "sweep"]):
+        code, _, err = _run(capsys, *cmd, "--text", text, "--ctx", 200)
+        assert code == EXIT_USAGE, err
+        assert "context window" in err and "Traceback" not in err and "internal error" not in err
+
+
 # ----------------------------------------------------------------------------- compare
 def test_compare_with_itself(runner_model, tiny):
     model, _ = runner_model

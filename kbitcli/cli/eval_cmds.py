@@ -23,7 +23,8 @@ DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="Built-in t
                                                    "(WikiText-2 raw test, fetched from the Hub once), or "
                                                    "'wikitext-2-parquet' (the Salesforce/wikitext parquet; needs "
                                                    "pyarrow).")]
-CtxOpt = Annotated[int, typer.Option("--ctx", help="Tokens per window.")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Tokens per window (default: 512, or the model's "
+                                               "context window when it is shorter).")]
 StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="hf protocol: tokens between window starts "
                                                   "(default: --ctx, no overlap).")]
 ProtocolOpt = Annotated[str, typer.Option("--protocol", help="hf (transformers' sliding window) or llama.cpp "
@@ -88,13 +89,6 @@ def _tokenize(tok, text: str, protocol: str, max_tokens: Optional[int]) -> tuple
     return ids, bos, n_bytes
 
 
-def _check_ctx(model, ctx: int, where: str) -> None:
-    limit = getattr(model, "context_length", None)
-    if isinstance(limit, int) and limit > 0 and ctx > limit:
-        raise UsageError(f"--ctx {ctx} is longer than the context window of {where} ({limit} tokens); "
-                         f"use --ctx {limit} or less")
-
-
 def _resolve_dev(device: str):
     from ..runner.load import resolve_device
     return resolve_device(device)  # a missing GPU is reported before any loading
@@ -105,7 +99,7 @@ def perplexity_cmd(
     model: ModelArg,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
-    ctx: CtxOpt = 512,
+    ctx: CtxOpt = None,
     stride: StrideOpt = None,
     protocol: ProtocolOpt = "hf",
     max_tokens: MaxTokensOpt = None,
@@ -117,13 +111,13 @@ def perplexity_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity of a model on a text (docs/quality.md describes the protocols)."""
-    from ..evals.perplexity import PROTOCOLS, perplexity, window_plan
+    from ..evals.perplexity import PROTOCOLS, fit_ctx, perplexity, window_plan
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown --protocol {protocol!r}; choose hf or llama.cpp")
     dev = _resolve_dev(device)
     body, where = _read_text(text, dataset)
     m, tok, name = _load(model, dev, dtype, dequantize_on_load, quiet or json_out)
-    _check_ctx(m, ctx, name)
+    ctx = fit_ctx(ctx, m, name)
     ids, bos, n_bytes = _tokenize(tok, body, protocol, max_tokens)
     window_plan(len(ids), ctx, stride, protocol)  # bad settings fail before the long run
     res = perplexity(m, ids, ctx=ctx, stride=stride, protocol=protocol, batch_size=batch_size, bos_id=bos,
@@ -151,7 +145,7 @@ def compare_cmd(
     reference: Annotated[Optional[str], typer.Argument(help="The model it was made from (not needed with --reference-logits).")] = None,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
-    ctx: CtxOpt = 512,
+    ctx: CtxOpt = None,
     stride: StrideOpt = None,
     protocol: ProtocolOpt = "hf",
     max_tokens: MaxTokensOpt = None,
@@ -171,7 +165,7 @@ def compare_cmd(
     """Compare a quantized model with its reference: perplexities, KL divergence, top-1 agreement,
     with gates that exit 1 when a figure is out of bounds."""
     from ..evals.compare import ReferenceLogits, check_gates, compare, raise_failed
-    from ..evals.perplexity import PROTOCOLS, window_plan
+    from ..evals.perplexity import PROTOCOLS, fit_ctx, window_plan
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown --protocol {protocol!r}; choose hf or llama.cpp")
     if (reference is None) == (reference_logits is None):
@@ -190,12 +184,12 @@ def compare_cmd(
     silent = quiet or json_out
     ref_file = ReferenceLogits.load(reference_logits) if reference_logits is not None else None
     q_model, q_tok, q_name = _load(quantized, dev, dtype, dequantize_on_load, silent)
-    _check_ctx(q_model, ctx, q_name)
+    ctx = fit_ctx(ctx, q_model, q_name)
     ids, bos, n_bytes = _tokenize(q_tok, body, protocol, max_tokens)
     window_plan(len(ids), ctx, stride, protocol)
     if ref_file is None:
         r_model, r_tok, r_name = _load(reference, dev, dtype, dequantize_on_load, silent)
-        _check_ctx(r_model, ctx, r_name)
+        fit_ctx(ctx, r_model, r_name)
         r_ids, r_bos, _ = _tokenize(r_tok, body, protocol, max_tokens)
         if len(r_ids) != len(ids) or not np.array_equal(r_ids, ids) or r_bos != bos:
             from ..errors import InputError

@@ -139,7 +139,8 @@ def sweep_cmd(
     shard: Annotated[Optional[str], typer.Option("--shard", help="Run only shard i/N (every N-th combination from "
                                                  "the i-th, 1-based) into results.shard-i-of-N.jsonl; join the "
                                                  "files with --merge.")] = None,
-    ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Tokens per window (default: 512, or the model's "
+                                               "context window when it is shorter).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Evaluate on the first N tokens.")] = 8192,
     protocol: Annotated[str, typer.Option("--protocol", help="Perplexity windows: hf or llama.cpp.")] = "hf",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 1,

@@ -61,6 +61,24 @@ class Window:
         return self.end - self.first
 
 
+#: tokens per window when none is asked for (shortened to a model's shorter context window)
+DEFAULT_CTX = 512
+
+
+def fit_ctx(ctx: int | None, model, where: str = "the model") -> int:
+    """The window length to use with `model`: ctx when it fits the model's context window
+    (UsageError naming `where` otherwise), or, with ctx None, DEFAULT_CTX shortened to that
+    window: a model whose window is under 512 tokens works without --ctx."""
+    limit = getattr(model, "context_length", None)
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+    if ctx is None:
+        return DEFAULT_CTX if limit is None else min(DEFAULT_CTX, limit)
+    if limit is not None and ctx > limit:
+        raise UsageError(f"--ctx {ctx} is longer than the context window of {where} ({limit} tokens); "
+                         f"use --ctx {limit} or less")
+    return ctx
+
+
 def window_plan(n_tokens: int, ctx: int, stride: int | None = None, protocol: str = "hf") -> list[Window]:
     """The windows of a protocol over n_tokens tokens (see the module docstring)."""
     if protocol not in PROTOCOLS:

@@ -429,13 +429,14 @@ def _adds_bos(tok) -> bool:
 class Evaluator:
     """Evaluates the model as it is now, on one fixed set of tokens (or task items)."""
 
-    def __init__(self, lm: LoadedModel, metric: str, text: str | None, ctx: int, max_tokens: int | None,
+    def __init__(self, lm: LoadedModel, metric: str, text: str | None, ctx: int | None, max_tokens: int | None,
                  protocol: str = "hf", batch_size: int = 1, lambada_items: Sequence[dict] | None = None,
                  lambada_name: str | None = None, text_name: str = "text", cache_dir: Path | None = None) -> None:
         from kbitcli.evals.compare import tokens_sha256
-        from kbitcli.evals.perplexity import window_plan
+        from kbitcli.evals.perplexity import fit_ctx, window_plan
         if metric not in METRICS:
             raise UsageError(f"unknown metric {metric!r}; choose {', '.join(METRICS)}")
+        ctx = fit_ctx(ctx, lm.model, str(lm.label))
         self.lm, self.metric, self.ctx, self.protocol, self.batch_size = lm, metric, ctx, protocol, batch_size
         self.text_name = text_name
         self.reference = None
@@ -546,7 +547,7 @@ def row_key(model: str, what: str, signature: str) -> str:
 # ----------------------------------------------------------------------------- the sweep
 def run_sweep(models: Sequence, bits: Sequence[int] = DEFAULT_BITS, dtypes: Sequence[str] = DEFAULT_DTYPES,
               block_sizes: Sequence[int] = DEFAULT_BLOCKS, text: str | None = None, metric: str = "ppl",
-              out_dir: str | os.PathLike = "kbit-sweep", jobs: int = 1, ctx: int = 512,
+              out_dir: str | os.PathLike = "kbit-sweep", jobs: int = 1, ctx: int | None = None,
               max_tokens: int | None = 8192, outlier_fraction: float | Sequence[float] | None = None,
               scale: str = "fp16", shard: tuple[int, int] | None = None, text_name: str = "text",
               lambada_items: Sequence[dict] | None = None, lambada_name: str | None = None,

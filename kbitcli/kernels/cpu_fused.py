@@ -383,10 +383,9 @@ def _fused_kernel(raw, kind, f16, rows, cols, B, k, affine, enc, step, cb, metho
                 dd[u * G + p] = 0.0
                 xx[u * G + p] = 0.0
         else:
-            # each piece's weights and dequantized values, a slab at a time, side by side
-            # (row i of the slab buffers holds the i-th value of each piece), then the sums
-            # of the G pieces in G independent chains, each in its element order
-            for p in range(G):  # each piece's blocks in order, its sums in element order
+            # the G pieces one after another: each piece's blocks in order, its two sums in
+            # element order (one float64 chain each, as CpuOps.error_sums adds a chunk)
+            for p in range(G):
                 g = start[p]
                 a_dd = 0.0
                 a_xx = 0.0
