@@ -173,6 +173,27 @@ def test_missing_truncated_and_corrupt_sources(model, tmp_path, capsys):
     assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
 
 
+def test_a_kbit_model_is_not_a_source(model, tmp_path, capsys):
+    """Converting a kbit output again would copy its packed codes and scales as if they were
+    weights and write a model that looks complete: refused, pointing at kbit dequantize, for
+    the folder and for one of its shard files; the dequantized checkpoint converts."""
+    src, _ = model
+    c, _, err = run(["quantize", src, tmp_path / "q", "--quiet"], capsys)
+    assert c == 0, err
+    shard = next((tmp_path / "q").glob("*.safetensors"))
+    for again in (tmp_path / "q", shard):
+        c, _, err = run(["quantize", again, tmp_path / "again", "--quiet"], capsys)
+        assert c == 3 and "kbit dequantize" in err and "Traceback" not in err
+        assert not any(p.name.startswith("again") for p in tmp_path.iterdir())
+    c, _, err = run(["sweep", tmp_path / "q", "-k", "4", "-t", "int", "-b", "64", "--text", __file__,
+                     "--out", tmp_path / "sw"], capsys)
+    assert c == 3 and "kbit dequantize" in err
+    c, _, err = run(["dequantize", tmp_path / "q", tmp_path / "plain"], capsys)
+    assert c == 0, err
+    c, _, err = run(["quantize", tmp_path / "plain", tmp_path / "again", "--quiet"], capsys)
+    assert c == 0, err
+
+
 class Evil:
     """Any object outside torch's weights_only allow-list."""
 

@@ -55,9 +55,12 @@ def parse_header(file: Path) -> tuple[int, list[tuple[str, str, tuple[int, ...],
     for kbit files: sizes, offsets, truncation, overlaps). Returns (data start,
     [(name, st_dtype, shape, begin, end)]) sorted by offset, begin/end absolute file offsets."""
     try:
-        _, tensors, _ = read_header(file, strict_dtypes=False)
+        meta, tensors, _ = read_header(file, strict_dtypes=False)
     except KbitFormatError as e:
         raise InputError(str(e)) from None
+    if "kbit.format" in (meta or {}):  # its tensors are packed codes and scales, not weights
+        raise InputError(f"{file} is part of a kbit model, not a checkpoint to convert; convert from the original "
+                         "checkpoint, or write a plain one first with `kbit dequantize`")
     with open(file, "rb") as f:
         start = 8 + struct.unpack("<Q", f.read(8))[0]
     out = sorted(((t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in tensors.values()),
