@@ -349,6 +349,7 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     workers otherwise take the cores from the read-ahead and writer threads (2.5-3x slower on
     2 cores). convert() does not set it: the runtime is shared with torch in the process, and
     a passive policy slows the runner's decode steps."""
+    from .architectures import config_architecture, describe_supported, is_supported_config
     from .kernels import get_ops
     from .sources import open_source
     from .sources._base import BaseSource
@@ -362,6 +363,11 @@ def convert(source, out: str | os.PathLike, recipe: Recipe, *, device: str = "cp
     extra_files = src.extra_files()  # fails now, not after an hour of conversion
     plans, dropped, warnings = plan_tensors(src, recipe)
     warnings = list(getattr(src, "warnings", [])) + warnings
+    cfg = src.config()
+    if cfg is not None and not is_supported_config(cfg):  # converted all the same: a note, not an error
+        warnings.append(f"kbit's runner does not run {config_architecture(cfg)} models (it runs "
+                        f"{describe_supported()}); the output can be inspected and verified, and kbit dequantize "
+                        "turns it back into a plain checkpoint for other tools")
     summary = ConvertSummary(str((provenance or {}).get("source", src.path)), str(out), recipe.to_dict(),
                              dropped=dropped, warnings=warnings)
     meta = {"source": str(provenance.get("source", src.path)) if provenance else str(src.path),

@@ -173,6 +173,18 @@ def test_missing_truncated_and_corrupt_sources(model, tmp_path, capsys):
     assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
 
 
+def test_an_architecture_the_runner_cannot_run_converts_with_a_warning(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_model(src, config={**CONFIG, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"})
+    c, out, err = run(["quantize", src, tmp_path / "q", "--json", "--quiet"], capsys)
+    assert c == 0, err
+    assert "does not run Gemma2ForCausalLM" in err and "kbit dequantize" in err
+    assert any("Gemma2ForCausalLM" in w for w in json.loads(out)["warnings"])
+    make_model(tmp_path / "llama")  # a supported one: no such warning
+    c, out, err = run(["quantize", tmp_path / "llama", tmp_path / "q3", "--json", "--quiet"], capsys)
+    assert c == 0 and json.loads(out)["warnings"] == [] and "warning" not in err
+
+
 def test_a_kbit_model_is_not_a_source(model, tmp_path, capsys):
     """Converting a kbit output again would copy its packed codes and scales as if they were
     weights and write a model that looks complete: refused, pointing at kbit dequantize, for
