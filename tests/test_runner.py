@@ -4,6 +4,7 @@ errors."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from kbitformat import QuantSpec, dequantize, quantize
 from kbitformat.reference import NumpyOps
 
 from kbitcli.cli.main import main
+from kbitcli.errors import InputError
 from kbitcli.runner import KbitLinear, dequantize_torch, generate, generate_ids, load, parameter_bytes
 from kbitcli.runner.layers import GEMV_MAX_ROWS
 from kbitcli.runner.models import MODEL_MODULES
@@ -41,6 +43,24 @@ def _configs():
                                                    num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
                                                    mlp_bias=True, tie_word_embeddings=True,
                                                    max_position_embeddings=128, **common), tf.LlamaForCausalLM),
+        # YaRN (Qwen2.5-Coder and Qwen3 long-context configs): the frequency blend and the
+        # attention factor on cos/sin; the DeepSeek form (mscale, mscale_all_dim, beta_*)
+        "qwen2-yarn": lambda: (tf.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                              rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                                               "original_max_position_embeddings": 32},
+                                              **common), tf.Qwen2ForCausalLM),
+        "llama-yarn-mscale": lambda: (tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                                     rope_parameters={"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e4,
+                                                                      "original_max_position_embeddings": 32, "mscale": 0.9,
+                                                                      "mscale_all_dim": 0.6, "beta_fast": 16, "beta_slow": 2},
+                                                     **common), tf.LlamaForCausalLM),
+        # dynamic NTK: the default RoPE within max_position_embeddings
+        "llama-dynamic": lambda: (tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                                 rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                                                 **common), tf.LlamaForCausalLM),
         "mistral": lambda: (tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=1, sliding_window=5,
                                              max_position_embeddings=128, **common), tf.MistralForCausalLM),
@@ -528,6 +548,16 @@ def test_old_checkpoint_names_and_config_keys(tiny, tmp_path):
     assert r["partial_rotary_factor"] == 0.25 and r["rope_theta"] == 10000.0 and r["rope_type"] == "default"
     r = rope_settings({"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     assert r["rope_theta"] == 5e5 and r["rope_type"] == "llama3"
+    # Qwen2.5's older spelling of YaRN, as its model cards tell users to add it
+    r = rope_settings({"max_position_embeddings": 131072, "rope_theta": 1e6,
+                       "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
+    assert (r["rope_type"], r["factor"], r["original_max_position_embeddings"]) == ("yarn", 4.0, 32768)
+    from kbitcli.runner.models.base import rope_attention_scaling, rope_inv_freq
+    assert rope_attention_scaling(r) == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    assert rope_inv_freq(r, 128).shape == (64,)
+    with pytest.raises(InputError, match="longrope"):
+        rope_inv_freq(rope_settings({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0],
+                                                       "long_factor": [1.0]}}), 128)
 
 
 def test_unexpected_tensor_is_named(tiny, tmp_path, capsys):

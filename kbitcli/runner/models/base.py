@@ -312,12 +312,68 @@ def rope_settings(cfg: Mapping[str, Any], default_theta: float = 10000.0,
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
     out = dict(rp)
     out.update(rope_type=rtype, rope_theta=float(theta), partial_rotary_factor=float(partial))
-    if rtype in ("llama3",):
+    if rtype in ("llama3", "yarn"):
         out.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    if rtype == "yarn":
+        out["max_position_embeddings"] = cfg.get("max_position_embeddings")
     return out
 
 
-SUPPORTED_ROPE = ("default", "linear", "llama3")
+#: "dynamic" (dynamic NTK) is the default RoPE for every sequence within max_position_embeddings,
+#: which is as far as the runner goes (a longer prompt is refused): transformers only rescales
+#: its base for longer sequences
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_factor(settings: Mapping[str, Any]) -> float:
+    factor = settings.get("factor")
+    if factor is None:  # DeepSeek-style: the ratio of the extended and the pretrained context
+        factor = settings["max_position_embeddings"] / settings["original_max_position_embeddings"]
+    return float(factor)
+
+
+def rope_attention_scaling(settings: Mapping[str, Any]) -> float:
+    """The factor YaRN applies to cos and sin (1.0 for the other RoPE types)."""
+    if settings["rope_type"] != "yarn":
+        return 1.0
+    try:
+        if settings.get("attention_factor") is not None:
+            return float(settings["attention_factor"])
+        factor = _yarn_factor(settings)
+        mscale, mscale_all_dim = settings.get("mscale"), settings.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+        return _yarn_mscale(factor)
+    except (KeyError, TypeError, ZeroDivisionError):
+        raise InputError("config.json: the yarn RoPE scaling needs a factor (or max_position_embeddings and "
+                         "original_max_position_embeddings)") from None
+
+
+def _yarn_inv_freq(settings: Mapping[str, Any], dim: int, base: float) -> torch.Tensor:
+    """YaRN's blend of interpolated (divided by factor) and extrapolated (unchanged)
+    frequencies, with a linear ramp between the dimensions that turn beta_fast and beta_slow
+    times over the pretrained context; in float32, in transformers' order of operations."""
+    factor = _yarn_factor(settings)
+    old = settings["original_max_position_embeddings"]
+    fast, slow = settings.get("beta_fast") or 32, settings.get("beta_slow") or 1
+
+    def dim_of(turns: float) -> float:  # the dimension whose wavelength fits `turns` times into old
+        return (dim * math.log(old / (turns * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if settings.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # weight of the extrapolated (unscaled) frequency
+    pos = base ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float) / dim)
+    return (1.0 / (factor * pos)) * (1 - keep) + (1.0 / pos) * keep
 
 
 def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
@@ -332,6 +388,8 @@ def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
     try:
         if rtype == "linear":
             inv_freq = inv_freq / settings["factor"]
+        elif rtype == "yarn":
+            inv_freq = _yarn_inv_freq(settings, dim, base)
         elif rtype == "llama3":
             factor = settings["factor"]
             low, high = settings["low_freq_factor"], settings["high_freq_factor"]
@@ -351,9 +409,15 @@ def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
 class Rotary(nn.Module):
     """cos/sin tables for position ids; inv_freq is a non-persistent buffer."""
 
-    def __init__(self, inv_freq: torch.Tensor) -> None:
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.to(device="cpu"), persistent=False)
+        self.scaling = float(scaling)  # YaRN's attention factor on cos and sin
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], head_dim: int) -> "Rotary":
+        """The rotary of rope_settings(config) for heads of head_dim features."""
+        return cls(rope_inv_freq(settings, head_dim), rope_attention_scaling(settings))
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [B, 1, S, dim] for apply_rotary; sin has its first half negated (the sign
@@ -364,7 +428,10 @@ class Rotary(nn.Module):
         freqs = positions.float()[..., None] * inv.float()        # [B, S, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         sin = freqs.sin()
-        return emb.cos().to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
+        cos, sin = emb.cos(), torch.cat((-sin, sin), dim=-1)
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

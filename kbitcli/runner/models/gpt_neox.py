@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (KVCache, Rotary, activation, apply_rotary, args_from_config, attention, positive, prepare_step,
-                   rope_inv_freq, rope_settings)
+                   rope_settings)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Model(nn.Module):
         self.num_layers = args.num_hidden_layers
         self.context_length = args.max_position_embeddings
         self.gpt_neox = Body(args)
-        self.rotary = Rotary(rope_inv_freq(args.rope, args.hidden_size // args.num_attention_heads))
+        self.rotary = Rotary.from_settings(args.rope, args.hidden_size // args.num_attention_heads)
         self.tied = bool(args.tie_word_embeddings)
         self.embed_out = None if self.tied else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

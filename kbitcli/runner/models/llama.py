@@ -1,5 +1,5 @@
 """Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM2 (the Llama family): RMSNorm, rotary
-embeddings (default, linear and llama3 scaling), grouped-query attention, SwiGLU, optional
+embeddings (default, linear, llama3, yarn, dynamic), grouped-query attention, SwiGLU, optional
 tied embeddings; Qwen2 adds q/k/v biases, Qwen3 an RMSNorm of each query and key head
 before the rotary (q_norm, k_norm), Mistral (and Qwen2/Qwen3 when enabled) a sliding
 window."""
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (KVCache, RMSNorm, Rotary, activation, apply_rotary, args_from_config, attention, fuse_group,
-                   positive, prepare_step, rope_inv_freq, rope_settings)
+                   positive, prepare_step, rope_settings)
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Model(nn.Module):
         self.num_layers = args.num_hidden_layers
         self.context_length = args.max_position_embeddings
         self.model = Body(args)
-        self.rotary = Rotary(rope_inv_freq(args.rope, args.head_dim))
+        self.rotary = Rotary.from_settings(args.rope, args.head_dim)
         self.tied = bool(args.tie_word_embeddings)
         self.lm_head = None if self.tied else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
