@@ -19,6 +19,9 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "gpt_neox": ("GPTNeoXForCausalLM",),
     "opt": ("OPTForCausalLM",),
     "bloom": ("BloomForCausalLM",),
+    "gemma": ("GemmaForCausalLM",),
+    "gemma2": ("Gemma2ForCausalLM",),
+    "gemma3_text": ("Gemma3ForCausalLM",),
 }
 
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(SUPPORTED_ARCHITECTURES)

@@ -76,6 +76,26 @@ def _configs():
                                                 attention_bias=True, tie_word_embeddings=True,
                                                 use_sliding_window=True, sliding_window=4, max_window_layers=1,
                                                 max_position_embeddings=128, **common), tf.Qwen3ForCausalLM),
+        # Gemma: (1 + w) norms in float32, the scaled embedding, GELU-tanh ("gelu" in old configs)
+        "gemma": lambda: (tf.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, hidden_act="gelu",
+                                         max_position_embeddings=128, **common), tf.GemmaForCausalLM),
+        # Gemma 2: four norms a block, soft-capped scores and logits, a window on layers 0 and 2
+        "gemma2": lambda: (tf.Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=2.0,
+                                           final_logit_softcapping=5.0, max_position_embeddings=128, **common),
+                           tf.Gemma2ForCausalLM),
+        # Gemma 3: q/k norms, a rotary per layer type (linear scaling on the full-attention layers)
+        "gemma3": lambda: (tf.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                               query_pre_attn_scalar=16, sliding_window=4,
+                                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                                   "rope_theta": 1e6},
+                                                                "sliding_attention": {"rope_type": "default",
+                                                                                      "rope_theta": 1e4}},
+                                               max_position_embeddings=128, **common), tf.Gemma3ForCausalLM),
         "gpt2": lambda: (tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common), tf.GPT2LMHeadModel),
         "gpt_neox": lambda: (tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                               intermediate_size=128, max_position_embeddings=64,
@@ -217,7 +237,7 @@ def test_attention_fast_paths_equal_the_explicit_mask(B, S, past, pad, window, a
     assert torch.equal(attention(q, k, v, m, 0.25, bias=bias), got)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox", "qwen3-window"])
+@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox", "qwen3-window", "gemma2", "gemma3"])
 def test_cache_chunks_equal_full_forward(arch, tiny):
     """A prompt fed as 5 tokens, a chunk of 4 after the cache, then single tokens equals one forward."""
     folder, _ = tiny(arch)
@@ -231,7 +251,7 @@ def test_cache_chunks_equal_full_forward(arch, tiny):
     assert (torch.cat(parts) - full).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "qwen3-window"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "qwen3-window", "gemma2", "gemma3"])
 def test_greedy_generation_matches_transformers(arch, tiny):
     folder, hf = tiny(arch)
     model, tok, _ = load(folder)
@@ -253,7 +273,7 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -372,7 +392,7 @@ def test_fuse_linears_refuses_layers_that_cannot_share_one():
 
 
 @pytest.mark.parametrize("arch,groups", [("llama", 2), ("llama-tied-bias", 2), ("qwen2", 2), ("mistral", 2),
-                                         ("qwen3", 2), ("opt", 1), ("gpt2", 0)])
+                                         ("qwen3", 2), ("gemma", 2), ("gemma3", 2), ("opt", 1), ("gpt2", 0)])
 def test_fused_projections_same_model(arch, groups, tiny, tmp_path):
     """load(fuse=True) runs q/k/v (and gate/up) as one layer: the same logits as the unfused
     model (plain checkpoint: within float32 rounding; packed kbit decode steps: bit for bit)."""
@@ -558,6 +578,28 @@ def test_old_checkpoint_names_and_config_keys(tiny, tmp_path):
     with pytest.raises(InputError, match="longrope"):
         rope_inv_freq(rope_settings({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0],
                                                        "long_factor": [1.0]}}), 128)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_configs_written_before_layer_types(arch, tiny, tmp_path):
+    """Hub configs older than transformers 5 have no layer_types (Gemma 2: every other layer
+    slides; Gemma 3: sliding_window_pattern) and spell Gemma 3's two rotaries as rope_theta,
+    rope_scaling and rope_local_base_freq: the same model, the same logits."""
+    folder, hf = tiny(arch)
+    d = tmp_path / "old"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("layer_types") == ["sliding_attention", "full_attention", "sliding_attention"]
+    if arch == "gemma3":
+        rp = cfg.pop("rope_parameters")
+        cfg.update(sliding_window_pattern=2, rope_theta=rp["full_attention"]["rope_theta"],
+                   rope_local_base_freq=rp["sliding_attention"]["rope_theta"],
+                   rope_scaling={"rope_type": "linear", "factor": rp["full_attention"]["factor"]})
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load(d)
+    ids = _ids(12, 4)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
 
 
 def test_unexpected_tensor_is_named(tiny, tmp_path, capsys):

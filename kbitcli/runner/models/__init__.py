@@ -23,6 +23,9 @@ MODEL_MODULES: dict[str, str] = {
     "gpt_neox": "gpt_neox",
     "opt": "opt",
     "bloom": "bloom",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
 }
 
 _CLASS_TO_TYPE = {cls: mt for mt, classes in SUPPORTED_ARCHITECTURES.items() for cls in classes}

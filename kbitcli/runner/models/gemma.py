@@ -1,0 +1,282 @@
+"""Gemma, Gemma 2 and Gemma 3 (text): the Llama layout with Gemma's own parts.
+
+* RMSNorm in float32 with a (1 + weight) scale, cast back at the end;
+* the embedding multiplied by sqrt(hidden_size) (rounded to the compute dtype), a tied head;
+* a GELU (tanh) gated MLP; grouped-query attention scaled by query_pre_attn_scalar**-0.5
+  (Gemma 2 and 3; head_dim**-0.5 for Gemma);
+* Gemma 2 and 3: a norm after the attention and around the MLP (four per block), sliding-window
+  attention on some layers (layer_types, or every other layer for Gemma 2 and five of every
+  six for Gemma 3 when the config predates layer_types);
+* Gemma 2: tanh soft-capping of the attention scores and of the final logits (SDPA has no
+  soft-capping, so those layers compute attention explicitly);
+* Gemma 3: an RMSNorm of each query and key head before the rotary, and a rotary of its own
+  (rope_local_base_freq) on the sliding-window layers.
+
+Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration) are not this module's:
+their language model sits under other names, beside a vision tower."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kbitcli.errors import InputError
+
+from .base import (KVCache, Rotary, Step, apply_rotary, args_from_config, attention, fuse_group, positive,
+                   prepare_step, rope_settings)
+from .llama import MLP
+
+#: defaults of transformers' configuration classes, for config.json files that omit a field
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": {"query_pre_attn_scalar": None, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+              "sliding_window": None},
+    "gemma2": {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "sliding_window": 4096},
+    "gemma3_text": {"query_pre_attn_scalar": 256, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+                    "sliding_window": 4096},
+}
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    model_type: str = "gemma"
+    num_key_value_heads: int | None = None
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    hidden_activation: str | None = None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    use_bidirectional_attention: bool | None = None
+    layer_types: list[str] | None = None
+    # set from the raw config by from_config (null there means "off", absent means the default)
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    rope: dict[str, Any] = field(default_factory=dict)
+    rope_local: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
+        mt = str(cfg.get("model_type") or "gemma")
+        a = args_from_config(cls, cfg, arch=mt)
+        a.model_type = mt
+        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
+        positive(a, "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "head_dim", arch=mt)
+        if a.num_attention_heads % a.num_key_value_heads:
+            raise InputError(f"config.json: num_attention_heads ({a.num_attention_heads}) is not a multiple of "
+                             f"num_key_value_heads ({a.num_key_value_heads})")
+        if a.use_bidirectional_attention:
+            raise InputError("config.json: use_bidirectional_attention (an embedding model, not a causal LM) is "
+                             "not supported by kbit's runner")
+        for key, default in _DEFAULTS[mt].items():
+            setattr(a, key, cfg.get(key, default))
+        # Gemma: hidden_act ("gelu" in the first releases meant the tanh form); Gemma 2 and 3:
+        # hidden_activation
+        act = a.hidden_act if mt == "gemma" else (a.hidden_activation or "gelu_pytorch_tanh")
+        a.hidden_act = "gelu_pytorch_tanh" if act == "gelu" else act
+        if a.layer_types is None:
+            every = {"gemma2": 2, "gemma3_text": int(cfg.get("sliding_window_pattern") or 6)}.get(mt)
+            a.layer_types = ["sliding_attention" if every and (i + 1) % every else "full_attention"
+                             for i in range(a.num_hidden_layers)]
+        if mt == "gemma3_text":
+            full, local = _gemma3_rope(cfg)
+            a.rope, a.rope_local = rope_settings(full), rope_settings(local)
+        else:
+            a.rope = rope_settings(cfg)
+        return a
+
+    @property
+    def scale(self) -> float:
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim) ** -0.5
+
+    @property
+    def four_norms(self) -> bool:
+        return self.model_type != "gemma"
+
+    def window(self, layer: int) -> int | None:
+        sliding = self.layer_types is not None and layer < len(self.layer_types) and \
+            self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
+
+
+def _gemma3_rope(cfg: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Gemma 3's two RoPE settings as configs rope_settings reads: the full-attention layers'
+    (rope_theta, default 1e6, and rope_scaling) and the sliding layers' (rope_local_base_freq,
+    default 1e4); transformers 5 writes them as rope_parameters per layer type."""
+    mp = cfg.get("max_position_embeddings")
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, Mapping) and any(isinstance(v, Mapping) for v in rp.values()):
+        full = dict(rp.get("full_attention") or {})
+        local = dict(rp.get("sliding_attention") or {})
+    else:
+        full = dict(rp or cfg.get("rope_scaling") or {})
+        local = {}
+        full.setdefault("rope_theta", cfg.get("rope_theta", 1e6))
+        local["rope_theta"] = cfg.get("rope_local_base_freq", 1e4)
+    full.setdefault("rope_theta", 1e6)
+    local.setdefault("rope_theta", 1e4)
+    return ({"rope_parameters": full, "max_position_embeddings": mp},
+            {"rope_parameters": local, "max_position_embeddings": mp})
+
+
+class GemmaRMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + weight), all in float32, cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Step | torch.Tensor,
+                         scale: float, cap: float, window: int | None = None) -> torch.Tensor:
+    """attention() with Gemma 2's soft-capping of the scores (cap * tanh(scores / cap)) before
+    the mask and a float32 softmax, computed explicitly. q [B,H,S,D], k/v [B,Hkv,T,D] -> [B,S,H*D]."""
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    if Hkv != H:
+        rep = H // Hkv
+        k = k[:, :, None].expand(B, Hkv, rep, k.shape[2], D).reshape(B, H, k.shape[2], D)
+        v = v[:, :, None].expand(B, Hkv, rep, v.shape[2], D).reshape(B, H, v.shape[2], D)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    allowed = mask.mask(window) if isinstance(mask, Step) else mask
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2).reshape(B, S, H * D)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.scale, self.cap, self.window = a.scale, a.attn_logit_softcapping, a.window(layer)
+        self.q_proj = nn.Linear(a.hidden_size, self.nh * self.hd, bias=a.attention_bias)
+        self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.attention_bias)
+        self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=a.attention_bias)
+        qk_norm = a.model_type == "gemma3_text"
+        self.q_norm = GemmaRMSNorm(self.hd, a.rms_norm_eps) if qk_norm else None
+        self.k_norm = GemmaRMSNorm(self.hd, a.rms_norm_eps) if qk_norm else None
+        self.qkv_proj = None  # q_proj, k_proj and v_proj as one layer, after fuse()
+
+    def fuse(self) -> bool:
+        return fuse_group(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+
+    def forward(self, x, cos, sin, step, cache: KVCache | None):
+        B, S, _ = x.shape
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
+        q, k = q.view(B, S, self.nh, self.hd), k.view(B, S, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if self.cap:
+            return self.o_proj(softcapped_attention(q, k, v, step, self.scale, self.cap, window=self.window))
+        return self.o_proj(attention(q, k, v, step, self.scale, window=self.window))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.sliding = a.window(layer) is not None
+        self.self_attn = Attention(a, layer)
+        self.mlp = MLP(a)
+        self.input_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.four = a.four_norms
+        if self.four:
+            self.pre_feedforward_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, step, cache):
+        if not self.four:  # Gemma: the Llama block
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, step, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Body(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
+        self.norm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.num_layers = args.num_hidden_layers
+        self.context_length = args.max_position_embeddings
+        self.model = Body(args)
+        self.rotary = Rotary.from_settings(args.rope, args.head_dim)
+        self.rotary_local = Rotary.from_settings(args.rope_local, args.head_dim) if args.rope_local else None
+        self.embed_scale = math.sqrt(args.hidden_size)
+        self._scales: dict[torch.dtype, float] = {}
+        self.tied = bool(args.tie_word_embeddings)
+        self.lm_head = None if self.tied else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def _embed_scale(self, dtype: torch.dtype) -> float:
+        """sqrt(hidden_size) rounded to `dtype`, as transformers multiplies by it (a Python
+        float: no tensor to make or copy in a decode step)."""
+        got = self._scales.get(dtype)
+        if got is None:
+            got = self._scales[dtype] = torch.tensor(self.embed_scale, dtype=torch.float32).to(dtype).item()
+        return got
+
+    def tied_weights(self) -> dict[str, str]:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.tied else {}
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str | None:
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        return name
+
+    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+                last_only: bool = False):
+        step = prepare_step(input_ids, attention_mask, positions, cache)
+        x = self.model.embed_tokens(input_ids)
+        # transformers multiplies by the scale as a tensor of the embedding's dtype
+        x = x * self._embed_scale(x.dtype)
+        cos, sin = self.rotary(step.positions, x.dtype)
+        local = self.rotary_local(step.positions, x.dtype) if self.rotary_local is not None else (cos, sin)
+        for layer in self.model.layers:
+            c, s = local if layer.sliding else (cos, sin)
+            x = layer(x, c, s, step, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        x = self.model.norm(x[:, -1:] if last_only else x)
+        logits = F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        cap = self.args.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
