@@ -22,6 +22,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
+    "gemma3": ("Gemma3ForConditionalGeneration",),  # its language model (kbit runs text only)
 }
 
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(SUPPORTED_ARCHITECTURES)

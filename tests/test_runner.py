@@ -96,6 +96,16 @@ def _configs():
                                                                 "sliding_attention": {"rope_type": "default",
                                                                                       "rope_theta": 1e4}},
                                                max_position_embeddings=128, **common), tf.Gemma3ForCausalLM),
+        # Gemma 3 4B-27B: a multimodal checkpoint run as its language model (the vision tower and
+        # projector are in the file but not loaded); text_config leaves out defaults (rms_norm_eps)
+        "gemma3-mm": lambda: (tf.Gemma3Config(
+            text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                             max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+            vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, boi_token_index=97, eoi_token_index=98, image_token_index=99),
+            tf.Gemma3ForConditionalGeneration),
         "gpt2": lambda: (tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common), tf.GPT2LMHeadModel),
         "gpt_neox": lambda: (tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                               intermediate_size=128, max_position_embeddings=64,
@@ -273,7 +283,7 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -600,6 +610,32 @@ def test_gemma_configs_written_before_layer_types(arch, tiny, tmp_path):
     ids = _ids(12, 4)
     with torch.no_grad():
         assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_gemma3_multimodal_text_config_defaults_and_names(tiny, tmp_path):
+    """A Gemma3ForConditionalGeneration folder whose text_config leaves out fields at their
+    defaults, with transformers 5's in-memory tensor names (model.language_model.*): the same
+    logits; its vision tensors are skipped, but any other stray tensor is still named."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = tiny("gemma3-mm")
+    d = tmp_path / "mm"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["text_config"].pop("rms_norm_eps") == 1e-6
+    (d / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(d / "model.safetensors"))
+    assert any(k.startswith("vision_tower.") for k in sd)
+    sd = {("model.language_model." + k[len("language_model.model."):]) if k.startswith("language_model.model.")
+          else k: v for k, v in sd.items()}
+    save_file(sd, str(d / "model.safetensors"))
+    model, _, _ = load(d)
+    ids = _ids(12, 8)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+    sd["language_model.stray.weight"] = torch.zeros(3)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(InputError, match="stray"):
+        load(d)
 
 
 def test_unexpected_tensor_is_named(tiny, tmp_path, capsys):

@@ -26,6 +26,7 @@ MODEL_MODULES: dict[str, str] = {
     "gemma": "gemma",
     "gemma2": "gemma",
     "gemma3_text": "gemma",
+    "gemma3": "gemma",
 }
 
 _CLASS_TO_TYPE = {cls: mt for mt, classes in SUPPORTED_ARCHITECTURES.items() for cls in classes}

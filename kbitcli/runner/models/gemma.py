@@ -12,8 +12,10 @@
 * Gemma 3: an RMSNorm of each query and key head before the rotary, and a rotary of its own
   (rope_local_base_freq) on the sliding-window layers.
 
-Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration) are not this module's:
-their language model sits under other names, beside a vision tower."""
+Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, the 4B-27B models) run as
+text models: the language model's settings come from config.json's text_config (missing fields
+take Gemma3TextConfig's defaults), its tensors from under language_model., and the vision tower
+and the projector are not loaded."""
 from __future__ import annotations
 
 import math
@@ -29,6 +31,17 @@ from kbitcli.errors import InputError
 from .base import (KVCache, Rotary, Step, apply_rotary, args_from_config, attention, fuse_group, positive,
                    prepare_step, rope_settings)
 from .llama import MLP
+
+#: Gemma3TextConfig's defaults: a multimodal config's text_config lists only what differs
+_GEMMA3_TEXT = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 131072, "tie_word_embeddings": True}
+#: checkpoint name prefixes of a multimodal Gemma 3's language model -> the text model's: Hub files
+#: (language_model.model.layers..., language_model.lm_head) and transformers 5's module names
+#: (model.language_model.layers...)
+_TEXT_PREFIXES = {"language_model.": "", "model.language_model.": "model."}
+#: ... and of the parts the runner does not load
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 #: defaults of transformers' configuration classes, for config.json files that omit a field
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -67,10 +80,19 @@ class ModelArgs:
     sliding_window: int | None = None
     rope: dict[str, Any] = field(default_factory=dict)
     rope_local: dict[str, Any] | None = None
+    multimodal: bool = False  # a Gemma3ForConditionalGeneration checkpoint, run as its language model
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
         mt = str(cfg.get("model_type") or "gemma")
+        if mt == "gemma3":  # multimodal: the text_config, over the text model's defaults
+            text = cfg.get("text_config")
+            if not isinstance(text, Mapping):
+                raise InputError("config.json of a Gemma3ForConditionalGeneration model has no text_config")
+            tie = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+            a = cls.from_config({**_GEMMA3_TEXT, **text, "model_type": "gemma3_text", "tie_word_embeddings": tie})
+            a.multimodal = True
+            return a
         a = args_from_config(cls, cfg, arch=mt)
         a.model_type = mt
         a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
@@ -255,10 +277,15 @@ class Model(nn.Module):
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tied else {}
 
-    @staticmethod
-    def checkpoint_name(name: str) -> str | None:
+    def checkpoint_name(self, name: str) -> str | None:
         if name.endswith("rotary_emb.inv_freq"):
             return None
+        if self.args.multimodal:
+            if name.startswith(_VISION_PREFIXES):
+                return None
+            for prefix, to in _TEXT_PREFIXES.items():
+                if name.startswith(prefix):
+                    return to + name[len(prefix):]
         return name
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
