@@ -773,25 +773,30 @@ def _original_tokenizer(family: str):
     return tok
 
 
-def _gguf_with_tokenizer(path: Path, tok, pre: str, add_bos: bool) -> None:
-    import gguf
-
+def _add_bpe_tokenizer(w, tok, pre: str, add_bos: bool) -> int:
+    """Store a byte-level BPE tokenizer in the GGUF writer `w` as llama.cpp's converter does
+    (<|...|> tokens as control tokens, BOS 0, EOS 1); returns the vocabulary size."""
     model = json.loads(tok.to_str())["model"]
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
-    w = gguf.GGUFWriter(str(path), "llama")
-    for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8),
-                 ("feed_forward_length", 8), ("attention.head_count", 2)):
-        w.add_uint32(f"llama.{k}", v)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list([t for t, _ in vocab])
     w.add_token_types([3 if t.startswith("<|") else 1 for t, _ in vocab])
-    w.add_token_merges(merges)
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
     w.add_add_bos_token(add_bos)
-    n = len(vocab)
+    return len(vocab)
+
+
+def _gguf_with_tokenizer(path: Path, tok, pre: str, add_bos: bool) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8),
+                 ("feed_forward_length", 8), ("attention.head_count", 2)):
+        w.add_uint32(f"llama.{k}", v)
+    n = _add_bpe_tokenizer(w, tok, pre, add_bos)
     rng = np.random.default_rng(0)
     w.add_tensor("token_embd.weight", rng.standard_normal((n, 8), dtype=np.float32))
     for g, shape in (("attn_q", (8, 8)), ("attn_k", (8, 8)), ("attn_v", (8, 8)), ("attn_output", (8, 8)),
@@ -846,9 +851,7 @@ def _qwen_gguf(path: Path, arch: str):
     import transformers as tf
 
     tok = _original_tokenizer("qwen2")
-    vocab = sorted(json.loads(tok.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])
-    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
-    common = dict(vocab_size=len(vocab), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
                   bos_token_id=0, eos_token_id=1, tie_word_embeddings=(arch == "qwen3"))
     if arch == "qwen3":
@@ -870,14 +873,7 @@ def _qwen_gguf(path: Path, arch: str):
         w.add_uint32(f"{arch}.attention.value_length", hd)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{arch}.rope.freq_base", float(cfg.rope_parameters["rope_theta"]))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t.startswith("<|") else 1 for t, _ in vocab])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_add_bos_token(False)
+    _add_bpe_tokenizer(w, tok, "qwen2", False)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",

@@ -28,9 +28,8 @@ from torch import nn
 
 from kbitcli.errors import InputError
 
-from .base import (KVCache, Rotary, Step, apply_rotary, args_from_config, attention, fuse_group, positive,
-                   prepare_step, rope_settings)
-from .llama import MLP
+from . import llama
+from .base import KVCache, Rotary, Step, args_from_config, positive, prepare_step, rope_settings
 
 #: Gemma3TextConfig's defaults: a multimodal config's text_config lists only what differs
 _GEMMA3_TEXT = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -125,6 +124,17 @@ class ModelArgs:
     def scale(self) -> float:
         return (self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim) ** -0.5
 
+    # what llama.Attention reads
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    o_bias = qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "gemma3_text"
+
     @property
     def four_norms(self) -> bool:
         return self.model_type != "gemma"
@@ -187,40 +197,19 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return torch.matmul(probs, v).transpose(1, 2).reshape(B, S, H * D)
 
 
-class Attention(nn.Module):
+class Attention(llama.Attention):
+    """Llama's attention with Gemma's norm class; Gemma 2's soft-capped scores."""
+
+    norm = GemmaRMSNorm
+
     def __init__(self, a: ModelArgs, layer: int) -> None:
-        super().__init__()
-        self.layer, self.nh, self.nkv, self.hd = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.scale, self.cap, self.window = a.scale, a.attn_logit_softcapping, a.window(layer)
-        self.q_proj = nn.Linear(a.hidden_size, self.nh * self.hd, bias=a.attention_bias)
-        self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.attention_bias)
-        self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.attention_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=a.attention_bias)
-        qk_norm = a.model_type == "gemma3_text"
-        self.q_norm = GemmaRMSNorm(self.hd, a.rms_norm_eps) if qk_norm else None
-        self.k_norm = GemmaRMSNorm(self.hd, a.rms_norm_eps) if qk_norm else None
-        self.qkv_proj = None  # q_proj, k_proj and v_proj as one layer, after fuse()
+        super().__init__(a, layer)
+        self.cap = a.attn_logit_softcapping
 
-    def fuse(self) -> bool:
-        return fuse_group(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
-
-    def forward(self, x, cos, sin, step, cache: KVCache | None):
-        B, S, _ = x.shape
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
-        q, k = q.view(B, S, self.nh, self.hd), k.view(B, S, self.nkv, self.hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+    def attend(self, q, k, v, step):
         if self.cap:
-            return self.o_proj(softcapped_attention(q, k, v, step, self.scale, self.cap, window=self.window))
-        return self.o_proj(attention(q, k, v, step, self.scale, window=self.window))
+            return softcapped_attention(q, k, v, step, self.scale, self.cap, window=self.window)
+        return super().attend(q, k, v, step)
 
 
 class Block(nn.Module):
@@ -228,7 +217,7 @@ class Block(nn.Module):
         super().__init__()
         self.sliding = a.window(layer) is not None
         self.self_attn = Attention(a, layer)
-        self.mlp = MLP(a)
+        self.mlp = llama.MLP(a)
         self.input_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
         self.four = a.four_norms

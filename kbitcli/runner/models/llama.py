@@ -68,6 +68,10 @@ class ModelArgs:
     def qk_norm(self) -> bool:
         return self.model_type == "qwen3"
 
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
+
     def window(self, layer: int) -> int | None:
         if self.model_type in ("qwen2", "qwen3") and not self.use_sliding_window:
             return None  # their configurations drop sliding_window unless use_sliding_window
@@ -81,18 +85,24 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings. `a` gives the sizes, qkv_bias, o_bias,
+    qk_norm (an RMSNorm of each query and key head before the rotary, of class `norm`), scale
+    and window(layer); other modules' arguments (Gemma's) provide the same."""
+
+    norm = RMSNorm
+
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__()
         self.layer, self.nh, self.nkv, self.hd = layer, a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        self.scale = a.head_dim ** -0.5
+        self.scale = a.scale
         self.window = a.window(layer)
         self.q_proj = nn.Linear(a.hidden_size, self.nh * self.hd, bias=a.qkv_bias)
         self.k_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, self.nkv * self.hd, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, a.hidden_size, bias=a.o_bias)
         # Qwen3: an RMSNorm over each head's query and key, before the rotary
-        self.q_norm = RMSNorm(self.hd, a.rms_norm_eps) if a.qk_norm else None
-        self.k_norm = RMSNorm(self.hd, a.rms_norm_eps) if a.qk_norm else None
+        self.q_norm = self.norm(self.hd, a.rms_norm_eps) if a.qk_norm else None
+        self.k_norm = self.norm(self.hd, a.rms_norm_eps) if a.qk_norm else None
         self.qkv_proj = None  # q_proj, k_proj and v_proj as one layer, after fuse()
 
     def fuse(self) -> bool:
@@ -113,7 +123,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.o_proj(attention(q, k, v, step, self.scale, window=self.window))
+        return self.o_proj(self.attend(q, k, v, step))
+
+    def attend(self, q, k, v, step):
+        return attention(q, k, v, step, self.scale, window=self.window)
 
 
 class MLP(nn.Module):
