@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "gpt_neox": ("GPTNeoXForCausalLM",),
     "opt": ("OPTForCausalLM",),
     "bloom": ("BloomForCausalLM",),
+    "phi3": ("Phi3ForCausalLM",),
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),

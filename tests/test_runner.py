@@ -76,6 +76,20 @@ def _configs():
                                                 attention_bias=True, tie_word_embeddings=True,
                                                 use_sliding_window=True, sliding_window=4, max_window_layers=1,
                                                 max_position_embeddings=128, **common), tf.Qwen3ForCausalLM),
+        # Phi-3: stored-fused qkv_proj / gate_up_proj, partial rotary (Phi-4-mini), a window
+        "phi3": lambda: (tf.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                        "partial_rotary_factor": 0.5},
+                                       max_position_embeddings=128, **common), tf.Phi3ForCausalLM),
+        # Phi-3.5 / Phi-4-mini LongRoPE: the short factors (sequences up to 16), tied embeddings
+        "phi3-longrope": lambda: (tf.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                                                original_max_position_embeddings=16, max_position_embeddings=128,
+                                                rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                                 "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 4.0],
+                                                                 "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]},
+                                                **common), tf.Phi3ForCausalLM),
         # Gemma: (1 + w) norms in float32, the scaled embedding, GELU-tanh ("gelu" in old configs)
         "gemma": lambda: (tf.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, hidden_act="gelu",
@@ -283,7 +297,7 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm", "phi3"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -585,9 +599,11 @@ def test_old_checkpoint_names_and_config_keys(tiny, tmp_path):
     from kbitcli.runner.models.base import rope_attention_scaling, rope_inv_freq
     assert rope_attention_scaling(r) == pytest.approx(0.1 * math.log(4.0) + 1.0)
     assert rope_inv_freq(r, 128).shape == (64,)
-    with pytest.raises(InputError, match="longrope"):
-        rope_inv_freq(rope_settings({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0],
-                                                       "long_factor": [1.0]}}), 128)
+    with pytest.raises(InputError, match="needs 64"):  # a factor per frequency
+        rope_inv_freq(rope_settings({"rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}}),
+                      128)
+    with pytest.raises(InputError, match="'ntk-by-parts' is not supported"):
+        rope_inv_freq(rope_settings({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2.0}}), 128)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
@@ -636,6 +652,18 @@ def test_gemma3_multimodal_text_config_defaults_and_names(tiny, tmp_path):
     save_file(sd, str(d / "model.safetensors"))
     with pytest.raises(InputError, match="stray"):
         load(d)
+
+
+def test_phi3_longrope_past_the_original_context(tiny):
+    """A forward longer than original_max_position_embeddings (16) runs on the long factors
+    for every token, as transformers' does; a shorter one on the short factors."""
+    folder, hf = tiny("phi3-longrope")
+    model, _, _ = load(folder)
+    assert model.kbit_info["fused"] == 0  # stored fused: nothing for load(fuse=True) to do
+    for n in (16, 17, 40):
+        ids = _ids(n, n)
+        with torch.no_grad():
+            assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL, n
 
 
 def test_unexpected_tensor_is_named(tiny, tmp_path, capsys):

@@ -23,6 +23,7 @@ MODEL_MODULES: dict[str, str] = {
     "gpt_neox": "gpt_neox",
     "opt": "opt",
     "bloom": "bloom",
+    "phi3": "phi3",
     "gemma": "gemma",
     "gemma2": "gemma",
     "gemma3_text": "gemma",

@@ -310,11 +310,15 @@ def rope_settings(cfg: Mapping[str, Any], default_theta: float = 10000.0,
     theta = rp.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", default_theta)))
     partial = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", default_partial)))
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
+    rtype = "longrope" if rtype == "su" else rtype  # Phi-3's first configs
     out = dict(rp)
     out.update(rope_type=rtype, rope_theta=float(theta), partial_rotary_factor=float(partial))
-    if rtype in ("llama3", "yarn"):
+    if rtype == "longrope" and cfg.get("original_max_position_embeddings"):
+        # transformers gives a top-level original_max_position_embeddings (Phi-3) priority
+        out["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    if rtype in ("llama3", "yarn", "longrope"):
         out.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-    if rtype == "yarn":
+    if rtype in ("yarn", "longrope"):
         out["max_position_embeddings"] = cfg.get("max_position_embeddings")
     return out
 
@@ -322,7 +326,7 @@ def rope_settings(cfg: Mapping[str, Any], default_theta: float = 10000.0,
 #: "dynamic" (dynamic NTK) is the default RoPE for every sequence within max_position_embeddings,
 #: which is as far as the runner goes (a longer prompt is refused): transformers only rescales
 #: its base for longer sequences
-SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "dynamic")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -337,7 +341,13 @@ def _yarn_factor(settings: Mapping[str, Any]) -> float:
 
 
 def rope_attention_scaling(settings: Mapping[str, Any]) -> float:
-    """The factor YaRN applies to cos and sin (1.0 for the other RoPE types)."""
+    """The factor YaRN and LongRoPE apply to cos and sin (1.0 for the other RoPE types)."""
+    if settings["rope_type"] == "longrope":
+        if settings.get("attention_factor") is not None:
+            return float(settings["attention_factor"])
+        old = settings["original_max_position_embeddings"]
+        factor = settings.get("factor") or settings["max_position_embeddings"] / old
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
     if settings["rope_type"] != "yarn":
         return 1.0
     try:
@@ -390,6 +400,8 @@ def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
             inv_freq = inv_freq / settings["factor"]
         elif rtype == "yarn":
             inv_freq = _yarn_inv_freq(settings, dim, base)
+        elif rtype == "longrope":  # the short factors; rope_long_inv_freq gives the long ones
+            inv_freq = _longrope_inv_freq(settings["short_factor"], dim, base)
         elif rtype == "llama3":
             factor = settings["factor"]
             low, high = settings["low_freq_factor"], settings["high_freq_factor"]
@@ -406,23 +418,52 @@ def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-class Rotary(nn.Module):
-    """cos/sin tables for position ids; inv_freq is a non-persistent buffer."""
+def _longrope_inv_freq(factors, dim: int, base: float) -> torch.Tensor:
+    ext = torch.tensor(factors, dtype=torch.float32, device="cpu")
+    if ext.shape != (dim // 2,):
+        raise InputError(f"config.json: a LongRoPE factor list has {ext.numel()} values; the rotary needs {dim // 2}")
+    return 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
 
-    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
+
+def rope_long_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor | None:
+    """LongRoPE's frequencies for sequences longer than original_max_position_embeddings
+    (None for the other types)."""
+    if settings["rope_type"] != "longrope":
+        return None
+    try:
+        return _longrope_inv_freq(settings["long_factor"], int(head_dim * settings["partial_rotary_factor"]),
+                                  settings["rope_theta"])
+    except KeyError as e:
+        raise InputError(f"config.json: the longrope RoPE scaling lacks the field {e.args[0]!r}") from None
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for position ids; inv_freq is a non-persistent buffer. With LongRoPE,
+    a forward whose positions reach past `switch` uses long_inv_freq for all its tokens (as
+    transformers does; chosen on the device, so a CUDA graph keeps the choice live)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0, long_inv_freq: torch.Tensor | None = None,
+                 switch: int | None = None) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.to(device="cpu"), persistent=False)
-        self.scaling = float(scaling)  # YaRN's attention factor on cos and sin
+        self.scaling = float(scaling)  # YaRN's and LongRoPE's attention factor on cos and sin
+        self.register_buffer("long_inv_freq", None if long_inv_freq is None else long_inv_freq.to(device="cpu"),
+                             persistent=False)
+        self.switch = switch
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], head_dim: int) -> "Rotary":
         """The rotary of rope_settings(config) for heads of head_dim features."""
-        return cls(rope_inv_freq(settings, head_dim), rope_attention_scaling(settings))
+        long = rope_long_inv_freq(settings, head_dim)
+        return cls(rope_inv_freq(settings, head_dim), rope_attention_scaling(settings), long,
+                   settings.get("original_max_position_embeddings") if long is not None else None)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [B, 1, S, dim] for apply_rotary; sin has its first half negated (the sign
         of rotate_half folded in once per forward instead of in every layer)."""
         inv = self.inv_freq
+        if self.long_inv_freq is not None:
+            inv = torch.where(positions.max() + 1 > self.switch, self.long_inv_freq, inv)
         if inv.device != positions.device:
             inv = inv.to(positions.device)
         freqs = positions.float()[..., None] * inv.float()        # [B, S, dim/2]
