@@ -340,3 +340,22 @@ def test_jobs_runs_processes(tiny, text, tmp_path):
     assert len([r for r in rows if r["kind"] == "quantized"]) == 2
     assert len(sw.read_rows(tmp_path / "results.jsonl")) == 3
     assert (tmp_path / "results.shard-2-of-2.jsonl").is_file()
+
+
+def test_multimodal_checkpoint_sweeps_its_language_model(text, tmp_path):
+    """A Gemma 3 multimodal checkpoint: the sweep quantizes and counts the language model the
+    runner runs; the vision tower's tensors (which the default recipe would quantize) are left
+    out with a warning, and the quantized model differs from the reference."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runner import make_tiny
+    hf = make_tiny("gemma3-mm", tmp_path / "mm")
+    events = []
+    rows = sw.run_sweep([tmp_path / "mm"], bits=[3], dtypes=["int"], block_sizes=[32], text=text,
+                        out_dir=tmp_path / "o", ctx=CTX, max_tokens=TOKENS, progress=lambda e, **kw: events.append((e, kw)))
+    lm_params = sum(p.numel() for n, p in hf.named_parameters() if "language_model" in n and "lm_head" not in n)
+    ref = next(r for r in rows if r["kind"] == "reference")
+    q = next(r for r in rows if r["kind"] == "quantized")
+    assert ref["parameters"] == q["parameters"] == lm_params
+    assert q["ppl"] != ref["ppl"] and q["quantized_parameters"] > 0
+    assert any(e == "warning" and "left out of the sweep" in kw["message"] for e, kw in events)

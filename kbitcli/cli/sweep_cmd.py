@@ -86,6 +86,8 @@ class SweepProgress:
                 self.progress.reset(self.task, total=kw["todo"], description=kw["model"][-40:])
             self._line(f"{kw['model']}: {kw['todo']} to run, {kw['done']} already in the results file "
                        f"(loaded in {kw['load_seconds']:.0f} s)")
+        elif event == "warning":
+            self._line(f"kbit: warning: {kw['model']}: {kw['message']}")
         elif event == "reference":
             if self.progress is not None:
                 self.progress.update(self.task, description="reference")

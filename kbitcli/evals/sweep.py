@@ -311,9 +311,16 @@ class LoadedModel:
         tied = self.model.tied_weights()
         layouts = _linear_modules(self.model)
         self.targets: dict[str, _Target] = {}
+        # tensors the runner does not load (a multimodal checkpoint's vision tower, stored rotary
+        # tables) are not part of the model the sweep evaluates: left out, counts included
+        unloaded = [p.name for p in self.plans if self.model.checkpoint_name(p.name) is None]
+        if unloaded:
+            self.plans = [p for p in self.plans if p.name not in set(unloaded)]
+            self.warnings.append(f"{len(unloaded)} stored tensors that the runner does not load (e.g. {unloaded[0]}) "
+                                 "are left out of the sweep and its bit counts")
         for p in self.plans:
             pname = self.model.checkpoint_name(p.name)
-            if pname is None or pname in tied:
+            if pname in tied:
                 continue
             if pname not in params:
                 raise InputError(f"{self.label}: the tensor {p.name!r} has no parameter in the runner's model")
@@ -594,6 +601,8 @@ def run_sweep(models: Sequence, bits: Sequence[int] = DEFAULT_BITS, dtypes: Sequ
         todo = [c for c in mine if row_key(lm.label, c.label, ev.signature) not in done]
         progress("model", model=lm.label, todo=len(todo), done=len(mine) - len(todo),
                  load_seconds=time.perf_counter() - t_load)
+        for w in lm.warnings:
+            progress("warning", model=lm.label, message=w)
         ref_key = row_key(lm.label, "reference", ev.signature)
         if todo or ref_key not in done:
             progress("reference", model=lm.label)
