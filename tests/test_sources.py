@@ -793,10 +793,15 @@ def _gguf_with_tokenizer(path: Path, tok, pre: str, add_bos: bool) -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
+    n = _add_bpe_tokenizer(w, tok, pre, add_bos)
+    _add_tiny_llama(w, n)
+
+
+def _add_tiny_llama(w, n: int) -> None:
+    """A 1-layer, 8-wide Llama of vocabulary n into the GGUF writer `w`, and write the file."""
     for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8),
                  ("feed_forward_length", 8), ("attention.head_count", 2)):
         w.add_uint32(f"llama.{k}", v)
-    n = _add_bpe_tokenizer(w, tok, pre, add_bos)
     rng = np.random.default_rng(0)
     w.add_tensor("token_embd.weight", rng.standard_normal((n, 8), dtype=np.float32))
     for g, shape in (("attn_q", (8, 8)), ("attn_k", (8, 8)), ("attn_v", (8, 8)), ("attn_output", (8, 8)),
@@ -928,3 +933,81 @@ def test_qwen_gguf_runs_like_transformers(tmp_path, arch):
         got = model(torch.tensor([ids]))[0]
     assert (got - ref).abs().max().item() < 1e-4
     assert list(tok.encode(_CORPUS[2])) == original.encode(_CORPUS[2]).ids
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF with a SentencePiece tokenizer (Llama 2, Mistral): a SentencePiece BPE model trained here
+# with Llama 2's settings, stored as llama.cpp's converter stores one, rebuilt by kbit and checked
+# token for token against SentencePiece itself
+
+
+def _spm_gguf(path: Path, vocab_size: int):
+    import io
+
+    import gguf
+    import sentencepiece as spm
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    lines = [ln for f in sorted(docs.glob("*.md")) for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS + lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=0.9995, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(n)]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    _add_tiny_llama(w, n)
+    return sp
+
+
+@pytest.mark.parametrize("vocab_size", [500, 3000])
+def test_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path, vocab_size):
+    from tokenizers import Tokenizer
+
+    from kbitcli.runner import load
+
+    sp = _spm_gguf(tmp_path / "m.gguf", vocab_size)
+    src = open_source(tmp_path / "m.gguf")
+    files = src.extra_files()
+    rebuilt = Tokenizer.from_str(files["tokenizer.json"].decode())
+    assert src.warnings == []
+    spec = (Path(__file__).resolve().parents[1] / "formats" / "SPEC.md").read_text(encoding="utf-8").splitlines()
+    texts = spec[:300] + _CORPUS[:4] + ["Numbers 1 22 333 4444 55555 and 3.14159", "  leading and trailing  ",
+                                        " ", "", "a\n\nb", "unseen \u2603 \u01c5 \U0001f9ea glyphs"]
+    for text in texts:
+        want = sp.encode(text)
+        assert rebuilt.encode(text, add_special_tokens=False).ids == want, text
+        assert rebuilt.encode(text).ids == [1] + want, text  # add_bos_token
+        assert rebuilt.decode(want) == sp.decode(want), text
+    cfg = json.loads(files["tokenizer_config.json"])
+    assert cfg["add_bos_token"] is True and (cfg["bos_token"], cfg["eos_token"], cfg["unk_token"]) == ("<s>", "</s>", "<unk>")
+    _, tok, _ = load(tmp_path / "m.gguf")  # the runner's tokenizer, from the rebuilt files
+    assert list(tok.encode(_CORPUS[2])) == [1] + sp.encode(_CORPUS[2])
+
+
+def test_sentencepiece_gguf_that_collapses_whitespace_is_refused(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "\u2581a"])
+    w.add_token_scores([0.0, 0.0, 0.0, -1.0])
+    w.add_token_types([2, 3, 3, 1])
+    w.add_bool("tokenizer.ggml.remove_extra_whitespaces", True)
+    _add_tiny_llama(w, 4)
+    with pytest.raises(InputError, match="remove_extra_whitespaces"):
+        open_source(tmp_path / "m.gguf").extra_files()

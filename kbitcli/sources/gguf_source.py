@@ -11,7 +11,7 @@
 
 Supported architectures: see SUPPORTED_ARCHITECTURES (llama, qwen2, qwen3: only llama's attn_q /
 attn_k are permuted by llama.cpp; qwen3 adds attn_q_norm / attn_k_norm). Supported tokenizers:
-byte-level BPE (tokenizer.ggml.model = "gpt2").
+byte-level BPE (tokenizer.ggml.model = "gpt2") and SentencePiece BPE ("llama").
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
             "qwen3": ("qwen3", "Qwen3ForCausalLM")}
 _PERMUTED_QK = ("llama",)
-SUPPORTED_TOKENIZERS = ("gpt2",)
+SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
