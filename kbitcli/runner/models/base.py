@@ -462,10 +462,10 @@ class Rotary(nn.Module):
         """(cos, sin) [B, 1, S, dim] for apply_rotary; sin has its first half negated (the sign
         of rotate_half folded in once per forward instead of in every layer)."""
         inv = self.inv_freq
-        if self.long_inv_freq is not None:
-            inv = torch.where(positions.max() + 1 > self.switch, self.long_inv_freq, inv)
         if inv.device != positions.device:
             inv = inv.to(positions.device)
+        if self.long_inv_freq is not None:
+            inv = torch.where(positions.max() + 1 > self.switch, self.long_inv_freq.to(positions.device), inv)
         freqs = positions.float()[..., None] * inv.float()        # [B, S, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         sin = freqs.sin()
