@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""End-to-end fuzz: random tiny transformers models through every kbit command.
+
+Each case builds a random model of a random supported architecture (odd sizes, grouped-query
+attention, windows, tied heads, biases, partial rotary, soft-capping, as the architecture
+allows), saves it in fp32, fp16 or bf16, and draws a random recipe (k 2-8, every data type,
+block 32 to a whole row, every scale form, sometimes a rule, an mse search or small shards).
+Then it checks, stopping the case at the first failure:
+
+  kbit quantize            exit 0, or a clean refusal (exit 2-6 without a traceback)
+  kbit verify --against    every checksum and every tensor's error
+  runner                   packed == dequantize-on-load == unfused, finite logits
+  kbit dequantize          a plain checkpoint that transformers loads, whose logits equal the
+                           runner's (to float32 rounding)
+  kbit generate, kbit perplexity   exit 0
+
+    .venv/bin/python scripts/fuzz_e2e.py --seed 1 --cases 20
+    .venv/bin/python scripts/fuzz_e2e.py --archs phi3,gemma2 --cases 10
+
+Needs the test extras (transformers). Prints one line per case and exits 1 if any failed.
+It found the BLOOM head-count, --ctx and kbit-model-as-source bugs of 2026-11-29.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "formats"), str(ROOT / "tests")]
+
+VOCAB = 100
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt",
+         "bloom")
+
+
+def model_for(r: random.Random, arch: str):
+    """(config, class) of a random tiny model of `arch`."""
+    import transformers as tf
+    heads, hd = r.choice([2, 3, 4, 6]), r.choice([8, 16, 24, 32])
+    H, inter, L = heads * hd, r.choice([40, 72, 100, 130, 200]), r.choice([1, 2, 3])
+    kv = r.choice([d for d in range(1, heads + 1) if heads % d == 0])
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dec = dict(hidden_size=H, intermediate_size=inter, num_hidden_layers=L, num_attention_heads=heads,
+               num_key_value_heads=kv, max_position_embeddings=128, **common)
+    if arch == "llama":
+        kw = dict(attention_bias=r.random() < .3, mlp_bias=r.random() < .3, tie_word_embeddings=r.random() < .5)
+        if r.random() < .3:
+            kw["head_dim"] = r.choice([8, 16, 32])
+        if r.random() < .3:
+            kw["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                     "original_max_position_embeddings": 32}
+        return tf.LlamaConfig(**dec, **kw), tf.LlamaForCausalLM
+    if arch == "mistral":
+        return tf.MistralConfig(sliding_window=r.choice([4, 7, None]), **dec), tf.MistralForCausalLM
+    if arch == "qwen2":
+        return tf.Qwen2Config(tie_word_embeddings=r.random() < .5, **dec), tf.Qwen2ForCausalLM
+    if arch == "qwen3":
+        kw = dict(head_dim=r.choice([8, 16, 32]), attention_bias=r.random() < .3, tie_word_embeddings=r.random() < .5)
+        if r.random() < .4:
+            kw.update(use_sliding_window=True, sliding_window=r.choice([3, 6]), max_window_layers=r.choice([0, 1]))
+        return tf.Qwen3Config(**dec, **kw), tf.Qwen3ForCausalLM
+    if arch == "phi3":
+        rp = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": r.choice([0.5, 1.0])}
+        return tf.Phi3Config(sliding_window=r.choice([None, 4]), rope_parameters=rp,
+                             tie_word_embeddings=r.random() < .5, **dec), tf.Phi3ForCausalLM
+    if arch.startswith("gemma"):
+        dec["head_dim"] = r.choice([8, 16, 32])
+        if arch == "gemma":
+            return tf.GemmaConfig(**dec), tf.GemmaForCausalLM
+        dec.update(sliding_window=r.choice([3, 5, 64]), query_pre_attn_scalar=r.choice([8, 16, 24]))
+        if arch == "gemma2":
+            return tf.Gemma2Config(attn_logit_softcapping=r.choice([2.0, 50.0]),
+                                   final_logit_softcapping=r.choice([5.0, 30.0]), **dec), tf.Gemma2ForCausalLM
+        return tf.Gemma3TextConfig(tie_word_embeddings=r.random() < .7, **dec), tf.Gemma3ForCausalLM
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=H, n_layer=L, n_head=heads, n_positions=64,
+                             n_inner=inter if r.random() < .5 else None,
+                             activation_function=r.choice(["gelu_new", "gelu", "relu"]),
+                             scale_attn_by_inverse_layer_idx=r.random() < .3, **common), tf.GPT2LMHeadModel
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, intermediate_size=inter,
+                                max_position_embeddings=64, use_parallel_residual=r.random() < .5,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                 "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])},
+                                **common), tf.GPTNeoXForCausalLM
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, ffn_dim=inter,
+                            max_position_embeddings=64, do_layer_norm_before=r.random() < .7,
+                            word_embed_proj_dim=r.choice([H, 16]), **common), tf.OPTForCausalLM
+    if arch == "bloom":
+        return tf.BloomConfig(hidden_size=H, n_layer=L, n_head=heads,
+                              apply_residual_connection_post_layernorm=r.random() < .3, **common), tf.BloomForCausalLM
+    raise SystemExit(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def kbit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kbitcli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def run_case(r: random.Random, arch: str, d: Path) -> str:
+    """'' when every step passes, else what failed."""
+    import torch
+    from test_runner import _write_tokenizer
+
+    from kbitcli.runner.load import load
+
+    src, out, deq = d / "src", d / "out", d / "deq"
+    cfg, cls = model_for(r, arch)
+    torch.manual_seed(r.randrange(1 << 30))
+    m = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if p.dim() == 1 and ("norm" in name or "ln" in name)
+                    else 0.15 * torch.randn_like(p))
+    m.to(r.choice([torch.float32, torch.float16, torch.bfloat16])).save_pretrained(src)
+    _write_tokenizer(src)
+    args = ["quantize", src, out, "-k", r.randint(2, 8),
+            "-t", r.choice(["int", "affine", "fp", "nf", "quantile", "lloyd", "dynamic"]),
+            "-b", r.choice(["32", "64", "96", "128", "256", "row"]), "--scale", r.choice(["fp16", "fp32", "dq", "e8"]),
+            "--json", "-q"]
+    if r.random() < .3:
+        args += ["--rule", "*.0.*=" + r.choice(["8:int", "3:fp:b32", "keep", "6:nf:row"])]
+    if r.random() < .2:
+        args += ["--search", "mse"]
+    if r.random() < .3:
+        args += ["--shard-size", r.choice(["64KB", "200KB", "1MB"])]
+    print("   ", " ".join(str(x) for x in args[3:] if x not in ("--json", "-q")), flush=True)
+    p = kbit(*args)
+    if p.returncode != 0:
+        if p.returncode == 1 or "Traceback" in p.stderr:
+            return f"quantize crashed: {p.stderr[-1500:]}"
+        return ""  # a clean refusal is a pass
+    p = kbit("verify", out, "--against", src, "--max-error", "10")
+    if p.returncode != 0:
+        return f"verify: {p.stdout[-500:]} {p.stderr[-800:]}"
+    ids = torch.tensor([[r.randint(3, VOCAB - 1) for _ in range(10)]])
+    packed, dense, unfused = load(out)[0], load(out, dequantize_on_load=True)[0], load(out, fuse=False)[0]
+    with torch.no_grad():
+        a, b, c = packed(ids)[0], dense(ids)[0], unfused(ids)[0]
+    if not torch.isfinite(a).all() or (a - b).abs().max() > 1e-4 or (a - c).abs().max() > 1e-4:
+        return f"packed / dequantize-on-load / unfused differ: {(a - b).abs().max():.3g} {(a - c).abs().max():.3g}"
+    p = kbit("dequantize", out, deq, "--dtype", "float32")
+    if p.returncode != 0:
+        return f"dequantize: {p.stderr[-800:]}"
+    with torch.no_grad():
+        ref = cls.from_pretrained(deq, dtype=torch.float32).eval()(ids).logits[0]
+    err = (ref - b).abs().max().item()
+    if err > 2e-3 * max(1.0, ref.abs().max().item()):
+        return f"transformers on the dequantized checkpoint differs from the runner by {err:.3g}"
+    p = kbit("generate", out, "--prompt", "t5 t6 t7", "--max-new-tokens", "5", "--json")
+    if p.returncode != 0:
+        return f"generate: {p.stderr[-800:]}"
+    (d / "t.txt").write_text(" ".join(f"t{r.randint(3, 99)}" for _ in range(200)))
+    p = kbit("perplexity", out, "--text", d / "t.txt", "--json")
+    if p.returncode != 0:
+        return f"perplexity: {p.stderr[-800:]}"
+    return ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", type=int, default=10)
+    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated architectures to draw from")
+    a = ap.parse_args()
+    import transformers
+    transformers.logging.set_verbosity_error()
+    archs = [x.strip() for x in a.archs.split(",") if x.strip()]
+    fails = 0
+    for i in range(a.cases):
+        r = random.Random(a.seed * 100003 + i)
+        arch = r.choice(archs)
+        print(f"[{a.seed}.{i}] {arch}", flush=True)
+        d = Path(tempfile.mkdtemp(prefix="kbit-fuzz-"))
+        try:
+            problem = run_case(r, arch, d)
+        except Exception:  # noqa: BLE001 - a fuzz case that raises is a finding
+            problem = traceback.format_exc()[-2000:]
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        print(f"    {'FAIL: ' + problem if problem else 'ok'}", flush=True)
+        fails += bool(problem)
+    print(f"{a.cases - fails} of {a.cases} cases passed")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
