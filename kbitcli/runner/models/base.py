@@ -333,41 +333,47 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn_factor(settings: Mapping[str, Any]) -> float:
+def _context_factor(settings: Mapping[str, Any]) -> float:
+    """YaRN's and LongRoPE's factor; without one, the ratio of the extended and the pretrained
+    context (DeepSeek, Phi-3)."""
     factor = settings.get("factor")
-    if factor is None:  # DeepSeek-style: the ratio of the extended and the pretrained context
+    if factor is None:
         factor = settings["max_position_embeddings"] / settings["original_max_position_embeddings"]
     return float(factor)
 
 
 def rope_attention_scaling(settings: Mapping[str, Any]) -> float:
     """The factor YaRN and LongRoPE apply to cos and sin (1.0 for the other RoPE types)."""
-    if settings["rope_type"] == "longrope":
-        if settings.get("attention_factor") is not None:
-            return float(settings["attention_factor"])
-        old = settings["original_max_position_embeddings"]
-        factor = settings.get("factor") or settings["max_position_embeddings"] / old
-        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
-    if settings["rope_type"] != "yarn":
+    rtype = settings["rope_type"]
+    if rtype not in ("yarn", "longrope"):
         return 1.0
     try:
         if settings.get("attention_factor") is not None:
             return float(settings["attention_factor"])
-        factor = _yarn_factor(settings)
+        factor = _context_factor(settings)
+        if rtype == "longrope":
+            old = settings["original_max_position_embeddings"]
+            return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
         mscale, mscale_all_dim = settings.get("mscale"), settings.get("mscale_all_dim")
         if mscale and mscale_all_dim:
             return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
         return _yarn_mscale(factor)
     except (KeyError, TypeError, ZeroDivisionError):
-        raise InputError("config.json: the yarn RoPE scaling needs a factor (or max_position_embeddings and "
+        raise InputError(f"config.json: the {rtype} RoPE scaling needs a factor (or max_position_embeddings and "
                          "original_max_position_embeddings)") from None
 
 
-def _yarn_inv_freq(settings: Mapping[str, Any], dim: int, base: float) -> torch.Tensor:
+def _rope_powers(base: float, dim: int) -> torch.Tensor:
+    """base ** (2i / dim) for the dim / 2 rotated pairs, float32 (1 / it: the default RoPE)."""
+    return base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / dim)
+
+
+def _yarn_inv_freq(settings: Mapping[str, Any], dim: int, pos: torch.Tensor) -> torch.Tensor:
     """YaRN's blend of interpolated (divided by factor) and extrapolated (unchanged)
     frequencies, with a linear ramp between the dimensions that turn beta_fast and beta_slow
     times over the pretrained context; in float32, in transformers' order of operations."""
-    factor = _yarn_factor(settings)
+    factor = _context_factor(settings)
+    base = settings["rope_theta"]
     old = settings["original_max_position_embeddings"]
     fast, slow = settings.get("beta_fast") or 32, settings.get("beta_slow") or 1
 
@@ -382,7 +388,6 @@ def _yarn_inv_freq(settings: Mapping[str, Any], dim: int, base: float) -> torch.
         high += 0.001
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     keep = 1 - ramp  # weight of the extrapolated (unscaled) frequency
-    pos = base ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float) / dim)
     return (1.0 / (factor * pos)) * (1 - keep) + (1.0 / pos) * keep
 
 
@@ -394,14 +399,15 @@ def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
                          f"(supported: {', '.join(SUPPORTED_ROPE)})")
     base = settings["rope_theta"]
     dim = int(head_dim * settings["partial_rotary_factor"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / dim))
+    pos = _rope_powers(base, dim)
+    inv_freq = 1.0 / pos
     try:
         if rtype == "linear":
             inv_freq = inv_freq / settings["factor"]
         elif rtype == "yarn":
-            inv_freq = _yarn_inv_freq(settings, dim, base)
+            inv_freq = _yarn_inv_freq(settings, dim, pos)
         elif rtype == "longrope":  # the short factors; rope_long_inv_freq gives the long ones
-            inv_freq = _longrope_inv_freq(settings["short_factor"], dim, base)
+            inv_freq = _longrope_inv_freq(settings["short_factor"], pos)
         elif rtype == "llama3":
             factor = settings["factor"]
             low, high = settings["low_freq_factor"], settings["high_freq_factor"]
@@ -418,11 +424,12 @@ def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def _longrope_inv_freq(factors, dim: int, base: float) -> torch.Tensor:
+def _longrope_inv_freq(factors, pos: torch.Tensor) -> torch.Tensor:
     ext = torch.tensor(factors, dtype=torch.float32, device="cpu")
-    if ext.shape != (dim // 2,):
-        raise InputError(f"config.json: a LongRoPE factor list has {ext.numel()} values; the rotary needs {dim // 2}")
-    return 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    if ext.shape != pos.shape:
+        raise InputError(f"config.json: a LongRoPE factor list has {ext.numel()} values; the rotary needs "
+                         f"{pos.numel()}")
+    return 1.0 / (ext * pos)
 
 
 def rope_long_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor | None:
@@ -431,8 +438,8 @@ def rope_long_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tens
     if settings["rope_type"] != "longrope":
         return None
     try:
-        return _longrope_inv_freq(settings["long_factor"], int(head_dim * settings["partial_rotary_factor"]),
-                                  settings["rope_theta"])
+        dim = int(head_dim * settings["partial_rotary_factor"])
+        return _longrope_inv_freq(settings["long_factor"], _rope_powers(settings["rope_theta"], dim))
     except KeyError as e:
         raise InputError(f"config.json: the longrope RoPE scaling lacks the field {e.args[0]!r}") from None
 
