@@ -786,6 +786,18 @@ def test_cli_missing_config_field(tiny, tmp_path, capsys):
     assert "n_head" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_cli_key_value_heads_that_do_not_divide_the_heads(arch, tiny, tmp_path, capsys):
+    folder, _ = tiny(arch)
+    d = tmp_path / "heads"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_key_value_heads"] = 3  # 4 query heads
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
+    assert "num_attention_heads (4) is not a multiple of num_key_value_heads (3)" in _one_line_error(capsys)
+
+
 def test_cli_no_tokenizer(tiny, tmp_path, capsys):
     folder, _ = tiny("opt")
     d = tmp_path / "notok"

@@ -58,6 +58,15 @@ def positive(args, *fields_: str, arch: str = "model") -> None:
             raise InputError(f"config.json: {name} must be a positive integer for a {arch} model, got {v!r}")
 
 
+def grouped_heads(args) -> None:
+    """num_key_value_heads defaults to num_attention_heads, and must divide it."""
+    args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
+    if isinstance(args.num_key_value_heads, int) and isinstance(args.num_attention_heads, int) \
+            and args.num_key_value_heads > 0 and args.num_attention_heads % args.num_key_value_heads:
+        raise InputError(f"config.json: num_attention_heads ({args.num_attention_heads}) is not a multiple of "
+                         f"num_key_value_heads ({args.num_key_value_heads})")
+
+
 # ----------------------------------------------------------------------------- KV cache
 class KVCache:
     """Keys and values of every layer, preallocated for `capacity` positions (grown when
@@ -261,6 +270,13 @@ def _static_step(input_ids: torch.Tensor, positions: torch.Tensor | None, cache:
                 k_index=cache.k_index[:a], dense=False)  # type: ignore[index]
 
 
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] keys or values -> [B, heads, T, D], each kv head repeated for its group of
+    query heads (grouped-query attention)."""
+    B, Hkv, T, D = x.shape
+    return x[:, :, None].expand(B, Hkv, heads // Hkv, T, D).reshape(B, heads, T, D)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Step | torch.Tensor, scale: float,
               bias: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """q [B,H,S,D], k/v [B,Hkv,T,D] (grouped-query when Hkv < H) -> [B,S,H*D].
@@ -291,9 +307,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Step | to
         if SDPA_GQA and (attn_mask is None or q.device.type == "cpu"):
             kw["enable_gqa"] = True
         else:
-            rep = H // Hkv
-            k = k[:, :, None].expand(k.shape[0], Hkv, rep, k.shape[2], k.shape[3]).reshape(k.shape[0], H, k.shape[2], k.shape[3])
-            v = v[:, :, None].expand(v.shape[0], Hkv, rep, v.shape[2], v.shape[3]).reshape(v.shape[0], H, v.shape[2], v.shape[3])
+            k, v = repeat_kv(k, H), repeat_kv(v, H)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
     B, _, S, D = out.shape
     return out.transpose(1, 2).reshape(B, S, H * D)

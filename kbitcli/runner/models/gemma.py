@@ -29,7 +29,8 @@ from torch import nn
 from kbitcli.errors import InputError
 
 from . import llama
-from .base import KVCache, Rotary, Step, args_from_config, positive, prepare_step, rope_settings
+from .base import (KVCache, Rotary, Step, args_from_config, grouped_heads, positive, prepare_step, repeat_kv,
+                   rope_settings)
 
 #: Gemma3TextConfig's defaults: a multimodal config's text_config lists only what differs
 _GEMMA3_TEXT = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -94,12 +95,9 @@ class ModelArgs:
             return a
         a = args_from_config(cls, cfg, arch=mt)
         a.model_type = mt
-        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
+        grouped_heads(a)
         positive(a, "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "vocab_size", "head_dim", arch=mt)
-        if a.num_attention_heads % a.num_key_value_heads:
-            raise InputError(f"config.json: num_attention_heads ({a.num_attention_heads}) is not a multiple of "
-                             f"num_key_value_heads ({a.num_key_value_heads})")
         if a.use_bidirectional_attention:
             raise InputError("config.json: use_bidirectional_attention (an embedding model, not a causal LM) is "
                              "not supported by kbit's runner")
@@ -156,9 +154,8 @@ def _gemma3_rope(cfg: Mapping[str, Any]) -> tuple[dict, dict]:
         local = dict(rp.get("sliding_attention") or {})
     else:
         full = dict(rp or cfg.get("rope_scaling") or {})
-        local = {}
+        local = {"rope_theta": cfg.get("rope_local_base_freq", 1e4)}
         full.setdefault("rope_theta", cfg.get("rope_theta", 1e6))
-        local["rope_theta"] = cfg.get("rope_local_base_freq", 1e4)
     full.setdefault("rope_theta", 1e6)
     local.setdefault("rope_theta", 1e4)
     return ({"rope_parameters": full, "max_position_embeddings": mp},
@@ -184,11 +181,8 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """attention() with Gemma 2's soft-capping of the scores (cap * tanh(scores / cap)) before
     the mask and a float32 softmax, computed explicitly. q [B,H,S,D], k/v [B,Hkv,T,D] -> [B,S,H*D]."""
     B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    if Hkv != H:
-        rep = H // Hkv
-        k = k[:, :, None].expand(B, Hkv, rep, k.shape[2], D).reshape(B, H, k.shape[2], D)
-        v = v[:, :, None].expand(B, Hkv, rep, v.shape[2], D).reshape(B, H, v.shape[2], D)
+    if k.shape[1] != H:
+        k, v = repeat_kv(k, H), repeat_kv(v, H)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     scores = torch.tanh(scores / cap) * cap
     allowed = mask.mask(window) if isinstance(mask, Step) else mask

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (KVCache, RMSNorm, Rotary, activation, apply_rotary, args_from_config, attention, fuse_group,
-                   positive, prepare_step, rope_settings)
+                   grouped_heads, positive, prepare_step, rope_settings)
 
 
 @dataclass
@@ -41,17 +41,13 @@ class ModelArgs:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
         a = args_from_config(cls, cfg, arch=str(cfg.get("model_type") or "llama"))
-        a.num_key_value_heads = a.num_key_value_heads or a.num_attention_heads
+        grouped_heads(a)
         positive(a, "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "vocab_size", arch=a.model_type)
         # Qwen3's configuration class defaults head_dim to 128, not hidden_size / heads
         a.head_dim = a.head_dim or (128 if a.model_type == "qwen3" else a.hidden_size // a.num_attention_heads)
         if a.max_window_layers is None and a.model_type in ("qwen2", "qwen3"):
             a.max_window_layers = 28  # their configuration classes' default
-        if a.num_attention_heads % a.num_key_value_heads:
-            from kbitcli.errors import InputError
-            raise InputError(f"config.json: num_attention_heads ({a.num_attention_heads}) is not a multiple of "
-                             f"num_key_value_heads ({a.num_key_value_heads})")
         a.rope = rope_settings(cfg)
         return a
 
