@@ -313,19 +313,23 @@ class LoadedModel:
         self.targets: dict[str, _Target] = {}
         # tensors the runner does not load (a multimodal checkpoint's vision tower, stored rotary
         # tables) are not part of the model the sweep evaluates: left out, counts included
-        unloaded = [p.name for p in self.plans if self.model.checkpoint_name(p.name) is None]
-        if unloaded:
-            self.plans = [p for p in self.plans if p.name not in set(unloaded)]
-            self.warnings.append(f"{len(unloaded)} stored tensors that the runner does not load (e.g. {unloaded[0]}) "
-                                 "are left out of the sweep and its bit counts")
+        loaded, unloaded = [], []
         for p in self.plans:
             pname = self.model.checkpoint_name(p.name)
+            if pname is None:
+                unloaded.append(p.name)
+                continue
+            loaded.append(p)
             if pname in tied:
                 continue
             if pname not in params:
                 raise InputError(f"{self.label}: the tensor {p.name!r} has no parameter in the runner's model")
             axis = 0 if layouts.get(pname) == "in_out" else -1
             self.targets[p.name] = _Target(p.name, params[pname], p.shape, p.dtype, axis)
+        if unloaded:
+            self.plans = loaded
+            self.warnings.append(f"{len(unloaded)} stored tensors that the runner does not load (e.g. {unloaded[0]}) "
+                                 "are left out of the sweep and its bit counts")
         self.parameters = int(sum(int(np.prod(p.shape)) for p in self.plans))
         self.originals: dict[str, torch.Tensor] = {}
         self.kept_originals: dict[str, torch.Tensor] = {}

@@ -19,8 +19,7 @@ from . import llama
 
 @dataclass
 class ModelArgs(llama.ModelArgs):
-    original_max_position_embeddings: int | None = None
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # Phi3Config's default (original_max_position_embeddings: rope_settings)
     model_type: str = "phi3"
 
     @classmethod
