@@ -1011,3 +1011,14 @@ def test_sentencepiece_gguf_that_collapses_whitespace_is_refused(tmp_path):
     _add_tiny_llama(w, 4)
     with pytest.raises(InputError, match="remove_extra_whitespaces"):
         open_source(tmp_path / "m.gguf").extra_files()
+
+
+def test_gguf_tokenizer_of_another_kind_is_refused(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_tokenizer_model("bert")
+    w.add_token_list(["[UNK]", "a"])
+    _add_tiny_llama(w, 2)
+    with pytest.raises(InputError, match=r"kind 'bert'.*gpt2 \(byte-level BPE\), llama \(SentencePiece BPE\)"):
+        open_source(tmp_path / "m.gguf").extra_files()

@@ -31,7 +31,6 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
             "qwen3": ("qwen3", "Qwen3ForCausalLM")}
 _PERMUTED_QK = ("llama",)
-SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -60,10 +59,6 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
-
-# token types in tokenizer.ggml.token_type (llama.cpp's llama_token_type)
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
 
 
 def _f32(v: Any) -> float:

@@ -40,6 +40,9 @@ _LLAMA3_SPLIT = (
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 assert _QWEN2_SPLIT != _LLAMA3_SPLIT
 
+#: tokenizer.ggml.model values rebuilt here: byte-level BPE, SentencePiece BPE
+SUPPORTED_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
+
 # token types in tokenizer.ggml.token_type (llama.cpp's llama_token_type)
 _TOKEN_NORMAL = 1
 _TOKEN_UNKNOWN = 2
@@ -54,11 +57,11 @@ def build_tokenizer(src: "GGUFSource") -> tuple["Tokenizer", str | None]:
     model_kind = src.meta("tokenizer.ggml.model")
     if model_kind is None:
         raise InputError(f"{src.path}: the GGUF holds no tokenizer (no tokenizer.ggml.model)")
-    if model_kind not in ("gpt2", "llama"):
+    if model_kind not in SUPPORTED_TOKENIZERS:
         raise InputError(
-            f"{src.path}: rebuilding a tokenizer of kind {model_kind!r} from GGUF is not supported; "
-            "supported: gpt2 (byte-level BPE), llama (SentencePiece BPE). Convert from the original Hugging "
-            "Face model instead."
+            f"{src.path}: rebuilding a tokenizer of kind {model_kind!r} from GGUF is not supported; supported: "
+            + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_TOKENIZERS.items())
+            + ". Convert from the original Hugging Face model instead."
         )
     tokens = src.meta("tokenizer.ggml.tokens")
     if not tokens:
