@@ -3,7 +3,10 @@
 Default: every 2-D floating-point `.weight` inside a numbered transformer block
 (`...layers.7...`, `h.7.`, `blocks.7.`) is quantized with the base spec; embeddings,
 the LM head, norms, biases and anything else keep their source dtype. A tied LM head is
-stored once (the embedding).
+stored once (the embedding). Mixture-of-experts routers keep their dtype too, as llama.cpp
+keeps its ffn_gate_inp: Mixtral's `block_sparse_moe.gate.weight`, Qwen's `mlp.gate.weight`
+and `mlp.shared_expert_gate.weight` (tiny, and they decide which experts run; not to be
+confused with a gated MLP's `gate_proj`, which is quantized).
 
 Rules, in the order given, override the default; the LAST matching rule wins:
   --rule 'PATTERN=SPEC'   quantize matching tensors with SPEC ("6:fp", "8:int:b32", ...),
@@ -24,6 +27,8 @@ from kbitformat import KbitValueError, QuantSpec
 from .errors import UsageError
 
 _BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
+#: an MoE router: Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate and mlp.shared_expert_gate
+_ROUTER = re.compile(r"\.(gate|shared_expert_gate)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class Recipe:
     @staticmethod
     def default_quantized(name: str, shape: tuple[int, ...], is_float: bool) -> bool:
         return (len(shape) == 2 and name.endswith(".weight") and bool(_BLOCK.search(name))
-                and is_float and min(shape) > 1)
+                and not _ROUTER.search(name) and is_float and min(shape) > 1)
 
     def spec_for(self, name: str, shape: tuple[int, ...], is_float: bool, dtype: str = "?") -> QuantSpec | None:
         """The spec for a tensor, or None to keep it as it is."""

@@ -125,6 +125,22 @@ def test_rules_skip_and_warning(model, tmp_path, capsys):
     assert r.model_metadata["recipe"]["rules"][0] == "*.mlp.down_proj.weight=6:fp:b64:fp16"
 
 
+def test_default_recipe_keeps_moe_routers():
+    """MoE routers stay unquantized by default (as llama.cpp keeps ffn_gate_inp); the experts and
+    a gated MLP's gate_proj are quantized; a rule can still quantize a router."""
+    from kbitcli.recipe import Recipe
+    recipe = Recipe.build(QuantSpec(4, "nf", 64))
+    kept = ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.3.mlp.gate.weight"]
+    quantized = ["model.layers.0.block_sparse_moe.experts.3.w1.weight", "model.layers.3.mlp.experts.0.gate_proj.weight",
+                 "model.layers.3.mlp.shared_expert.gate_proj.weight", "model.layers.0.mlp.gate_proj.weight"]
+    for name in kept + quantized:
+        assert (recipe.spec_for(name, (8, 64), True) is None) == (name in kept), name
+    assert recipe.spec_for("model.layers.3.mlp.shared_expert_gate.weight", (1, 64), True) is None
+    assert recipe.spec_for("model.layers.3.mlp.shared_expert_gate.weight", (2, 64), True) is None  # by name too
+    ruled = Recipe.build(QuantSpec(4, "nf", 64), ["*.gate.weight=8:int"])
+    assert ruled.spec_for(kept[0], (8, 64), True).label() == "8:int:b64:fp16"
+
+
 @pytest.mark.parametrize("args,code,msg", [
     (["--rule", "oops"], 2, "PATTERN=SPEC"),
     (["--rule", "*.weight=4:nope"], 2, "nope"),

@@ -76,6 +76,33 @@ def _configs():
                                                 attention_bias=True, tie_word_embeddings=True,
                                                 use_sliding_window=True, sliding_window=4, max_window_layers=1,
                                                 max_position_embeddings=128, **common), tf.Qwen3ForCausalLM),
+        # SmolLM3: no rotary on every 4th layer (NoPE), tied embeddings
+        "smollm3": lambda: (tf.SmolLM3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=128, **common), tf.SmolLM3ForCausalLM),
+        # SmolLM3 with the window on its NoPE layers (layers 1 and 3), untied
+        "smollm3-window": lambda: (tf.SmolLM3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                                    num_attention_heads=4, num_key_value_heads=4,
+                                                    no_rope_layers=[1, 0, 1, 0], use_sliding_window=True,
+                                                    sliding_window=4, tie_word_embeddings=False,
+                                                    max_position_embeddings=128, **common), tf.SmolLM3ForCausalLM),
+        # Granite: embedding, residual and attention multipliers, scaled logits
+        "granite": lambda: (tf.GraniteConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=3.0,
+                                             residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0,
+                                             max_position_embeddings=128, **common), tf.GraniteForCausalLM),
+        # OLMo 2: norms after the sublayers, q/k norms over the whole projection
+        "olmo2": lambda: (tf.Olmo2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, **common), tf.Olmo2ForCausalLM),
+        # OLMo 3: OLMo 2 with windows on layers 0-2 and a RoPE per layer type
+        "olmo3": lambda: (tf.Olmo3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                             "rope_theta": 1e4},
+                                                          "sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": 5e4}},
+                                         max_position_embeddings=128, **common), tf.Olmo3ForCausalLM),
         # Phi-3: stored-fused qkv_proj / gate_up_proj, partial rotary (Phi-4-mini), a window
         "phi3": lambda: (tf.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
@@ -90,6 +117,56 @@ def _configs():
                                                                  "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 4.0],
                                                                  "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]},
                                                 **common), tf.Phi3ForCausalLM),
+        # Mixture of experts (kbitcli/runner/models/moe.py): top-2 of 4-8 experts, renormalised
+        # (Mixtral always; Qwen with norm_topk_prob). Mixtral with a window on every layer. Top-k is
+        # discontinuous: these seeds keep the k-th and next router probability >= 5e-4 apart on the
+        # test inputs; if one flakes, separate its router scores, do not loosen the tolerance
+        "mixtral": lambda: (tf.MixtralConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2, sliding_window=5, max_position_embeddings=128,
+                                             **common), tf.MixtralForCausalLM),
+        # Qwen2-MoE: a shared expert with its sigmoid gate, q/k/v biases, weights not renormalised
+        "qwen2_moe": lambda: (tf.Qwen2MoeConfig(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                                shared_expert_intermediate_size=48, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                                                num_experts_per_tok=2, max_position_embeddings=128, **common),
+                              tf.Qwen2MoeForCausalLM),
+        # Qwen3-MoE: q/k norms, a dense MLP on layer 1 (mlp_only_layers), renormalised weights, tied
+        "qwen3_moe": lambda: (tf.Qwen3MoeConfig(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=24, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1],
+                                                norm_topk_prob=True, tie_word_embeddings=True,
+                                                max_position_embeddings=128, **common), tf.Qwen3MoeForCausalLM),
+        # ... the weights not renormalised, biases on the attention, MoE on every 2nd layer only
+        "qwen3_moe-step": lambda: (tf.Qwen3MoeConfig(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                     num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
+                                                     attention_bias=True, max_position_embeddings=128, **common),
+                                   tf.Qwen3MoeForCausalLM),
+        # StableLM 2: per-head q/k LayerNorms, parallel residual, q/k/v biases, GQA, partial rotary
+        "stablelm": lambda: (tf.StableLmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, qk_layernorm=True,
+                                               use_parallel_residual=True, use_qkv_bias=True,
+                                               max_position_embeddings=128, **common), tf.StableLmForCausalLM),
+        # StableLM-3B-4E1T: sequential residual, no biases, its default rotary fraction (0.25)
+        "stablelm-plain": lambda: (tf.StableLmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                     num_attention_heads=4, num_key_value_heads=4,
+                                                     max_position_embeddings=128, **common), tf.StableLmForCausalLM),
+        # Phi-2: partial rotary 0.4, parallel attention + MLP, biased lm_head
+        "phi": lambda: (tf.PhiConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                      "partial_rotary_factor": 0.4}, **common), tf.PhiForCausalLM),
+        # Phi with q/k LayerNorms, grouped-query attention and tied embeddings (lm_head keeps its bias)
+        "phi-qk": lambda: (tf.PhiConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, qk_layernorm=True,
+                                        tie_word_embeddings=True, max_position_embeddings=128, **common),
+                           tf.PhiForCausalLM),
+        # StarCoder2: LayerNorms, biases, GELU MLP, a window (5) shorter than the test prompts
+        "starcoder2": lambda: (tf.Starcoder2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                                                   max_position_embeddings=128, **common),
+                               tf.Starcoder2ForCausalLM),
         # Gemma: (1 + w) norms in float32, the scaled embedding, GELU-tanh ("gelu" in old configs)
         "gemma": lambda: (tf.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, hidden_act="gelu",
@@ -261,7 +338,7 @@ def test_attention_fast_paths_equal_the_explicit_mask(B, S, past, pad, window, a
     assert torch.equal(attention(q, k, v, m, 0.25, bias=bias), got)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox", "qwen3-window", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox", "qwen3-window", "gemma2", "gemma3", "starcoder2"])
 def test_cache_chunks_equal_full_forward(arch, tiny):
     """A prompt fed as 5 tokens, a chunk of 4 after the cache, then single tokens equals one forward."""
     folder, _ = tiny(arch)
@@ -275,7 +352,8 @@ def test_cache_chunks_equal_full_forward(arch, tiny):
     assert (torch.cat(parts) - full).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "qwen3-window", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "qwen3-window", "gemma2", "gemma3", "stablelm", "phi",
+                                  "starcoder2"])
 def test_greedy_generation_matches_transformers(arch, tiny):
     folder, hf = tiny(arch)
     model, tok, _ = load(folder)
@@ -297,7 +375,9 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm", "phi3", "smollm3-window",
+                                  "granite", "olmo2", "stablelm", "phi-qk", "starcoder2", "mixtral", "qwen2_moe",
+                                  "qwen3_moe"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -305,11 +385,48 @@ def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     dense, _, _ = load(out, dequantize_on_load=True)
     assert packed.kbit_info["packed"] > 0 and dense.kbit_info["packed"] == 0
     assert any(isinstance(m, KbitLinear) for m in packed.modules())
+    # 10 rows take the dequantize + matmul path; an MoE expert sees a few of them, which would take
+    # the fused GEMV (equal to float rounding: test_kbit_packed_decode_step_close_to_dequantize_on_load)
+    _set_fused_gemv(packed, False)
     ids = torch.tensor([_ids(10, 7)])
     with torch.no_grad():
         a, b = packed(ids), dense(ids)
     assert torch.equal(a, b)
     assert parameter_bytes(packed) < parameter_bytes(dense)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_kbit_routers_kept_experts_packed(arch, tiny, tmp_path):
+    """The default recipe keeps the routers (block_sparse_moe.gate / mlp.gate and
+    mlp.shared_expert_gate) unquantized and packs every expert projection; each expert's gate
+    and up are fused, and a decode step of one sequence runs only the chosen top-k experts."""
+    from kbitformat.io import KbitReader
+    from kbitcli.runner.models.moe import SparseMoe
+    folder, _ = tiny(arch)
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 32))
+    reader = KbitReader(out)
+    names = reader.names()
+    routers = [n for n in names if n.endswith((".gate.weight", ".shared_expert_gate.weight"))]
+    experts = [n for n in names if ".experts." in n]
+    assert len(routers) == (2 if arch == "mixtral" else 4) and len(experts) == 2 * 3 * (4 if arch == "mixtral" else 8)
+    assert not any(reader.is_quantized(n) for n in routers)
+    assert all(reader.is_quantized(n) for n in experts)
+    model, _, _ = load(out)
+    moes = [m for m in model.modules() if isinstance(m, SparseMoe)]
+    assert len(moes) == 2
+    for moe in moes:
+        assert type(moe.gate) is torch.nn.Linear
+        assert all(isinstance(e.gate_up_proj, KbitLinear) for e in moe.experts)  # fused on load
+    runs = []
+    for moe in moes:
+        for e in moe.experts:
+            e.register_forward_hook(lambda mod, inp, out: runs.append(inp[0].shape[0]))
+    cache = KVCache(model.num_layers)
+    with torch.no_grad():
+        model(torch.tensor([_ids(6, 8)]), cache=cache)
+        runs.clear()
+        model(torch.tensor([[7]]), cache=cache)
+    assert runs == [1] * (2 * moes[0].top_k)  # k experts a layer, one row each
 
 
 def _set_fused_gemv(model, on: bool) -> int:
@@ -319,7 +436,7 @@ def _set_fused_gemv(model, on: bool) -> int:
     return len(layers)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "mixtral", "qwen2_moe"])
 def test_kbit_packed_decode_step_close_to_dequantize_on_load(arch, tiny, tmp_path):
     """Few input rows (decode steps) go through the fused GEMV on the CPU: not bit-identical
     to dequantize + F.linear (another summation order), but within float32 rounding; the
@@ -416,7 +533,9 @@ def test_fuse_linears_refuses_layers_that_cannot_share_one():
 
 
 @pytest.mark.parametrize("arch,groups", [("llama", 2), ("llama-tied-bias", 2), ("qwen2", 2), ("mistral", 2),
-                                         ("qwen3", 2), ("gemma", 2), ("gemma3", 2), ("opt", 1), ("gpt2", 0)])
+                                         ("qwen3", 2), ("gemma", 2), ("gemma3", 2), ("opt", 1), ("gpt2", 0),
+                                         ("smollm3", 2), ("granite", 2), ("olmo2", 2),
+                                         ("stablelm", 2), ("phi", 1), ("starcoder2", 1)])
 def test_fused_projections_same_model(arch, groups, tiny, tmp_path):
     """load(fuse=True) runs q/k/v (and gate/up) as one layer: the same logits as the unfused
     model (plain checkpoint: within float32 rounding; packed kbit decode steps: bit for bit)."""
@@ -606,6 +725,25 @@ def test_old_checkpoint_names_and_config_keys(tiny, tmp_path):
         rope_inv_freq(rope_settings({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2.0}}), 128)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_hub_config_keys(arch, tiny, tmp_path):
+    """config.json as the Hub files spell it: the RoPE base as rope_theta, or absent (Mixtral's
+    default is 1e6); Qwen3-MoE's expert count as num_experts (transformers 5 writes
+    num_local_experts)."""
+    folder, hf = tiny(arch)
+    d = tmp_path / "hub"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    theta = cfg.pop("rope_parameters")["rope_theta"]
+    if arch == "qwen3_moe":
+        cfg["num_experts"], cfg["rope_theta"] = cfg.pop("num_local_experts"), theta
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load(d)
+    ids = _ids(12, 1)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_gemma_configs_written_before_layer_types(arch, tiny, tmp_path):
     """Hub configs older than transformers 5 have no layer_types (Gemma 2: every other layer
@@ -626,6 +764,64 @@ def test_gemma_configs_written_before_layer_types(arch, tiny, tmp_path):
     ids = _ids(12, 4)
     with torch.no_grad():
         assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch,drop", [("smollm3", "no_rope_layers"), ("smollm3-window", "layer_types")])
+def test_smollm3_config_defaults(arch, drop, tiny, tmp_path):
+    """SmolLM3 configs may leave out no_rope_layers (every 4th layer without the rotary) and
+    layer_types (with use_sliding_window, the window is on the NoPE layers): the same logits."""
+    folder, hf = tiny(arch)
+    d = tmp_path / "old"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop(drop) == {"no_rope_layers": [1, 1, 1, 0],
+                             "layer_types": ["full_attention", "sliding_attention"] * 2}[drop]
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load(d)
+    ids = _ids(12, 4)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_olmo3_config_before_rope_per_layer_type(tiny, tmp_path):
+    """OLMo 3 configs written before transformers 5: rope_theta for every layer, rope_scaling
+    for the full-attention ones, no layer_types (three sliding layers in four): the same logits."""
+    folder, hf = tiny("olmo3")
+    d = tmp_path / "old"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("layer_types") == ["sliding_attention"] * 3 + ["full_attention"]
+    rp = cfg.pop("rope_parameters")
+    # one theta for both layer types, as OLMo 3's released configs have (500000). With another
+    # value transformers 5 gives it to the full-attention layers only (its conversion pops it
+    # once); the runner gives it to both, as transformers 4 did.
+    cfg.update(rope_theta=500000.0, rope_scaling={"rope_type": "linear", "factor": rp["full_attention"]["factor"]})
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load(d)
+    ids = _ids(12, 4)
+    ref = type(hf)(type(hf.config).from_pretrained(d)).eval()
+    ref.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(ref, ids)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_olmo2_norm_rounds_after_the_weight(dtype):
+    """OLMo 2's RMSNorm multiplies by its weight in float32 and rounds afterwards (Llama's
+    rounds first): the same bits as transformers' in half precision, whole-projection norm too."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm as Theirs
+
+    from kbitcli.runner.models.olmo2 import HeadsRMSNorm, Olmo2RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 16, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(64, generator=g)).to(dtype)
+    theirs, ours, heads = Theirs(64, 1e-5), Olmo2RMSNorm(64, 1e-5), HeadsRMSNorm(64, 1e-5)
+    for m in (theirs, ours, heads):
+        m.weight.data = w.clone()
+    with torch.no_grad():
+        want = theirs(x.flatten(-2))
+        assert torch.equal(ours(x.flatten(-2)), want)
+        assert torch.equal(heads(x), want.view(x.shape))
 
 
 def test_gemma3_multimodal_text_config_defaults_and_names(tiny, tmp_path):
@@ -664,6 +860,40 @@ def test_phi3_longrope_past_the_original_context(tiny):
         ids = _ids(n, n)
         with torch.no_grad():
             assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL, n
+
+
+@pytest.mark.parametrize("arch,rope", [("stablelm-plain", {}), ("phi", {"rope_theta": 1e4, "partial_rotary_factor": 0.4})])
+def test_stablelm_phi_configs_before_rope_parameters(arch, rope, tiny, tmp_path):
+    """Hub configs older than transformers 5 have no rope_parameters: Phi-2 gives rope_theta and
+    partial_rotary_factor at the top level; StableLM may leave the factor out (0.25, its class's
+    default, not the runner's 1.0): the same logits."""
+    folder, hf = tiny(arch)
+    d = tmp_path / "old"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    (d / "config.json").write_text(json.dumps({**cfg, **rope}))
+    model, _, _ = load(d)
+    ids = _ids(12, 4)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch,per_layer", [("stablelm", 7), ("phi-qk", 6), ("starcoder2", 6)])
+def test_default_recipe_quantizes_the_block_linears(arch, per_layer, tiny):
+    """kbit quantize's default recipe picks exactly the weights of transformers' linear layers
+    inside the numbered blocks; LayerNorm weights and biases (StableLM's per-head q/k norms
+    too), the projections' biases, the embedding and Phi's biased lm_head stay as they are."""
+    from safetensors import safe_open
+
+    from kbitcli.recipe import Recipe
+    folder, hf = tiny(arch)
+    recipe = Recipe.build(QuantSpec(4, "nf", 64))
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    chosen = {k for k, shape in stored.items() if recipe.spec_for(k, shape, True) is not None}
+    linears = {f"{n}.weight" for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert chosen == linears and len(linears) == per_layer * hf.config.num_hidden_layers
 
 
 def test_unexpected_tensor_is_named(tiny, tmp_path, capsys):
@@ -796,6 +1026,21 @@ def test_cli_key_value_heads_that_do_not_divide_the_heads(arch, tiny, tmp_path, 
     (d / "config.json").write_text(json.dumps(cfg))
     assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
     assert "num_attention_heads (4) is not a multiple of num_key_value_heads (3)" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("arch,change,msg", [
+    ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok (5) is more than the 4 experts"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size must be a positive"),
+    ("qwen3_moe", {"mlp_only_layers": ["1"]}, "mlp_only_layers must list layer numbers"),
+])
+def test_cli_bad_moe_config(arch, change, msg, tiny, tmp_path, capsys):
+    folder, _ = tiny(arch)
+    d = tmp_path / "bad"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **change}))
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
+    assert msg in _one_line_error(capsys)
 
 
 def test_cli_no_tokenizer(tiny, tmp_path, capsys):

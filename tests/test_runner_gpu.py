@@ -156,6 +156,23 @@ def test_cuda_graph_decode(arch, spec, tiny, cuda, tmp_path, monkeypatch):
             assert all(m.fused_gemv for m in model.modules() if isinstance(m, KbitLinear) and m.layout == "out_in")
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_decode_on_cuda(arch, tiny, cuda, tmp_path):
+    """4-bit MoE models on the GPU: auto decodes dynamically (their expert grouping reads the
+    host, no CUDA graphs), static steps give the same greedy tokens, and so does the CPU."""
+    from kbitcli.runner import generate_ids, load
+    folder, _ = tiny(arch)
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 64))
+    gpu, _, _ = load(out, device="cuda", dtype="float32")
+    cpu, _, _ = load(out, device="cpu", dtype="float32")
+    prompts = [_ids(6, 5), _ids(3, 6)]
+    got, _, tm = generate_ids(gpu, prompts, 8, eos_token_ids=[], pad_token_id=0)
+    assert tm["decode_mode"] == "dynamic"
+    st, _, tm = generate_ids(gpu, prompts, 8, eos_token_ids=[], pad_token_id=0, decode="static")
+    assert tm["decode_mode"] == "static" and st == got
+    assert generate_ids(cpu, prompts, 8, eos_token_ids=[], pad_token_id=0)[0] == got
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_fused_projections_on_cuda(dtype, tiny, cuda, tmp_path):
     """q/k/v and gate/up fused into one CUDA GEMV each (load's default) against the separate

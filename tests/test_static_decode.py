@@ -73,7 +73,7 @@ def test_static_steps_equal_dynamic_steps(arch, tiny_model, monkeypatch):
     assert len(attends) >= 3  # the buckets really changed
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "bloom", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "bloom", "opt", "mixtral"])
 def test_static_generation_same_tokens(arch, tiny_model, monkeypatch):
     monkeypatch.setattr(gen_mod, "ATTEND_BUCKET", 8)
     model = tiny_model(arch)
@@ -113,6 +113,20 @@ def test_static_cache_errors(tiny_model):
             cache.start_static(mask)
     with pytest.raises(ValueError, match="filled by a prompt pass"):
         KVCache(2, 8).start_static(torch.ones((1, 0), dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_models_decode_without_cuda_graphs(arch, tiny_model):
+    """An MoE layer reads on the host which experts its tokens chose (a CUDA graph cannot capture
+    that): on a GPU, auto decodes MoE models dynamically and graph is refused by name; static
+    steps (no graph) run, and equal the dynamic ones (test_static_steps_equal_dynamic_steps)."""
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    model = tiny_model(arch)
+    assert gen_mod.resolve_decode_mode("auto", cuda, model) == "dynamic"
+    assert gen_mod.resolve_decode_mode("static", cuda, model) == "static"
+    assert gen_mod.resolve_decode_mode("auto", cuda, tiny_model("llama")) == "graph"
+    with pytest.raises(UsageError, match=f"decode mode graph: the decode step of a {arch} model cannot be captured"):
+        gen_mod.resolve_decode_mode("graph", cuda, model)
 
 
 def test_cli_decode_option(tmp_path, capsys):

@@ -241,13 +241,21 @@ class _StaticDecoder:
         return out
 
 
-def resolve_decode_mode(mode: str, device: torch.device) -> str:
+def resolve_decode_mode(mode: str, device: torch.device, model=None) -> str:
+    """The decode mode to run. A model whose class sets cuda_graphs = False (a decode step that
+    reads device values on the host: the MoE models' expert grouping) decodes dynamically under
+    auto, and graph is refused for it."""
     if mode not in DECODE_MODES:
         raise UsageError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    graphs = getattr(model, "cuda_graphs", True)
     if mode == "auto":
-        return "graph" if device.type == "cuda" else "dynamic"
+        return "graph" if device.type == "cuda" and graphs else "dynamic"
     if mode == "graph" and device.type != "cuda":
         raise UsageError("decode mode graph (CUDA graphs) needs a CUDA device; on the CPU use static or dynamic")
+    if mode == "graph" and not graphs:
+        arch = getattr(model, "kbit_info", {}).get("model_type", "this")
+        raise UsageError(f"decode mode graph: the decode step of a {arch} model cannot be captured in a CUDA graph "
+                         "(its mixture-of-experts layers read on the host which experts to run); use static or dynamic")
     return mode
 
 
@@ -257,7 +265,8 @@ def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, 
                  on_token: Callable[[int, int], bool] | None = None,
                  decode: str = "auto") -> tuple[list[list[int]], list[str], dict]:
     """Token-level generation. on_token(i, token) returns True when sequence i must stop
-    (e.g. a stop string). decode: one of DECODE_MODES (auto: CUDA graphs on a GPU). Returns
+    (e.g. a stop string). decode: one of DECODE_MODES (auto: CUDA graphs on a GPU, unless the
+    model has cuda_graphs = False: resolve_decode_mode). Returns
     (new tokens per sequence, finish reasons, timings; timings["decode_mode"] is the mode
     the decode steps ran in, "static" when CUDA graphs were asked for but failed)."""
     sampling = sampling or SamplingParams()
@@ -268,7 +277,7 @@ def generate_ids(model, batch: Sequence[Sequence[int]], max_new_tokens: int, *, 
         return [], [], {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0}
     device = next(iter(model.buffers()), None)
     device = device.device if device is not None else next(model.parameters()).device
-    mode = resolve_decode_mode(decode, device)
+    mode = resolve_decode_mode(decode, device, model)
     B = len(batch)
     L = max(len(s) for s in batch)
     ctx = getattr(model, "context_length", None)

@@ -523,6 +523,10 @@ FUSED_RMS_NORM = hasattr(F, "rms_norm")
 
 
 class RMSNorm(nn.Module):
+    #: round the normalised value to x's dtype before the weight multiplies it (Llama), or
+    #: after (OLMo 2: the product in float32, then rounded)
+    round_first = True
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -537,7 +541,7 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.weight * h.to(dtype) if self.round_first else (self.weight * h).to(dtype)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

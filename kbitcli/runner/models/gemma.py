@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kbitcli.errors import InputError
 
 from . import llama
-from .base import (KVCache, Rotary, Step, args_from_config, grouped_heads, positive, prepare_step, repeat_kv,
-                   rope_settings)
+from .base import Step, args_from_config, grouped_heads, positive, repeat_kv, rope_settings
 
 #: Gemma3TextConfig's defaults: a multimodal config's text_config lists only what differs
 _GEMMA3_TEXT = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -206,12 +204,11 @@ class Attention(llama.Attention):
         return super().attend(q, k, v, step)
 
 
-class Block(nn.Module):
+class Block(llama.Block):
+    attention_class = Attention
+
     def __init__(self, a: ModelArgs, layer: int) -> None:
-        super().__init__()
-        self.sliding = a.window(layer) is not None
-        self.self_attn = Attention(a, layer)
-        self.mlp = llama.MLP(a)
+        super().__init__(a, layer)
         self.input_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
         self.four = a.four_norms
@@ -221,33 +218,22 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, step, cache):
         if not self.four:  # Gemma: the Llama block
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return super().forward(x, cos, sin, step, cache)
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, step, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class Body(nn.Module):
-    def __init__(self, a: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
-        self.norm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
+class Model(llama.Model):
+    """Llama's model with Gemma's blocks and norm, the scaled embedding, soft-capped logits
+    (Gemma 2), Gemma 3's local rotary on the sliding layers and the multimodal names."""
 
+    block_class = Block
+    norm_class = GemmaRMSNorm
 
-class Model(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.num_layers = args.num_hidden_layers
-        self.context_length = args.max_position_embeddings
-        self.model = Body(args)
-        self.rotary = Rotary.from_settings(args.rope, args.head_dim)
-        self.rotary_local = Rotary.from_settings(args.rope_local, args.head_dim) if args.rope_local else None
+        super().__init__(args)
         self.embed_scale = math.sqrt(args.hidden_size)
         self._scales: dict[torch.dtype, float] = {}
-        self.tied = bool(args.tie_word_embeddings)
-        self.lm_head = None if self.tied else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def _embed_scale(self, dtype: torch.dtype) -> float:
         """sqrt(hidden_size) rounded to `dtype`, as transformers multiplies by it (a Python
@@ -257,36 +243,22 @@ class Model(nn.Module):
             got = self._scales[dtype] = torch.tensor(self.embed_scale, dtype=torch.float32).to(dtype).item()
         return got
 
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.tied else {}
-
     def checkpoint_name(self, name: str) -> str | None:
-        if name.endswith("rotary_emb.inv_freq"):
-            return None
         if self.args.multimodal:
             if name.startswith(_VISION_PREFIXES):
                 return None
             for prefix, to in _TEXT_PREFIXES.items():
                 if name.startswith(prefix):
-                    return to + name[len(prefix):]
-        return name
+                    name = to + name[len(prefix):]
+                    break
+        return super().checkpoint_name(name)
 
-    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                last_only: bool = False):
-        step = prepare_step(input_ids, attention_mask, positions, cache)
-        x = self.model.embed_tokens(input_ids)
+    def embed(self, input_ids):
+        x = super().embed(input_ids)
         # transformers multiplies by the scale as a tensor of the embedding's dtype
-        x = x * self._embed_scale(x.dtype)
-        cos, sin = self.rotary(step.positions, x.dtype)
-        local = self.rotary_local(step.positions, x.dtype) if self.rotary_local is not None else (cos, sin)
-        for layer in self.model.layers:
-            c, s = local if layer.sliding else (cos, sin)
-            x = layer(x, c, s, step, cache)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        x = self.model.norm(x[:, -1:] if last_only else x)
-        logits = F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        return x * self._embed_scale(x.dtype)
+
+    def logits(self, x):
+        logits = super().logits(x)
         cap = self.args.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return torch.tanh(logits / cap) * cap if cap else logits

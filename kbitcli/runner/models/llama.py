@@ -37,6 +37,8 @@ class ModelArgs:
     max_window_layers: int | None = None
     layer_types: list[str] | None = None
     rope: dict[str, Any] = field(default_factory=dict)
+    #: the sliding-window layers' own RoPE settings, when they differ (OLMo 3)
+    rope_local: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
@@ -116,7 +118,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:  # None: a layer without positions (SmolLM3's NoPE layers)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         return self.o_proj(self.attend(q, k, v, step))
@@ -147,10 +150,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    #: the classes of the sublayers (a variant's module gives its own)
+    attention_class: type[nn.Module] = Attention
+    mlp_class: type[nn.Module] = MLP
+
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(a, layer)
-        self.mlp = MLP(a)
+        self.self_attn = self.attention_class(a, layer)
+        self.mlp = self.mlp_class(a)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
@@ -160,21 +167,29 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, a: ModelArgs) -> None:
+    def __init__(self, a: ModelArgs, block: type[nn.Module] = Block, norm: type[nn.Module] = RMSNorm) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.layers = nn.ModuleList(block(a, i) for i in range(a.num_hidden_layers))
+        self.norm = norm(a.hidden_size, a.rms_norm_eps)
 
 
 class Model(nn.Module):
+    #: the classes of a layer and of the final norm (a variant's module gives its own)
+    block_class: type[nn.Module] = Block
+    norm_class: type[nn.Module] = RMSNorm
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.num_layers = args.num_hidden_layers
         self.context_length = args.max_position_embeddings
-        self.model = Body(args)
+        self.model = Body(args, self.block_class, self.norm_class)
         self.rotary = Rotary.from_settings(args.rope, args.head_dim)
+        self.rotary_local = Rotary.from_settings(args.rope_local, args.head_dim) if args.rope_local else None
+        #: the layers that take rotary_local: those with a window
+        self.local_layers = frozenset(i for i in range(args.num_hidden_layers)
+                                      if self.rotary_local is not None and args.window(i) is not None)
         self.tied = bool(args.tie_word_embeddings)
         self.lm_head = None if self.tied else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -191,11 +206,17 @@ class Model(nn.Module):
     def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
                 last_only: bool = False):
         step = prepare_step(input_ids, attention_mask, positions, cache)
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.rotary(step.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, step, cache)
+        local = self.rotary_local(step.positions, x.dtype) if self.rotary_local is not None else None
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, *(local if i in self.local_layers else (cos, sin)), step, cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        return self.logits(self.model.norm(x[:, -1:] if last_only else x))
+
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, x):
         return F.linear(x, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)

@@ -54,9 +54,10 @@ class MLP(llama.MLP):
         return False
 
 
+class Block(llama.Block):
+    attention_class = Attention
+    mlp_class = MLP
+
+
 class Model(llama.Model):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__(args)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn = Attention(args, i)
-            layer.mlp = MLP(args)
+    block_class = Block
