@@ -508,6 +508,8 @@ def test_synthetic_gguf_roundtrip(tmp_path, tied):
     for t in src.tensors():
         assert t.shape == hf[t.name].shape
         np.testing.assert_array_equal(src.load(t.name), hf[t.name])
+        # as stored (what `kbit quantize` keeps or quantizes from): un-permuted too
+        np.testing.assert_array_equal(src.load_raw(t.name).astype(np.float32), hf[t.name])
     cfg = src.config()
     assert cfg["tie_word_embeddings"] is tied
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (4, 2, 4)
@@ -845,6 +847,30 @@ def test_unknown_pre_tokenizer_warns(tmp_path):
     assert any("some-future-model" in w for w in src.warnings)
 
 
+
+@pytest.mark.parametrize("merge,unknown", [("zz b", "zz"), ("a zz", "zz"), ("b a", "ba")])
+def test_gguf_merge_of_unknown_token_is_refused(tmp_path, capsys, merge, unknown):
+    """A merge whose parts, or the token they make, are not in the vocabulary: a clear error (it was
+    an internal error from the tokenizers library), also from `kbit quantize`."""
+    import gguf
+
+    from kbitcli.cli.main import main
+
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(["a", "b", "ab", "c"])
+    w.add_token_types([1, 1, 1, 1])
+    w.add_token_merges(["a b", merge])
+    _add_tiny_llama(w, 4)
+    with pytest.raises(InputError, match=f"merge '{merge}' .* names '{unknown}', which is not in"):
+        open_source(path).extra_files()
+    assert main(["quantize", str(path), str(tmp_path / "out"), "--skip", "*", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "kbit: error:" in err and "internal error" not in err and f"names '{unknown}'" in err
+
 # ---------------------------------------------------------------------------------------------
 # GGUF of the Qwen family: a tiny transformers model written the way llama.cpp's converter
 # writes it (Qwen2Model / Qwen3Model: no attn_q / attn_k permutation; qwen3's q_norm / k_norm as
@@ -1022,3 +1048,526 @@ def test_gguf_tokenizer_of_another_kind_is_refused(tmp_path):
     _add_tiny_llama(w, 2)
     with pytest.raises(InputError, match=r"kind 'bert'.*gpt2 \(byte-level BPE\), llama \(SentencePiece BPE\)"):
         open_source(tmp_path / "m.gguf").extra_files()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF of Gemma (1, 2, 3) and Phi-3: tiny transformers models written the way llama.cpp's
+# converter writes them (GemmaModel / Gemma2Model / Gemma3Model: every norm weight plus 1, no
+# permutation, a SentencePiece tokenizer without a space prefix; Phi3MiniModel: attn_qkv, ffn_up
+# holding gate then up, LongRoPE factors as tensors), run by kbit's runner from the GGUF and after
+# `kbit quantize` (every tensor kept) against transformers
+
+#: user-defined SentencePiece symbols as Gemma's tokenizer has them (turn markers, newlines, runs
+#: of spaces), and whether Hugging Face's tokenizer_config.json marks them special
+_GEMMA_ADDED = {"<start_of_turn>": True, "<end_of_turn>": True, "\n": False, "\n\n": False, "\u2581\u2581": False}
+
+
+def _train_spm(gemma: bool):
+    """A SentencePiece BPE model with Gemma's settings (no dummy prefix, its special ids and
+    user-defined symbols) or Llama 2's (Phi-3)."""
+    import io
+
+    import sentencepiece as spm
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    lines = [ln for f in sorted(docs.glob("*.md")) for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+               user_defined_symbols=list(_GEMMA_ADDED)) if gemma else dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS + lines), model_writer=model, vocab_size=700, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=not gemma, allow_whitespace_only_pieces=True, character_coverage=0.9995, minloglevel=2,
+        **ids)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def _add_spm_tokenizer(w, sp, added: dict[str, bool], n_vocab: int, extra: dict[int, str] | None = None) -> None:
+    """Store a SentencePiece tokenizer as llama.cpp's _create_vocab_sentencepiece does: the pieces
+    typed by SentencePiece (user-defined ones read as normal), [PADi] up to n_vocab, then the added
+    tokens of tokenizer_config.json (`added`: piece -> special; `extra`: id -> special token past the
+    SentencePiece vocabulary) as control tokens, or as user-defined ones with U+2581 spelled as spaces."""
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)] + [f"[PAD{i}]" for i in range(n, n_vocab)]
+    scores = [sp.get_score(i) for i in range(n)] + [-10000.0] * (n_vocab - n)
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(n)] + [5] * (n_vocab - n)
+    for i, special in [(sp.piece_to_id(p), s) for p, s in added.items()] + [(i, True) for i in (extra or {})]:
+        piece = (extra or {}).get(i, tokens[i])
+        tokens[i], scores[i], types[i] = (piece, -1000.0, 3) if special else (piece.replace("\u2581", " "), -1000.0, 4)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+
+
+def _write(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _gemma_gguf(path: Path, arch: str):
+    import gguf
+    import transformers as tf
+
+    sp = _train_spm(gemma=True)
+    common = dict(vocab_size=sp.get_piece_size(), hidden_size=48, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if arch == "gemma":
+        cfg, cls = tf.GemmaConfig(num_hidden_layers=2, **common), tf.GemmaForCausalLM
+    elif arch == "gemma2":  # strong soft-capping and a short window, so that both show in the logits
+        cfg, cls = tf.Gemma2Config(num_hidden_layers=2, query_pre_attn_scalar=16, sliding_window=4,
+                                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **common), \
+            tf.Gemma2ForCausalLM
+    else:  # six layers: five sliding (local RoPE base), one global (base 1e6, linear scaling)
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+        cfg, cls = tf.Gemma3TextConfig(num_hidden_layers=6, query_pre_attn_scalar=16, sliding_window=4,
+                                       rope_parameters=rope, **common), tf.Gemma3ForCausalLM
+    torch.manual_seed(5)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.3 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in (("block_count", cfg.num_hidden_layers), ("context_length", 64), ("embedding_length", 48),
+                 ("feed_forward_length", 80), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                 ("attention.key_length", 16), ("attention.value_length", 16)):
+        w.add_uint32(f"{arch}.{k}", v)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    if arch == "gemma2":
+        w.add_float32(f"{arch}.attn_logit_softcapping", 2.0)
+        w.add_float32(f"{arch}.final_logit_softcapping", 3.0)
+    if arch != "gemma":
+        w.add_uint32(f"{arch}.attention.sliding_window", 4)
+    if arch == "gemma3":
+        w.add_float32(f"{arch}.rope.freq_base", 1e6)
+        w.add_string(f"{arch}.rope.scaling.type", "linear")
+        w.add_float32(f"{arch}.rope.scaling.factor", 8.0)
+    _add_spm_tokenizer(w, sp, _GEMMA_ADDED, sp.get_piece_size())
+    w.add_add_space_prefix(False)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm"}
+    names.update({"post_attention_layernorm": "ffn_norm"} if arch == "gemma" else
+                 {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"})
+    for name, t in model.state_dict().items():
+        a = t.float().numpy() + (1.0 if name.endswith("norm.weight") else 0.0)  # llama.cpp's +1
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", a)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", a)
+        elif name != "lm_head.weight":  # tied
+            _, _, i, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            w.add_tensor(f"blk.{i}.{names[part]}.{kind}", a)
+    _write(w)
+    return model, sp
+
+
+_GLOBAL_GGUF = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+
+
+def _phi3_gguf(path: Path, longrope: bool):
+    import math
+
+    import gguf
+    import transformers as tf
+
+    sp = _train_spm(gemma=False)
+    n = sp.get_piece_size() + 4  # Phi-3's vocabulary: the SentencePiece one, its added tokens, padding
+    extra = {n - 4: "<|endoftext|>", n - 3: "<|assistant|>"}
+    kw: dict = dict(sliding_window=6)
+    if longrope:  # partial rotary (6 of 12 dimensions: 3 factors), the long factors past 16 positions
+        kw = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                   "short_factor": [1.0, 1.5, 2.5], "long_factor": [3.0, 5.0, 9.0]})
+    cfg = tf.Phi3Config(vocab_size=n, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=16,
+                        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=n - 4, pad_token_id=n - 4, **kw)
+    torch.manual_seed(7)
+    model = tf.Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.15 * torch.randn_like(p))
+    rope_dims = 6 if longrope else 12
+    w = gguf.GGUFWriter(str(path), "phi3")
+    for k, v in (("block_count", 2), ("context_length", 64), ("rope.scaling.original_context_length", 16),
+                 ("embedding_length", 48), ("feed_forward_length", 80), ("attention.head_count", 4),
+                 ("attention.head_count_kv", 2), ("rope.dimension_count", rope_dims),
+                 ("attention.sliding_window", 0 if longrope else 6)):
+        w.add_uint32(f"phi3.{k}", v)
+    w.add_float32("phi3.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("phi3.rope.freq_base", 10000.0)
+    if longrope:
+        w.add_float32("phi3.rope.scaling.attn_factor", math.sqrt(1 + math.log(64 / 16) / math.log(16)))
+        w.add_tensor("rope_factors_long.weight", np.array([3.0, 5.0, 9.0], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array([1.0, 1.5, 2.5], dtype=np.float32))
+    _add_spm_tokenizer(w, sp, {}, n, extra)
+    names = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, t in model.state_dict().items():
+        a = t.float().numpy()
+        if name in _GLOBAL_GGUF:
+            w.add_tensor(_GLOBAL_GGUF[name], a)
+        else:
+            _, _, i, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            w.add_tensor(f"blk.{i}.{names[part]}.{kind}", a)
+    _write(w)
+    return model, sp
+
+
+def _runs_like_transformers(tmp_path: Path, gguf_path: Path, hf, ids: list[int]):
+    """kbit's runner gives transformers' logits from the GGUF, and from `kbit quantize` of it with
+    every tensor kept (the tensors then pass through load_raw); returns the converted model's
+    tokenizer."""
+    from kbitcli.cli.main import main
+    from kbitcli.runner import load
+
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        for path in (gguf_path, tmp_path / "out"):
+            if path != gguf_path:
+                assert main(["quantize", str(gguf_path), str(path), "--skip", "*", "--quiet"]) == 0
+            model, tok, _ = load(path)
+            got = model(torch.tensor([ids]))[0]
+            assert (got - ref).abs().max().item() < 1e-4, path
+    return tok
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_gemma_gguf_runs_like_transformers(tmp_path, arch):
+    from tokenizers import Tokenizer
+
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    hf, sp = _gemma_gguf(path, arch)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["architectures"], cfg["tie_word_embeddings"]) == ([type(hf).__name__], True)
+    sd = hf.state_dict()
+    assert {t.name for t in src.tensors()} | {"lm_head.weight"} == set(sd)
+    for t in src.tensors():  # llama.cpp's +1 taken off again (to float32 rounding)
+        np.testing.assert_allclose(src.load(t.name), sd[t.name].numpy(), rtol=0, atol=1e-6, err_msg=t.name)
+    files = src.extra_files()
+    rebuilt = Tokenizer.from_str(files["tokenizer.json"].decode())
+    assert src.warnings == []
+    texts = _CORPUS[:4] + ["<start_of_turn>user\nHi  there,   you\n\n\n<end_of_turn>", "  two", "x\u2581\u2581y",
+                           "unseen \u2603 \U0001f9ea glyphs", " leading", ""]
+    for text in texts:  # no space prefix; user-defined symbols matched whole, as SentencePiece does
+        want = sp.encode(text)
+        assert rebuilt.encode(text, add_special_tokens=False).ids == want, text
+        assert rebuilt.encode(text).ids == [2] + want, text
+        assert rebuilt.decode(want, skip_special_tokens=False) == sp.decode(want), text
+    ids = [2] + sp.encode(_CORPUS[0])[:19]
+    tok = _runs_like_transformers(tmp_path, path, hf, ids)
+    assert list(tok.encode(texts[4])) == [2] + sp.encode(texts[4])  # the runner's, from the kbit folder
+
+
+@pytest.mark.parametrize("longrope", [False, True])
+def test_phi3_gguf_runs_like_transformers(tmp_path, longrope):
+    from tokenizers import Tokenizer
+
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    hf, sp = _phi3_gguf(path, longrope)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["architectures"], cfg["original_max_position_embeddings"]) == (["Phi3ForCausalLM"], 16)
+    assert cfg["sliding_window"] == (None if longrope else 6)
+    if longrope:
+        assert cfg["partial_rotary_factor"] == 0.5
+        assert (cfg["rope_scaling"]["long_factor"], cfg["rope_scaling"]["short_factor"]) == ([3.0, 5.0, 9.0],
+                                                                                           [1.0, 1.5, 2.5])
+    sd = hf.state_dict()
+    assert {t.name for t in src.tensors()} == set(sd)
+    for t in src.tensors():
+        np.testing.assert_array_equal(src.load(t.name), sd[t.name].numpy(), err_msg=t.name)
+    rebuilt = Tokenizer.from_str(src.extra_files()["tokenizer.json"].decode())
+    for text in _CORPUS[:4]:
+        assert rebuilt.encode(text).ids == [1] + sp.encode(text), text
+    assert rebuilt.encode("a<|endoftext|>", add_special_tokens=False).ids == sp.encode("a") + [hf.config.eos_token_id]
+    ids = [1] + sp.encode(_CORPUS[1])[:23]  # past original_max_position_embeddings (16): the long factors
+    _runs_like_transformers(tmp_path, path, hf, ids)
+
+
+def test_gemma_gguf_with_byte_level_tokenizer_is_refused(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma")
+    for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8), ("feed_forward_length", 8),
+                 ("attention.head_count", 2)):
+        w.add_uint32(f"gemma.{k}", v)
+    n = _add_bpe_tokenizer(w, _original_tokenizer("gpt2"), "gpt-2", False)
+    w.add_tensor("token_embd.weight", np.zeros((n, 8), dtype=np.float32))
+    for g in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+        w.add_tensor(f"blk.0.{g}.weight", np.zeros((8, 8), dtype=np.float32))
+    _write(w)
+    with pytest.raises(InputError, match="Gemma GGUF with a 'gpt2' tokenizer"):
+        open_source(tmp_path / "m.gguf").extra_files()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture-of-experts GGUFs: Mixtral (arch "llama", Q/K permuted), Qwen2-MoE (a shared expert) and
+# Qwen3-MoE. llama.cpp's converter stacks the per-expert 2-D tensors of the checkpoint into one
+# 3-D tensor per projection (ffn_gate_exps / ffn_up_exps / ffn_down_exps); kbit lists each expert
+# again under its checkpoint name
+
+_MOE_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                   "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm",
+                   "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+                   "self_attn.k_norm": "attn_k_norm", "block_sparse_moe.gate": "ffn_gate_inp",
+                   "mlp.gate": "ffn_gate_inp",
+                   "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+                   "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp"}
+#: llama.cpp's stacked tensor -> the checkpoint's per-expert name (Mixtral: w1 gate, w2 down, w3 up)
+_MOE_GGUF_EXPERTS = {"mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
+                                 "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
+                                 "ffn_up_exps": "block_sparse_moe.experts.{}.w3"},
+                     "qwen": {"ffn_gate_exps": "mlp.experts.{}.gate_proj", "ffn_up_exps": "mlp.experts.{}.up_proj",
+                              "ffn_down_exps": "mlp.experts.{}.down_proj"}}
+
+
+def _moe_gguf(tmp_path: Path, arch: str):
+    """A tiny transformers MoE model of `arch` ("mixtral", "qwen2moe", "qwen3moe") written into
+    tmp_path/src/m.gguf as llama.cpp writes one; returns (model, its checkpoint, tokenizer, path)."""
+    import gguf
+    import transformers as tf
+    from safetensors.numpy import load_file
+
+    tok = _original_tokenizer("qwen2")
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  bos_token_id=0, eos_token_id=1, num_experts_per_tok=2)
+    if arch == "mixtral":
+        cfg, cls = tf.MixtralConfig(num_local_experts=4, **common), tf.MixtralForCausalLM
+    elif arch == "qwen2moe":  # weights not renormalised, q/k/v biases, a shared expert
+        cfg, cls = tf.Qwen2MoeConfig(num_experts=6, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                                     **common), tf.Qwen2MoeForCausalLM
+    else:  # renormalised, head_dim 16 (not 48 / 4), q/k norms, tied
+        cfg, cls = tf.Qwen3MoeConfig(num_experts=6, moe_intermediate_size=32, head_dim=16, norm_topk_prob=True,
+                                     tie_word_embeddings=True, **common), tf.Qwen3MoeForCausalLM
+    torch.manual_seed(11)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.15 * torch.randn_like(p))
+            if name.endswith("experts.gate_up_proj"):  # stored as F16 below (the up half)
+                p.copy_(p.half().float())
+    model.save_pretrained(tmp_path / "hf")  # the checkpoint's per-expert names
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    g = "llama" if arch == "mixtral" else arch
+    n_exp = 4 if arch == "mixtral" else 6
+    hd = 16 if arch == "qwen3moe" else 12
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    w = gguf.GGUFWriter(str(path), g)
+    for k, v in (("block_count", 2), ("context_length", 64), ("embedding_length", 48), ("feed_forward_length", 64),
+                 ("attention.head_count", 4), ("attention.head_count_kv", 2), ("rope.dimension_count", hd),
+                 ("expert_count", n_exp), ("expert_used_count", 2)):
+        w.add_uint32(f"{g}.{k}", v)
+    if arch != "mixtral":
+        w.add_uint32(f"{g}.expert_feed_forward_length", 32)
+    if arch == "qwen2moe":
+        w.add_uint32(f"{g}.expert_shared_feed_forward_length", 40)
+    if arch == "qwen3moe":
+        w.add_uint32(f"{g}.attention.key_length", hd)
+        w.add_uint32(f"{g}.attention.value_length", hd)
+    w.add_float32(f"{g}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{g}.rope.freq_base", float(cfg.rope_parameters["rope_theta"]))
+    _add_bpe_tokenizer(w, tok, "qwen2", False)
+    for name, a in sd.items():
+        if name in _GLOBAL_GGUF:
+            w.add_tensor(_GLOBAL_GGUF[name], a)
+        elif ".experts." not in name:
+            _, _, i, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            if part.endswith(("q_proj", "k_proj")) and arch == "mixtral":  # LlamaModel.permute
+                a = permute_qk(a, 4 if part.endswith("q_proj") else 2)
+            if part == "mlp.shared_expert_gate":
+                a = a.reshape(-1)  # [1, 48] stored as a vector
+            w.add_tensor(f"blk.{i}.{_MOE_GGUF_NAMES[part]}.{kind}", a)
+    for i in range(2):
+        for gname, hname in _MOE_GGUF_EXPERTS["mixtral" if arch == "mixtral" else "qwen"].items():
+            stacked = np.stack([sd[f"model.layers.{i}.{hname.format(e)}.weight"] for e in range(n_exp)])
+            w.add_tensor(f"blk.{i}.{gname}.weight", stacked.astype(np.float16) if gname == "ffn_up_exps" else stacked)
+    _write(w)
+    return model, sd, tok, path
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "qwen3moe"])
+def test_moe_gguf_runs_like_transformers(tmp_path, arch):
+    hf, sd, tok, path = _moe_gguf(tmp_path, arch)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["model_type"], cfg["architectures"]) == (hf.config.model_type, [type(hf).__name__])
+    n_exp = 4 if arch == "mixtral" else 6
+    assert cfg["num_local_experts" if arch == "mixtral" else "num_experts"] == n_exp
+    assert cfg["num_experts_per_tok"] == 2
+    if arch != "mixtral":
+        assert (cfg["moe_intermediate_size"], cfg["norm_topk_prob"]) == (32, arch == "qwen3moe")
+    if arch == "qwen2moe":
+        assert (cfg["shared_expert_intermediate_size"], cfg["qkv_bias"]) == (40, True)
+    assert {t.name for t in src.tensors()} == set(sd)  # every expert under its own name
+    for t in src.tensors():  # Q/K un-permuted for Mixtral; each expert its own slice
+        assert t.shape == sd[t.name].shape, t.name
+        np.testing.assert_array_equal(src.load(t.name), sd[t.name], err_msg=t.name)
+        np.testing.assert_array_equal(src.load_raw(t.name).astype(np.float32), sd[t.name], err_msg=t.name)
+    ids = tok.encode(_CORPUS[0]).ids[:20]
+    _runs_like_transformers(tmp_path, path, hf, ids)
+
+
+def test_moe_gguf_expert_reads_one_slice(tmp_path):
+    """An expert is dequantized from its own slice of the stacked Q8_0 tensor (the memory of one
+    expert, not of all of them), and load_raw gives that slice's blocks."""
+    import gguf
+
+    n_exp, rows, cols = 16, 512, 1024  # 2 MB an expert as float32, 32 MB all of them
+    rng = np.random.default_rng(2)
+    stacked = rng.standard_normal((n_exp, rows, cols), dtype=np.float32)
+    q8 = gguf.quants.quantize(stacked, gguf.GGMLQuantizationType.Q8_0)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "qwen3moe")
+    for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", cols), ("feed_forward_length", rows),
+                 ("attention.head_count", 8), ("expert_count", n_exp), ("expert_used_count", 2),
+                 ("expert_feed_forward_length", rows)):
+        w.add_uint32(f"qwen3moe.{k}", v)
+    w.add_tensor("token_embd.weight", np.zeros((16, cols), dtype=np.float32))
+    for g in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        w.add_tensor(f"blk.0.{g}.weight", np.zeros((cols, cols), dtype=np.float16))
+    w.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((n_exp, cols), dtype=np.float32))
+    w.add_tensor("blk.0.ffn_gate_exps.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.ffn_up_exps.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.ffn_down_exps.weight", np.zeros((n_exp, cols, rows), dtype=np.float16))
+    _write(w)
+    src = open_source(tmp_path / "m.gguf")
+    want = gguf.quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0)
+    name = "model.layers.0.mlp.experts.2.gate_proj.weight"
+    assert src.tensor(name).shape == (rows, cols) and src.tensor(name).dtype == "Q8_0"
+    assert src.tensor(name).nbytes == q8[2].nbytes
+    assert _peak_bytes(lambda: src.load(name)) < 4 * rows * cols * 4  # dequantize's temporaries included
+    np.testing.assert_array_equal(src.load(name), want[2])
+    np.testing.assert_array_equal(src.load_raw(name), q8[2])
+
+
+def test_moe_gguf_bad_expert_tensors(tmp_path):
+    """Stacked experts that disagree with expert_count, or experts in an architecture kbit reads
+    only dense, are refused clearly."""
+    import gguf
+
+    def write(arch: str, n_stacked: int) -> Path:
+        p = tmp_path / f"{arch}{n_stacked}.gguf"
+        w = gguf.GGUFWriter(str(p), arch)
+        for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8), ("feed_forward_length", 8),
+                     ("attention.head_count", 2), ("expert_count", 4), ("expert_used_count", 2)):
+            w.add_uint32(f"{arch}.{k}", v)
+        w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+        w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((n_stacked, 8, 8), dtype=np.float32))
+        _write(w)
+        return p
+
+    with pytest.raises(InputError, match="not the 4 stacked experts"):
+        open_source(write("llama", 3))
+    with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts qwen2 model"):
+        open_source(write("qwen2", 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama-like GGUFs: Granite (its multipliers as embedding_scale, residual_scale, attention.scale and
+# logit_scale), SmolLM3 (NoPE on every 4th layer, which llama.cpp fixes rather than stores), OLMo 2
+# (post-norms, q/k norms over all heads) and StarCoder2 (LayerNorms with biases, a c_fc / c_proj
+# MLP); llama.cpp permutes the Q/K of the first two only
+
+_DENSE_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                     "post_attention_layernorm": "ffn_norm"}
+_OLMO2_GGUF_NAMES = {**_DENSE_GGUF_NAMES, "post_attention_layernorm": "post_attention_norm",
+                     "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
+                     "self_attn.k_norm": "attn_k_norm"}
+_STARCODER2_GGUF_NAMES = {**_DENSE_GGUF_NAMES, "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def _llama_like_gguf(path: Path, arch: str):
+    import gguf
+    import transformers as tf
+
+    tok = _original_tokenizer("qwen2")
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=1)
+    if arch == "granite":
+        cfg, cls = tf.GraniteConfig(num_hidden_layers=2, embedding_multiplier=3.0, residual_multiplier=0.3,
+                                    attention_multiplier=0.05, logits_scaling=4.0, **common), tf.GraniteForCausalLM
+    elif arch == "smollm3":  # layer 3 has no rotary
+        cfg, cls = tf.SmolLM3Config(num_hidden_layers=4, **common), tf.SmolLM3ForCausalLM
+    elif arch == "olmo2":
+        cfg, cls = tf.Olmo2Config(num_hidden_layers=2, **common), tf.Olmo2ForCausalLM
+    else:  # no window: llama.cpp's starcoder2 attends over the whole context
+        cfg, cls = tf.Starcoder2Config(num_hidden_layers=2, norm_epsilon=1e-6, sliding_window=None, **common), \
+            tf.Starcoder2ForCausalLM
+    torch.manual_seed(13)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.15 * torch.randn_like(p))
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in (("block_count", cfg.num_hidden_layers), ("context_length", 64), ("embedding_length", 48),
+                 ("feed_forward_length", 80), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                 ("rope.dimension_count", 12)):
+        w.add_uint32(f"{arch}.{k}", v)
+    w.add_float32(f"{arch}.attention.layer_norm_{'' if arch == 'starcoder2' else 'rms_'}epsilon", 1e-6)
+    w.add_float32(f"{arch}.rope.freq_base", float(cfg.rope_parameters["rope_theta"]))
+    if arch == "granite":  # GraniteModel.set_gguf_parameters
+        w.add_float32("granite.embedding_scale", 3.0)
+        w.add_float32("granite.residual_scale", 0.3)
+        w.add_float32("granite.attention.scale", 0.05)
+        w.add_float32("granite.logit_scale", 4.0)
+    _add_bpe_tokenizer(w, tok, "qwen2", False)
+    names = {"olmo2": _OLMO2_GGUF_NAMES, "starcoder2": _STARCODER2_GGUF_NAMES}.get(arch, _DENSE_GGUF_NAMES)
+    for name, t in model.state_dict().items():
+        a = t.float().numpy()
+        if name == "model.norm.bias":
+            w.add_tensor("output_norm.bias", a)
+        elif name in _GLOBAL_GGUF:
+            if name != "lm_head.weight" or not cfg.tie_word_embeddings:
+                w.add_tensor(_GLOBAL_GGUF[name], a)
+        else:
+            _, _, i, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            if part in ("self_attn.q_proj", "self_attn.k_proj") and arch in ("granite", "smollm3"):  # permuted
+                a = permute_qk(a, 4 if part.endswith("q_proj") else 2)
+            w.add_tensor(f"blk.{i}.{names[part]}.{kind}", a)
+    _write(w)
+    return model, tok
+
+
+@pytest.mark.parametrize("arch", ["granite", "smollm3", "olmo2", "starcoder2"])
+def test_llama_like_gguf_runs_like_transformers(tmp_path, arch):
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    hf, tok = _llama_like_gguf(path, arch)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["model_type"], cfg["architectures"]) == (arch, [type(hf).__name__])
+    if arch == "granite":
+        assert [cfg[k] for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                                 "logits_scaling")] == [3.0, 0.3, 0.05, 4.0]
+    if arch == "smollm3":
+        assert cfg["no_rope_layers"] == hf.config.no_rope_layers == [1, 1, 1, 0]
+    sd = hf.state_dict()
+    tied = hf.config.tie_word_embeddings
+    assert {t.name for t in src.tensors()} | ({"lm_head.weight"} if tied else set()) == set(sd)
+    for t in src.tensors():
+        np.testing.assert_array_equal(src.load(t.name), sd[t.name].numpy(), err_msg=t.name)
+    _runs_like_transformers(tmp_path, path, hf, tok.encode(_CORPUS[0]).ids[:20])

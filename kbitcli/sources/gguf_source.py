@@ -5,13 +5,28 @@
   numpy array the reader gives is already in row-major Hugging Face order, and every shape is
   checked against what the architecture expects.
 * llama.cpp's converter permutes the rows of attn_q / attn_k (weights and biases) so that rotary
-  pairs sit next to each other; `load` undoes it.
+  pairs sit next to each other; `load` and `load_raw` undo it.
+* It adds 1 to every Gemma norm weight (Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the
+  weight); `load` and `load_raw` subtract it again (those tensors read as float32).
 * config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json and
   generation_config.json are rebuilt from the GGUF metadata.
 
 Supported architectures: see SUPPORTED_ARCHITECTURES (llama, qwen2, qwen3: only llama's attn_q /
-attn_k are permuted by llama.cpp; qwen3 adds attn_q_norm / attn_k_norm). Supported tokenizers:
-byte-level BPE (tokenizer.ggml.model = "gpt2") and SentencePiece BPE ("llama").
+attn_k are permuted by llama.cpp, and those of the llama-derived granite and smollm3; qwen3 adds
+attn_q_norm / attn_k_norm; gemma, gemma2, gemma3: norms shifted by 1, Gemma 2 and 3 with four
+norms per block, Gemma 3 with q/k norms; phi3: the fused attn_qkv and gate/up ffn_up, LongRoPE
+factors as the tensors rope_factors_long / _short; granite: its four multipliers as metadata;
+olmo2: norms after the sublayers, q/k norms over all heads; starcoder2: LayerNorms with biases,
+output_norm.bias included, and the c_fc / c_proj MLP as ffn_up / ffn_down).
+Mixtures of experts: Mixtral (arch "llama" with {arch}.expert_count), qwen2moe (with a shared
+expert) and qwen3moe. llama.cpp stacks the experts of a layer into one 3-D tensor per projection
+(ffn_gate_exps / ffn_up_exps / ffn_down_exps, [expert, rows, columns]); each expert is listed as
+its own 2-D tensor under its Hugging Face name, a view of its slice of the file (one expert is
+read at a time).
+Settings llama.cpp does not store but fixes per architecture (Gemma's attention scale, which
+layers slide, Gemma 3's local RoPE base, SmolLM3's NoPE layers, whether Qwen-MoE renormalises
+the routing weights) are rebuilt as llama.cpp's llama-model.cpp sets them.
+Supported tokenizers: byte-level BPE (tokenizer.ggml.model = "gpt2") and SentencePiece BPE ("llama").
 """
 from __future__ import annotations
 
@@ -25,16 +40,27 @@ import numpy as np
 from kbitcli.errors import InputError, UnsupportedArchitectureError
 from kbitcli.sources._base import BaseSource, SourceTensor
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-#: GGUF architecture -> (Hugging Face model_type, class); llama.cpp's converter permutes the
-#: attn_q / attn_k rows of "llama" only (LlamaModel.permute; Qwen2Model and Qwen3Model do not)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe",
+                           "qwen3moe", "granite", "olmo2", "smollm3", "starcoder2")
+#: GGUF architecture ("mixtral": "llama" with experts) -> (Hugging Face model_type, class)
 _HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-            "qwen3": ("qwen3", "Qwen3ForCausalLM")}
-_PERMUTED_QK = ("llama",)
+            "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma": ("gemma", "GemmaForCausalLM"),
+            "gemma2": ("gemma2", "Gemma2ForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+            "phi3": ("phi3", "Phi3ForCausalLM"), "mixtral": ("mixtral", "MixtralForCausalLM"),
+            "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+            "granite": ("granite", "GraniteForCausalLM"), "olmo2": ("olmo2", "Olmo2ForCausalLM"),
+            "smollm3": ("smollm3", "SmolLM3ForCausalLM"), "starcoder2": ("starcoder2", "Starcoder2ForCausalLM")}
+#: llama.cpp's converter permutes the attn_q / attn_k rows of LlamaModel and its subclasses
+#: (LlamaModel.permute; Mixtral is "llama"), not of the others
+_PERMUTED_QK = ("llama", "mixtral", "granite", "smollm3")
+MOE_ARCHITECTURES = ("mixtral", "qwen2moe", "qwen3moe")
+#: GemmaModel / Gemma2Model / Gemma3Model add 1 to every tensor whose name ends in norm.weight
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
+    "output_norm.bias": "model.norm.bias",  # LayerNorm (starcoder2)
     "output.weight": "lm_head.weight",
 }
 _BLOCK_NAMES = {
@@ -47,9 +73,37 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
-    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_q_norm": "self_attn.q_norm",  # qwen3, gemma3
     "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma 2 and 3: a norm after the attention and one on each side of the MLP (ffn_norm is the one
+# before it); Phi-3: q, k, v rows in one tensor, and gate then up rows in ffn_up.
+_GEMMA2_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm"}
+# Mixture of experts: the router, and Qwen2-MoE's shared expert and its gate.
+_QWEN_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+                   "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                   "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES,
+                     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                     "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},
+                     "qwen2moe": _QWEN_MOE_NAMES, "qwen3moe": _QWEN_MOE_NAMES,
+                     "olmo2": {"post_attention_norm": "post_attention_layernorm",
+                               "post_ffw_norm": "post_feedforward_layernorm"},
+                     "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}}
+#: the stacked experts: GGUF name -> Hugging Face name of expert {}
+_QWEN_EXPERTS = {"ffn_gate_exps": "mlp.experts.{}.gate_proj", "ffn_up_exps": "mlp.experts.{}.up_proj",
+                 "ffn_down_exps": "mlp.experts.{}.down_proj"}
+_EXPERT_NAMES = {"mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
+                             "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
+                             "ffn_up_exps": "block_sparse_moe.experts.{}.w3"},
+                 "qwen2moe": _QWEN_EXPERTS, "qwen3moe": _QWEN_EXPERTS}
+_LAYER_WEIGHTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_PHI3_LAYER_WEIGHTS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+_ATTENTION_WEIGHTS = _LAYER_WEIGHTS[:4]
+#: Phi-3's LongRoPE factors (Phi3MiniModel.generate_extra_tensors): config values, not weights
+_ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 # GGUF tensors with no Hugging Face counterpart: skipped, with a warning.
 _SKIPPED = {
     "rope_freqs.weight": "rope_freqs.weight (llama.cpp's precomputed Llama-3 RoPE scaling) was skipped; "
@@ -84,14 +138,13 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face Llama name of a GGUF tensor name, or None if there is none."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor name of architecture `arch`, or None if there is none."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
+    part = m and (_ARCH_BLOCK_NAMES.get(arch, {}).get(m.group(2)) or _BLOCK_NAMES.get(m.group(2)))
+    return f"model.layers.{m.group(1)}.{part}.{m.group(3)}" if part else None
 
 
 class GGUFSource(BaseSource):
@@ -130,46 +183,89 @@ class GGUFSource(BaseSource):
                 f"{path} is one part of a split GGUF ({self.meta('split.count')} parts); merge the parts "
                 "first with llama.cpp's `llama-gguf-split --merge`"
             )
-        if int(self.meta(f"{self.arch}.expert_count", 0) or 0) > 0:
+        experts = int(self.meta(f"{self.arch}.expert_count", 0) or 0)
+        #: the layout: the GGUF architecture, or "mixtral" for a "llama" one with experts
+        self.layout = "mixtral" if self.arch == "llama" and experts else self.arch
+        if experts and self.layout not in MOE_ARCHITECTURES:
             raise UnsupportedArchitectureError(
-                f"{path} is a mixture-of-experts model ({self.arch}.expert_count = "
-                f"{self.meta(f'{self.arch}.expert_count')}); only dense models are supported"
+                f"{path} is a mixture-of-experts {self.arch} model ({self.arch}.expert_count = {experts}); "
+                "the supported mixtures of experts are Mixtral (llama), qwen2moe and qwen3moe"
             )
         self.hparams = self._hparams()
-        self._by_name: dict[str, Any] = {}
+        self._by_name: dict[str, tuple[Any, np.ndarray]] = {}  # name -> (GGUF tensor, its data)
         self._permute: dict[str, int] = {}
+        self._shifted: set[str] = set()
+        self._rope_factors: dict[str, list[float]] = {}
         hp = self.hparams
         for t in r.tensors:
-            name = hf_name(t.name)
+            if t.name in _ROPE_FACTORS and self.arch == "phi3":
+                factors = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
+                self._rope_factors[_ROPE_FACTORS[t.name]] = [_f32(v) for v in factors]
+                continue
+            ttype = t.tensor_type.name
+            dtype = _FLOAT_TYPES.get(ttype) or _INT_TYPES.get(ttype) or ttype
+            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+            m = _BLOCK_RE.match(t.name)
+            expert = _EXPERT_NAMES.get(self.layout, {}).get(m.group(2)) if m else None
+            if expert:  # [expert, rows, columns]: each expert a 2-D view of its slice of the file
+                if len(shape) != 3 or shape[0] != hp["n_expert"]:
+                    raise InputError(f"{path}: GGUF tensor {t.name!r} has shape {list(shape)}, not the "
+                                     f"{hp['n_expert']} stacked experts the metadata implies")
+                for e in range(shape[0]):
+                    self._add(t, f"model.layers.{m.group(1)}.{expert.format(e)}.{m.group(3)}", shape[1:], dtype,
+                              int(t.n_bytes) // shape[0], t.data[e])
+                continue
+            name = hf_name(t.name, self.layout)
             if name is None:
                 if t.name in _SKIPPED:
                     self.warnings.append(_SKIPPED[t.name])
                     continue
-                raise InputError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face {self.arch} counterpart")
-            ttype = t.tensor_type.name
-            dtype = _FLOAT_TYPES.get(ttype) or _INT_TYPES.get(ttype) or ttype
-            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-            want = self._expected_shape(name)
-            if want is not None and shape != want:
-                raise InputError(
-                    f"{path}: GGUF tensor {t.name!r} ({name}) has shape {list(shape)} but the metadata "
-                    f"implies {list(want)}"
-                )
-            if self.arch in _PERMUTED_QK and ".attn_q." in t.name:
+                raise InputError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face {self.layout} counterpart")
+            nbytes = int(t.n_bytes)
+            if self.arch in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+                self._shifted.add(name)
+                dtype, nbytes = "float32", 4 * int(np.prod(shape))  # the shifted values, computed in float32
+            if name.endswith("shared_expert_gate.weight") and shape == (hp["n_embd"],):
+                shape = (1, hp["n_embd"])  # llama.cpp stores Qwen2-MoE's [1, hidden] gate as a vector
+            if self.layout in _PERMUTED_QK and ".attn_q." in t.name:
                 self._permute[name] = hp["n_head"]
-            elif self.arch in _PERMUTED_QK and ".attn_k." in t.name:
+            elif self.layout in _PERMUTED_QK and ".attn_k." in t.name:
                 self._permute[name] = hp["n_head_kv"]
-            if name in self._infos:
-                raise InputError(f"{path}: tensor {t.name!r} appears twice")
-            self._infos[name] = SourceTensor(name, shape, dtype, int(t.n_bytes))
-            self._by_name[name] = t
+            self._add(t, name, shape, dtype, nbytes, t.data)
         if "model.embed_tokens.weight" not in self._infos:
             raise InputError(f"{path}: the GGUF has no token_embd.weight")
+        if len(self._rope_factors) == 1:
+            raise InputError(f"{path}: the GGUF has only one of rope_factors_long / rope_factors_short")
+        required = self._layer_weights()
         for i in range(hp["n_layer"]):
-            for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            for part in required:
                 if f"model.layers.{i}.{part}.weight" not in self._infos:
                     raise InputError(f"{path}: the GGUF lacks the weight for model.layers.{i}.{part}")
+
+    def _add(self, t: Any, name: str, shape: tuple[int, ...], dtype: str, nbytes: int, data: np.ndarray) -> None:
+        """List the tensor `name`, read from `data` (the GGUF tensor t's data, or a slice of it)."""
+        want = self._expected_shape(name)
+        if want is not None and shape != want:
+            raise InputError(f"{self.path}: GGUF tensor {t.name!r} ({name}) has shape {list(shape)} but the "
+                             f"metadata implies {list(want)}")
+        if name in self._infos:
+            raise InputError(f"{self.path}: tensor {t.name!r} appears twice")
+        self._infos[name] = SourceTensor(name, shape, dtype, nbytes)
+        self._by_name[name] = (t, data)
+
+    def _layer_weights(self) -> tuple[str, ...]:
+        """The weights every layer must have (without ".weight")."""
+        if self.arch == "phi3":
+            return _PHI3_LAYER_WEIGHTS
+        if self.arch == "starcoder2":
+            return _ATTENTION_WEIGHTS + ("mlp.c_fc", "mlp.c_proj")
+        if self.layout not in MOE_ARCHITECTURES:
+            return _LAYER_WEIGHTS
+        names = _ARCH_BLOCK_NAMES[self.layout]
+        shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if self.layout == "qwen2moe" else ()
+        n = self.hparams["n_expert"]
+        experts = tuple(name.format(e) for name in _EXPERT_NAMES[self.layout].values() for e in range(n))
+        return _ATTENTION_WEIGHTS + (names["ffn_gate_inp"],) + shared + experts
 
     # -- metadata -------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
@@ -221,7 +317,14 @@ class GGUFSource(BaseSource):
             "rope_theta": _f32(self.meta(f"{a}.rope.freq_base", 10000.0)),
             "rope_dims": self.meta(f"{a}.rope.dimension_count"),
         }
-        if hp["rope_dims"] is not None and int(hp["rope_dims"]) != head_dim:
+        if self.layout in MOE_ARCHITECTURES:
+            hp["n_expert"] = int(need("expert_count"))
+            hp["n_expert_used"] = int(need("expert_used_count"))
+            # Mixtral's experts are n_ff wide; Qwen's as llama.cpp reads them (n_ff / k without the key)
+            hp["n_ff_exp"] = hp["n_ff"] if self.layout == "mixtral" else int(
+                self.meta(f"{a}.expert_feed_forward_length", 0) or hp["n_ff"] // hp["n_expert_used"])
+            hp["n_ff_shexp"] = int(self.meta(f"{a}.expert_shared_feed_forward_length", 0) or hp["n_ff"])
+        if hp["rope_dims"] is not None and int(hp["rope_dims"]) != head_dim and a != "phi3":
             raise InputError(
                 f"{self.path}: partial rotary embeddings ({a}.rope.dimension_count = {hp['rope_dims']}, "
                 f"head size {head_dim}) are not supported for {a}"
@@ -234,9 +337,21 @@ class GGUFSource(BaseSource):
         q, kv = hp["n_head"] * hp["head_dim"], hp["n_head_kv"] * hp["head_dim"]
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return (v, e)
-        if name == "model.norm.weight":
+        if name in ("model.norm.weight", "model.norm.bias"):
             return (e,)
-        suffix = name.split(".", 3)[-1]
+        suffix = re.sub(r"experts\.\d+\.", "experts.E.", name.split(".", 3)[-1])
+        if self.arch == "olmo2" and suffix in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+            return (q,) if suffix.startswith("self_attn.q") else (kv,)  # over all heads of a token
+        if self.layout in MOE_ARCHITECTURES:
+            n, fe, fs = hp["n_expert"], hp["n_ff_exp"], hp["n_ff_shexp"]
+            moe = {"block_sparse_moe.gate.weight": (n, e), "mlp.gate.weight": (n, e),
+                   "block_sparse_moe.experts.E.w1.weight": (fe, e), "block_sparse_moe.experts.E.w3.weight": (fe, e),
+                   "block_sparse_moe.experts.E.w2.weight": (e, fe), "mlp.experts.E.gate_proj.weight": (fe, e),
+                   "mlp.experts.E.up_proj.weight": (fe, e), "mlp.experts.E.down_proj.weight": (e, fe),
+                   "mlp.shared_expert.gate_proj.weight": (fs, e), "mlp.shared_expert.up_proj.weight": (fs, e),
+                   "mlp.shared_expert.down_proj.weight": (e, fs), "mlp.shared_expert_gate.weight": (1, e)}
+            if suffix in moe:
+                return moe[suffix]
         return {
             "self_attn.q_proj.weight": (q, e),
             "self_attn.k_proj.weight": (kv, e),
@@ -246,19 +361,28 @@ class GGUFSource(BaseSource):
             "self_attn.k_proj.bias": (kv,),
             "self_attn.v_proj.bias": (kv,),
             "self_attn.o_proj.bias": (e,),
+            "self_attn.qkv_proj.weight": (q + 2 * kv, e),
+            "mlp.gate_up_proj.weight": (2 * f, e),
             "mlp.gate_proj.weight": (f, e),
             "mlp.up_proj.weight": (f, e),
             "mlp.down_proj.weight": (e, f),
+            "mlp.c_fc.weight": (f, e),
+            "mlp.c_proj.weight": (e, f),
+            "mlp.c_fc.bias": (f,),
+            "mlp.c_proj.bias": (e,),
+            "input_layernorm.bias": (e,),
+            "post_attention_layernorm.bias": (e,),
             "input_layernorm.weight": (e,),
             "post_attention_layernorm.weight": (e,),
+            "pre_feedforward_layernorm.weight": (e,),
+            "post_feedforward_layernorm.weight": (e,),
             "self_attn.q_norm.weight": (hp["head_dim"],),
             "self_attn.k_norm.weight": (hp["head_dim"],),
         }.get(suffix)
 
     # -- data -----------------------------------------------------------------------------
     def _load_float(self, info: SourceTensor) -> np.ndarray:
-        t = self._tensor(info)
-        data = t.data
+        t, data = self._tensor(info)
         out = np.empty(info.shape, dtype=np.float32)
         # Dequantize a few MB of rows at a time: dequantize's temporaries stay small, and the
         # peak is about the output tensor itself.
@@ -277,20 +401,29 @@ class GGUFSource(BaseSource):
         n = self._permute.get(info.name)
         if n is not None:
             w = unpermute_qk(w, n)
+        if info.name in self._shifted:
+            w -= np.float32(1.0)
         return np.ascontiguousarray(w)
 
     def _load_raw(self, info: SourceTensor) -> np.ndarray:
-        t = self._tensor(info)
-        data = np.array(t.data)  # copy out of the memory map
+        if info.name in self._shifted:  # listed as float32: the values less llama.cpp's 1
+            return self._load_float(info)
+        _, data = self._tensor(info)
+        data = np.array(data)  # copy out of the memory map
         if info.dtype == "bfloat16":
             data = data.view(np.uint16).reshape(info.shape)
+        elif len(info.shape) == 2:  # rows of values or of quantized blocks (a [1, n] gate stored as a vector)
+            data = data.reshape(info.shape[0], -1)
+        n = self._permute.get(info.name)
+        if n is not None:  # reorder whole rows: values, bfloat16 bits or rows of quantized blocks alike
+            data = unpermute_qk(data.reshape(info.shape[0], -1), n).reshape(data.shape)
         return data
 
     # -- side files -----------------------------------------------------------------------
     def config(self) -> dict:
         hp = self.hparams
         a = self.arch
-        model_type, cls = _HF_ARCH[a]
+        model_type, cls = _HF_ARCH[self.layout]
         cfg: dict[str, Any] = {
             "architectures": [cls],
             "model_type": model_type,
@@ -322,6 +455,88 @@ class GGUFSource(BaseSource):
             orig = self.meta(f"{a}.rope.scaling.original_context_length")
             if orig:
                 rs["original_max_position_embeddings"] = int(orig)
+            cfg["rope_scaling"] = rs
+        if a in GEMMA_ARCHITECTURES:
+            cfg.update(self._gemma_config())
+        elif a == "phi3":
+            cfg.update(self._phi3_config())
+        elif self.layout in MOE_ARCHITECTURES:
+            cfg.update(self._moe_config(cfg["attention_bias"]))
+        elif a == "granite":
+            # the multipliers llama.cpp stores as scales; without a key, llama.cpp scales by 1 and the
+            # attention by 1/sqrt(head_dim)
+            cfg.update(embedding_multiplier=_f32(self.meta(f"{a}.embedding_scale", 1.0)),
+                       residual_multiplier=_f32(self.meta(f"{a}.residual_scale", 1.0)),
+                       attention_multiplier=_f32(self.meta(f"{a}.attention.scale", 0.0)) or hp["head_dim"] ** -0.5,
+                       logits_scaling=_f32(self.meta(f"{a}.logit_scale", 1.0)))
+        elif a == "starcoder2":  # LayerNorms; llama.cpp attends over the whole context (no window)
+            cfg.update(hidden_act="gelu_pytorch_tanh", use_bias=cfg["attention_bias"], sliding_window=None,
+                       norm_epsilon=_f32(self.meta(f"{a}.attention.layer_norm_epsilon", 1e-5)))
+        elif a == "smollm3":  # llama.cpp: no rotary on every 4th layer (n_no_rope_layer_step), no window
+            cfg.update(no_rope_layer_interval=4, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(hp["n_layer"])],
+                       use_sliding_window=False)
+        return cfg
+
+    def _moe_config(self, bias: bool) -> dict[str, Any]:
+        """The expert counts and widths; how llama.cpp routes: every layer sparse, the top-k weights
+        renormalised for Mixtral and Qwen3-MoE but not Qwen2-MoE (build_moe_ffn's norm_w)."""
+        hp = self.hparams
+        if self.layout == "mixtral":
+            return {"num_local_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"],
+                    "sliding_window": None}
+        cfg: dict[str, Any] = {"num_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"],
+                               "moe_intermediate_size": hp["n_ff_exp"], "norm_topk_prob": self.layout == "qwen3moe",
+                               "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
+        if self.layout == "qwen2moe":
+            # Qwen2MoeConfig: biases on q, k, v (qkv_bias), none on o_proj
+            cfg.update(shared_expert_intermediate_size=hp["n_ff_shexp"], qkv_bias=bias, attention_bias=False)
+        return cfg
+
+    def _gemma_config(self) -> dict[str, Any]:
+        """What Gemma adds to config.json: the GELU, and for Gemma 2 and 3 the attention scale, the
+        soft-capping and which layers slide, as llama.cpp's llama-model.cpp reads or fixes them."""
+        a, hp = self.arch, self.hparams
+        cfg: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+        if a == "gemma":
+            return cfg
+        # the scores are scaled by 1/sqrt(head_dim), but by 1/sqrt(n_embd / n_head) for the 27B
+        # models, which llama.cpp tells by their layer count
+        big = hp["n_layer"] == {"gemma2": 46, "gemma3": 62}[a]
+        cfg["query_pre_attn_scalar"] = hp["n_embd"] // hp["n_head"] if big else hp["head_dim"]
+        window = self.meta(f"{a}.attention.sliding_window")
+        final_cap = self.meta(f"{a}.final_logit_softcapping")
+        if a == "gemma2":  # llama.cpp's defaults: a window of 4096, caps 50 and 30; every other layer slides
+            window = 4096 if window is None else window
+            cfg["attn_logit_softcapping"] = _f32(self.meta(f"{a}.attn_logit_softcapping", 50.0))
+            cfg["final_logit_softcapping"] = _f32(30.0 if final_cap is None else final_cap)
+            every = 2
+        else:  # Gemma 3: five of every six layers slide, with a RoPE base of 10000; none without a window
+            cfg["attn_logit_softcapping"] = None
+            cfg["final_logit_softcapping"] = _f32(final_cap) if final_cap else None
+            cfg["rope_local_base_freq"] = 10000.0
+            every = 6 if window else 0
+        cfg["sliding_window"] = int(window) if window else None
+        cfg["layer_types"] = ["sliding_attention" if every and (i + 1) % every else "full_attention"
+                              for i in range(hp["n_layer"])]
+        return cfg
+
+    def _phi3_config(self) -> dict[str, Any]:
+        """What Phi-3 adds to config.json: partial rotary embeddings, the sliding window (llama.cpp's
+        converter writes 0 for none) and LongRoPE (the factors from their tensors)."""
+        a, hp = self.arch, self.hparams
+        cfg: dict[str, Any] = {}
+        if hp["rope_dims"] is not None and int(hp["rope_dims"]) != hp["head_dim"]:
+            cfg["partial_rotary_factor"] = int(hp["rope_dims"]) / hp["head_dim"]
+        window = self.meta(f"{a}.attention.sliding_window")
+        cfg["sliding_window"] = int(window) if window else None
+        orig = self.meta(f"{a}.rope.scaling.original_context_length")
+        if orig:
+            cfg["original_max_position_embeddings"] = int(orig)
+        if self._rope_factors:
+            rs = {"type": "longrope", "rope_type": "longrope", **self._rope_factors}
+            attn = self.meta(f"{a}.rope.scaling.attn_factor")
+            if attn is not None:
+                rs["attention_factor"] = _f32(attn)
             cfg["rope_scaling"] = rs
         return cfg
 
@@ -382,7 +597,8 @@ class GGUFSource(BaseSource):
         # the reader holds a read-only memory map; dropping it unmaps the file once unreferenced
         self._by_name.clear()
 
-    def _tensor(self, info: SourceTensor):
+    def _tensor(self, info: SourceTensor) -> tuple[Any, np.ndarray]:
+        """(the GGUF tensor, the memory-mapped data of `info`: all of it, or one expert's slice)"""
         t = self._by_name.get(info.name)
         if t is None:
             raise InputError(f"{self.path}: the source was closed; cannot read {info.name!r}")

@@ -5,16 +5,18 @@ alphabet, exactly as in tokenizer.json, and the merges as "left right" strings. 
 split before BPE (the pre-tokenizer) is only named, by tokenizer.ggml.pre; the table below
 gives the Hugging Face pre-tokenizer llama.cpp's name stands for (llama.cpp's llama-vocab.cpp).
 
-SentencePiece BPE (tokenizer.ggml.model = "llama": Llama 2, Mistral, ... GGUFs): the pieces, their
-scores and types, but no merges; the merges are those SentencePiece's encoder implies (every split
-of a piece into two pieces, ranked by the score of the piece made), with its space handling and
-byte fallback.
+SentencePiece BPE (tokenizer.ggml.model = "llama": Llama 2, Mistral, Phi-3, Gemma ... GGUFs): the
+pieces, their scores and types, but no merges; the merges are those SentencePiece's encoder implies
+(every split of a piece into two pieces, ranked by the score of the piece made), with its space
+handling (Gemma's: no space prefix), byte fallback and user-defined pieces. Gemma's vocabulary is
+not byte-level: a Gemma GGUF with a "gpt2" tokenizer is refused.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from kbitcli.errors import InputError
+from kbitcli.sources.gguf_source import GEMMA_ARCHITECTURES
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
@@ -63,6 +65,10 @@ def build_tokenizer(src: "GGUFSource") -> tuple["Tokenizer", str | None]:
             + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_TOKENIZERS.items())
             + ". Convert from the original Hugging Face model instead."
         )
+    if model_kind != "llama" and src.arch in GEMMA_ARCHITECTURES:
+        raise InputError(f"{src.path}: a Gemma GGUF with a {model_kind!r} tokenizer: Gemma's SentencePiece vocabulary "
+                         "is rebuilt only from a 'llama' (SentencePiece) one. Convert from the original Hugging Face "
+                         "model instead.")
     tokens = src.meta("tokenizer.ggml.tokens")
     if not tokens:
         raise InputError(f"{src.path}: the GGUF has no tokenizer.ggml.tokens")
@@ -70,6 +76,10 @@ def build_tokenizer(src: "GGUFSource") -> tuple["Tokenizer", str | None]:
     if len(types) != len(tokens):
         raise InputError(f"{src.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
 
+    if model_kind == "llama":
+        # llama.cpp's converter spells U+2581 as a space in user-defined pieces (Gemma's runs of
+        # spaces); SentencePiece matches those pieces in the normalized text, where spaces are U+2581
+        tokens = [t.replace(" ", "\u2581") if ty == _TOKEN_USER_DEFINED else t for t, ty in zip(tokens, types)]
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
@@ -84,7 +94,7 @@ def build_tokenizer(src: "GGUFSource") -> tuple["Tokenizer", str | None]:
 
     # Control tokens (<|im_start|>, <|endoftext|>, <s>, ...) and SentencePiece's unknown token are
     # matched whole and are special; user-defined ones (<think>, ...) are matched whole but are
-    # ordinary text.
+    # ordinary text (SentencePiece's: matched in the normalized text).
     control = [t for t, ty in zip(tokens, types)
                if (ty == _TOKEN_CONTROL or (ty == _TOKEN_UNKNOWN and model_kind == "llama")) and vocab.get(t) is not None]
     user = [t for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED and vocab.get(t) is not None]
@@ -92,7 +102,7 @@ def build_tokenizer(src: "GGUFSource") -> tuple["Tokenizer", str | None]:
     if control:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     if user:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+        tok.add_tokens([AddedToken(t, special=False, normalized=model_kind == "llama") for t in user])
     if tok.get_vocab_size(with_added_tokens=True) != len(vocab):
         raise InputError(f"{src.path}: rebuilding the tokenizer changed the vocabulary size (internal error)")
 
@@ -126,6 +136,11 @@ def _byte_level_bpe(src: "GGUFSource", vocab: dict[str, int]) -> tuple["Tokenize
         parts = m.split(" ")
         if len(parts) != 2:
             raise InputError(f"{src.path}: malformed BPE merge {m!r} in tokenizer.ggml.merges")
+        # the tokenizers library needs both parts and what they make in the vocabulary
+        unknown = next((t for t in (parts[0], parts[1], parts[0] + parts[1]) if t not in vocab), None)
+        if unknown is not None:
+            raise InputError(f"{src.path}: the BPE merge {m!r} in tokenizer.ggml.merges names {unknown!r}, which is "
+                             "not in tokenizer.ggml.tokens; the GGUF's tokenizer is inconsistent")
         merges.append((parts[0], parts[1]))
 
     warning = None
