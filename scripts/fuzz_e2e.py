@@ -36,7 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "formats"), str(ROOT / "tests")]
 
 VOCAB = 100
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt",
-         "bloom")
+         "bloom", "smollm3", "granite", "olmo2", "olmo3", "stablelm", "phi", "starcoder2", "mixtral", "qwen2_moe",
+         "qwen3_moe")
 
 
 def model_for(r: random.Random, arch: str):
@@ -78,6 +79,40 @@ def model_for(r: random.Random, arch: str):
             return tf.Gemma2Config(attn_logit_softcapping=r.choice([2.0, 50.0]),
                                    final_logit_softcapping=r.choice([5.0, 30.0]), **dec), tf.Gemma2ForCausalLM
         return tf.Gemma3TextConfig(tie_word_embeddings=r.random() < .7, **dec), tf.Gemma3ForCausalLM
+    if arch == "smollm3":
+        return tf.SmolLM3Config(no_rope_layer_interval=r.choice([2, 3, 4]), use_sliding_window=r.random() < .4,
+                                sliding_window=r.choice([3, 6]), tie_word_embeddings=r.random() < .5,
+                                **dec), tf.SmolLM3ForCausalLM
+    if arch == "granite":
+        return tf.GraniteConfig(embedding_multiplier=r.choice([1.0, 12.0]), residual_multiplier=r.choice([1.0, 0.22]),
+                                attention_multiplier=r.choice([0.0078125, 0.1]), logits_scaling=r.choice([1.0, 8.0]),
+                                tie_word_embeddings=r.random() < .5, **dec), tf.GraniteForCausalLM
+    if arch in ("olmo2", "olmo3"):
+        if arch == "olmo2":
+            return tf.Olmo2Config(tie_word_embeddings=r.random() < .3, **dec), tf.Olmo2ForCausalLM
+        return tf.Olmo3Config(sliding_window=r.choice([3, 6]), **dec), tf.Olmo3ForCausalLM
+    if arch == "stablelm":
+        return tf.StableLmConfig(use_qkv_bias=r.random() < .5, qk_layernorm=r.random() < .5,
+                                 use_parallel_residual=r.random() < .5, **dec), tf.StableLmForCausalLM
+    if arch == "phi":
+        return tf.PhiConfig(qk_layernorm=r.random() < .5, tie_word_embeddings=r.random() < .3,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                             "partial_rotary_factor": r.choice([0.4, 0.5, 1.0])},
+                            **dec), tf.PhiForCausalLM
+    if arch == "starcoder2":
+        return tf.Starcoder2Config(sliding_window=r.choice([None, 4]), use_bias=r.random() < .7, **dec), \
+            tf.Starcoder2ForCausalLM
+    if arch == "mixtral":
+        return tf.MixtralConfig(num_local_experts=r.choice([2, 4]), num_experts_per_tok=r.choice([1, 2]),
+                                sliding_window=r.choice([None, 5]), **dec), tf.MixtralForCausalLM
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=r.choice([24, 48]),
+                                 shared_expert_intermediate_size=r.choice([32, 64]), norm_topk_prob=r.random() < .5,
+                                 decoder_sparse_step=r.choice([1, 2]), **dec), tf.Qwen2MoeForCausalLM
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=r.choice([24, 48]),
+                                 head_dim=r.choice([8, 16]), norm_topk_prob=r.random() < .5,
+                                 mlp_only_layers=r.choice([[], [0]]), **dec), tf.Qwen3MoeForCausalLM
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=H, n_layer=L, n_head=heads, n_positions=64,
                              n_inner=inter if r.random() < .5 else None,
@@ -150,7 +185,8 @@ def run_case(r: random.Random, arch: str, d: Path) -> str:
     if p.returncode != 0:
         return f"dequantize: {p.stderr[-800:]}"
     with torch.no_grad():
-        ref = cls.from_pretrained(deq, dtype=torch.float32).eval()(ids).logits[0]
+        # eager experts: torch's grouped_mm (transformers' default on MoE) wants 16-byte aligned widths
+        ref = cls.from_pretrained(deq, dtype=torch.float32, experts_implementation="eager").eval()(ids).logits[0]
     err = (ref - b).abs().max().item()
     if err > 2e-3 * max(1.0, ref.abs().max().item()):
         return f"transformers on the dequantized checkpoint differs from the runner by {err:.3g}"
