@@ -113,16 +113,21 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
-        q, k = q.view(B, S, self.nh, self.hd), k.view(B, S, self.nkv, self.hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.norm_qk(q.view(B, S, self.nh, self.hd), k.view(B, S, self.nkv, self.hd))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
         if cos is not None:  # None: a layer without positions (SmolLM3's NoPE layers)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.o_proj(self.attend(q, k, v, step))
+        return self.output(self.attend(q, k, v, step))
+
+    def norm_qk(self, q, k):
+        """The q/k norms of each head ([B, S, heads, head_dim]), when the model has them."""
+        return (q, k) if self.q_norm is None else (self.q_norm(q), self.k_norm(k))
+
+    def output(self, x):
+        return self.o_proj(x)
 
     def attend(self, q, k, v, step):
         return attention(q, k, v, step, self.scale, window=self.window)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import llama
-from .base import apply_rotary, rope_settings
+from .base import rope_settings
 
 
 @dataclass
@@ -59,8 +59,7 @@ class HeadLayerNorms(nn.Module):
 
 class Attention(llama.Attention):
     """llama.Attention with this family's optional LayerNorms of each query and key head
-    (q_layernorm, k_layernorm, from qk_layernorm()) before the rotary, the output projection
-    applied by output()."""
+    (q_layernorm, k_layernorm, from qk_layernorm()) before the rotary."""
 
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__(a, layer)
@@ -70,23 +69,8 @@ class Attention(llama.Attention):
     def qk_layernorm(self, a: ModelArgs, heads: int) -> nn.Module:
         return HeadLayerNorms(self.hd, heads, a.layer_norm_eps)
 
-    def output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(x)
-
-    def forward(self, x, cos, sin, step, cache):
-        B, S, _ = x.shape
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
-        q, k = q.view(B, S, self.nh, self.hd), k.view(B, S, self.nkv, self.hd)
-        if self.q_layernorm is not None:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rotary(q.transpose(1, 2), cos, sin), apply_rotary(k.transpose(1, 2), cos, sin)
-        v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        return self.output(self.attend(q, k, v, step))
+    def norm_qk(self, q, k):
+        return (q, k) if self.q_layernorm is None else (self.q_layernorm(q), self.k_layernorm(k))
 
 
 class Block(llama.Block):
