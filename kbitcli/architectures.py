@@ -23,6 +23,10 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "gpt_neox": ("GPTNeoXForCausalLM",),
     "opt": ("OPTForCausalLM",),
     "bloom": ("BloomForCausalLM",),
+    "gptj": ("GPTJForCausalLM",),
+    "gpt_neo": ("GPTNeoForCausalLM",),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM",),
+    "falcon": ("FalconForCausalLM",),
     "phi3": ("Phi3ForCausalLM",),
     "phi": ("PhiForCausalLM",),
     "stablelm": ("StableLmForCausalLM",),
@@ -33,7 +37,30 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
-    "gemma3": ("Gemma3ForConditionalGeneration",),  # its language model (kbit runs text only)
+    "cohere": ("CohereForCausalLM",),
+    "cohere2": ("Cohere2ForCausalLM",),
+    # multimodal checkpoints: kbit runs their language model, text only (MULTIMODAL_TEXT)
+    "gemma3": ("Gemma3ForConditionalGeneration",),
+    "llava": ("LlavaForConditionalGeneration",),
+    "llava_next": ("LlavaNextForConditionalGeneration",),
+    "mistral3": ("Mistral3ForConditionalGeneration",),
+    "idefics3": ("Idefics3ForConditionalGeneration",),
+    "smolvlm": ("SmolVLMForConditionalGeneration",),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration",),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration",),
+}
+
+#: the multimodal model_types above -> the model_type of their language model when config.json's
+#: text_config names none (what their configuration classes assume)
+MULTIMODAL_TEXT: dict[str, str] = {
+    "gemma3": "gemma3_text", "llava": "llama", "llava_next": "llama", "mistral3": "mistral", "idefics3": "llama",
+    "smolvlm": "llama", "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text",
+}
+#: the language models kbit runs inside them: text_config model_type -> the supported model_type
+#: that runs it (Qwen2-VL's text model is Qwen2: for text only its M-RoPE is the plain rotary)
+LANGUAGE_MODELS: dict[str, str] = {
+    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3_text", "qwen2_vl_text": "qwen2",
+    "qwen2_5_vl_text": "qwen2",
 }
 
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(SUPPORTED_ARCHITECTURES)
@@ -60,11 +87,34 @@ def is_supported_config(config: Mapping[str, Any]) -> bool:
 
     A config whose "architectures" list is present decides by it (a supported model_type
     with an unsupported head class, e.g. LlamaForSequenceClassification, is refused);
-    otherwise the model_type decides.
+    otherwise the model_type decides. A multimodal class (MULTIMODAL_TEXT) needs a language model
+    of LANGUAGE_MODELS in its text_config.
     """
     archs = config.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
     if archs:
-        return any(a in SUPPORTED_CLASSES for a in archs)
-    return str(config.get("model_type") or "") in SUPPORTED_MODEL_TYPES
+        types = [mt for mt, cs in SUPPORTED_ARCHITECTURES.items() if any(a in cs for a in archs)]
+    else:
+        types = [mt for mt in [str(config.get("model_type") or "")] if mt in SUPPORTED_MODEL_TYPES]
+    # a multimodal class counts when its language model is one kbit runs
+    return any(mt not in MULTIMODAL_TEXT or language_model_type(config, mt) is not None for mt in types)
+
+
+def is_multimodal_config(config: Mapping[str, Any]) -> bool:
+    """True when config.json names one of the multimodal wrappers of MULTIMODAL_TEXT."""
+    archs = config.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if archs:
+        return any(a in SUPPORTED_ARCHITECTURES[mt] for mt in MULTIMODAL_TEXT for a in archs)
+    return str(config.get("model_type") or "") in MULTIMODAL_TEXT
+
+
+def language_model_type(config: Mapping[str, Any], model_type: str) -> str | None:
+    """The supported model_type of the language model of a multimodal config (model_type is one of
+    MULTIMODAL_TEXT: its text_config's model_type, else the class's default), None when kbit does
+    not run that language model. Qwen2-VL's first configs hold the text settings at the top level."""
+    text = config.get("text_config")
+    name = text.get("model_type") if isinstance(text, Mapping) else None
+    return LANGUAGE_MODELS.get(str(name or MULTIMODAL_TEXT[model_type]))

@@ -48,6 +48,7 @@ from kbitformat import FORMAT_VERSION_STR, quantization_error, quantize
 from kbitformat.io import INDEX_NAME, KbitWriter, f32_to_bf16, header_bound
 
 from . import __version__
+from .architectures import is_multimodal_config
 from .errors import InputError, OutputError, UsageError
 from .recipe import Recipe
 
@@ -147,7 +148,9 @@ def plan_tensors(source, recipe: Recipe) -> tuple[list[Plan], list[str], list[st
     names = [t.name for t in infos]
     config = source.config() or {}
     dropped, warnings = [], []
-    tied = bool(config.get("tie_word_embeddings"))
+    # a head stored beside embeddings the config ties is the embedding again, and is stored once;
+    # not in a multimodal wrapper, whose stored head transformers (and the runner) keep
+    tied = bool(config.get("tie_word_embeddings")) and not is_multimodal_config(config)
     for head in ("lm_head.weight",):
         if tied and head in names and len(names) > 1:
             dropped.append(head)

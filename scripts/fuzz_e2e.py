@@ -37,7 +37,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "formats"), str(ROOT / "tests")]
 VOCAB = 100
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt",
          "bloom", "smollm3", "granite", "olmo2", "olmo3", "stablelm", "phi", "starcoder2", "mixtral", "qwen2_moe",
-         "qwen3_moe")
+         "qwen3_moe", "gptj", "gpt_neo", "gpt_bigcode", "falcon", "cohere", "cohere2", "llava", "mistral3", "idefics3",
+         "qwen2_5_vl")
 
 
 def model_for(r: random.Random, arch: str):
@@ -131,6 +132,58 @@ def model_for(r: random.Random, arch: str):
     if arch == "bloom":
         return tf.BloomConfig(hidden_size=H, n_layer=L, n_head=heads,
                               apply_residual_connection_post_layernorm=r.random() < .3, **common), tf.BloomForCausalLM
+    if arch == "gptj":
+        return tf.GPTJConfig(n_embd=H, n_layer=L, n_head=heads, rotary_dim=r.choice([2, 8, hd]), n_positions=64,
+                             n_inner=inter if r.random() < .5 else None, tie_word_embeddings=r.random() < .3,
+                             **common), tf.GPTJForCausalLM
+    if arch == "gpt_neo":
+        kinds = [r.choice(["global", "local"]) for _ in range(L)]
+        return tf.GPTNeoConfig(hidden_size=H, num_layers=L, num_heads=heads, attention_types=[[kinds, 1]],
+                               window_size=r.choice([3, 6, 256]), intermediate_size=inter if r.random() < .5 else None,
+                               max_position_embeddings=64, **common), tf.GPTNeoForCausalLM
+    if arch == "gpt_bigcode":
+        return tf.GPTBigCodeConfig(n_embd=H, n_layer=L, n_head=heads, n_positions=64, multi_query=r.random() < .6,
+                                   n_inner=inter if r.random() < .5 else None, tie_word_embeddings=r.random() < .7,
+                                   **common), tf.GPTBigCodeForCausalLM
+    if arch == "falcon":  # 7B (multi-query, parallel), 40B (kv groups, new decoder) or RW (ALiBi, multi-head)
+        kw = r.choice([dict(multi_query=True, parallel_attn=True),
+                       dict(new_decoder_architecture=True, num_kv_heads=kv,
+                            num_ln_in_parallel_attn=r.choice([None, 1])),
+                       dict(alibi=True, multi_query=False, parallel_attn=r.random() < .5)])
+        return tf.FalconConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=heads, ffn_hidden_size=inter,
+                               bias=r.random() < .5, tie_word_embeddings=r.random() < .6, max_position_embeddings=128,
+                               **kw, **common), tf.FalconForCausalLM
+    if arch in ("cohere", "cohere2"):
+        if arch == "cohere":
+            return tf.CohereConfig(use_qk_norm=r.random() < .5, attention_bias=r.random() < .3,
+                                   logit_scale=r.choice([0.0625, 0.5]), tie_word_embeddings=r.random() < .7,
+                                   **dec), tf.CohereForCausalLM
+        return tf.Cohere2Config(sliding_window=r.choice([3, 6, 64]), sliding_window_pattern=r.choice([2, 4]),
+                                tie_word_embeddings=r.random() < .7, **dec), tf.Cohere2ForCausalLM
+    # multimodal: a tiny vision tower (stored, not run) around a random language model
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    if arch == "llava":
+        text = dict(model_type=r.choice(["llama", "mistral", "qwen2"]), **dec)
+        return tf.LlavaConfig(text_config=text, vision_config=dict(model_type="clip_vision_model", **vision),
+                              image_token_index=99), tf.LlavaForConditionalGeneration
+    if arch == "mistral3":
+        return tf.Mistral3Config(text_config=dict(model_type="mistral", sliding_window=r.choice([None, 5]), **dec),
+                                 vision_config=dict(model_type="pixtral", head_dim=16, **vision),
+                                 tie_word_embeddings=r.random() < .5, image_token_index=99), \
+            tf.Mistral3ForConditionalGeneration
+    if arch == "idefics3":
+        return tf.Idefics3Config(text_config=dict(model_type="llama", tie_word_embeddings=r.random() < .5, **dec),
+                                 vision_config=vision, image_token_id=99, scale_factor=2), \
+            tf.Idefics3ForConditionalGeneration
+    if arch == "qwen2_5_vl":
+        sections = {8: [2, 1, 1], 16: [2, 3, 3], 24: [4, 4, 4], 32: [4, 6, 6]}[hd]
+        text = dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections}, **dec)
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=37,
+                                                                         num_heads=2, out_hidden_size=H, patch_size=14,
+                                                                         fullatt_block_indexes=[0]),
+                                   tie_word_embeddings=r.random() < .5, image_token_id=99, video_token_id=98,
+                                   vision_start_token_id=97), tf.Qwen2_5_VLForConditionalGeneration
     raise SystemExit(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
 
 

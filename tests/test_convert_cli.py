@@ -191,11 +191,11 @@ def test_missing_truncated_and_corrupt_sources(model, tmp_path, capsys):
 
 def test_an_architecture_the_runner_cannot_run_converts_with_a_warning(tmp_path, capsys):
     src = tmp_path / "src"
-    make_model(src, config={**CONFIG, "architectures": ["FalconForCausalLM"], "model_type": "falcon"})
+    make_model(src, config={**CONFIG, "architectures": ["RwkvForCausalLM"], "model_type": "rwkv"})
     c, out, err = run(["quantize", src, tmp_path / "q", "--json", "--quiet"], capsys)
     assert c == 0, err
-    assert "does not run FalconForCausalLM" in err and "kbit dequantize" in err
-    assert any("FalconForCausalLM" in w for w in json.loads(out)["warnings"])
+    assert "does not run RwkvForCausalLM" in err and "kbit dequantize" in err
+    assert any("RwkvForCausalLM" in w for w in json.loads(out)["warnings"])
     make_model(tmp_path / "llama")  # a supported one: no such warning
     c, out, err = run(["quantize", tmp_path / "llama", tmp_path / "q3", "--json", "--quiet"], capsys)
     assert c == 0 and json.loads(out)["warnings"] == [] and "warning" not in err

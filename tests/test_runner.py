@@ -197,6 +197,53 @@ def _configs():
                                image_size=28, patch_size=14),
             mm_tokens_per_image=4, boi_token_index=97, eoi_token_index=98, image_token_index=99),
             tf.Gemma3ForConditionalGeneration),
+        # the language model of other multimodal checkpoints (kbitcli/runner/models/multimodal.py), with
+        # tiny vision towers that are stored but not loaded; transformers' wrapper with text-only input is
+        # the reference. Llava (llava-1.5): Llama; LLaVA-NeXT (llava-1.6): Mistral with a window
+        "llava": lambda: (tf.LlavaConfig(text_config=dict(model_type="llama", **_mm_text()),
+                                         vision_config=dict(model_type="clip_vision_model", **_mm_vision()),
+                                         image_token_index=99), tf.LlavaForConditionalGeneration),
+        "llava_next": lambda: (tf.LlavaNextConfig(text_config=dict(model_type="mistral", sliding_window=5, **_mm_text()),
+                                                  vision_config=dict(model_type="clip_vision_model", **_mm_vision()),
+                                                  image_token_index=99), tf.LlavaNextForConditionalGeneration),
+        # Mistral 3 (Mistral Small 3.1): Mistral, the head tied by Mistral3Config's default
+        "mistral3": lambda: (tf.Mistral3Config(text_config=dict(model_type="mistral", sliding_window=None, **_mm_text()),
+                                               vision_config=dict(model_type="pixtral", head_dim=16, **_mm_vision()),
+                                               image_token_index=99), tf.Mistral3ForConditionalGeneration),
+        # Idefics3 and SmolVLM: Llama under model.text_model
+        "idefics3": lambda: (tf.Idefics3Config(text_config=dict(model_type="llama", **_mm_text()),
+                                               vision_config=_mm_vision(), image_token_id=99, scale_factor=2),
+                             tf.Idefics3ForConditionalGeneration),
+        "smolvlm": lambda: (tf.SmolVLMConfig(text_config=dict(model_type="llama", tie_word_embeddings=True, **_mm_text()),
+                                             vision_config=_mm_vision(), image_token_id=99, scale_factor=2),
+                            tf.SmolVLMForConditionalGeneration),
+        # Qwen2-VL and Qwen2.5-VL: Qwen2 with M-RoPE, which is the plain rotary for text only
+        "qwen2_vl": lambda: (tf.Qwen2VLConfig(text_config=dict(rope_parameters=_MROPE, **_mm_text()),
+                                              vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2,
+                                                                 mlp_ratio=2, patch_size=14),
+                                              image_token_id=99, video_token_id=98, vision_start_token_id=97),
+                             tf.Qwen2VLForConditionalGeneration),
+        "qwen2_5_vl": lambda: (tf.Qwen2_5_VLConfig(text_config=dict(rope_parameters=_MROPE, **_mm_text()),
+                                                   vision_config=dict(depth=1, hidden_size=32, intermediate_size=37,
+                                                                      num_heads=2, out_hidden_size=64, patch_size=14,
+                                                                      fullatt_block_indexes=[0]),
+                                                   image_token_id=99, video_token_id=98, vision_start_token_id=97,
+                                                   tie_word_embeddings=True), tf.Qwen2_5_VLForConditionalGeneration),
+        # Cohere (Command-R): parallel block, float32 LayerNorms, interleaved rotary, q/k norms, logit_scale, tied
+        "cohere": lambda: (tf.CohereConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
+                                           logit_scale=0.5, max_position_embeddings=128, **common), tf.CohereForCausalLM),
+        # ... with biases on the attention, untied, another rotary base, no q/k norms
+        "cohere-bias": lambda: (tf.CohereConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                num_attention_heads=4, attention_bias=True, tie_word_embeddings=False,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 5e4},
+                                                max_position_embeddings=128, **common), tf.CohereForCausalLM),
+        # Cohere 2 (Command R7B): windows (4, shorter than the prompts) with the rotary on layers 0-2,
+        # layer 3 global without positions
+        "cohere2": lambda: (tf.Cohere2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                             logit_scale=0.25, max_position_embeddings=128, **common),
+                            tf.Cohere2ForCausalLM),
         "gpt2": lambda: (tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common), tf.GPT2LMHeadModel),
         "gpt_neox": lambda: (tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                               intermediate_size=128, max_position_embeddings=64,
@@ -215,7 +262,55 @@ def _configs():
         "bloom": lambda: (tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common), tf.BloomForCausalLM),
         # 6 heads: ALiBi slopes for a head count that is not a power of two (BLOOM-176B has 112)
         "bloom-6heads": lambda: (tf.BloomConfig(hidden_size=48, n_layer=2, n_head=6, **common), tf.BloomForCausalLM),
+        # GPT-J: parallel block, interleaved rotary on 8 of the 16 features of each head, biased lm_head
+        "gptj": lambda: (tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **common),
+                         tf.GPTJForCausalLM),
+        # ... the rotary over the whole head, another MLP width, tied embeddings (lm_head keeps its bias)
+        "gptj-tied": lambda: (tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=16, n_inner=96,
+                                            tie_word_embeddings=True, n_positions=64, **common), tf.GPTJForCausalLM),
+        # GPT-Neo: unscaled scores, local layers (0 and 2) with a window of 5, shorter than the test prompts
+        "gpt_neo": lambda: (tf.GPTNeoConfig(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
+                                            attention_types=[[["local", "global"], 1], [["local"], 1]], window_size=5,
+                                            max_position_embeddings=64, **common), tf.GPTNeoForCausalLM),
+        # GPTBigCode: multi-query attention (StarCoder, SantaCoder); and multi-head, untied
+        "gpt_bigcode": lambda: (tf.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common),
+                                tf.GPTBigCodeForCausalLM),
+        "gpt_bigcode-mha": lambda: (tf.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=64,
+                                                        multi_query=False, tie_word_embeddings=False, **common),
+                                    tf.GPTBigCodeForCausalLM),
+        # Falcon-7B: multi-query, parallel attention + MLP from one LayerNorm, rotary, no biases
+        "falcon": lambda: (tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           max_position_embeddings=64, **common), tf.FalconForCausalLM),
+        # Falcon-40B/180B: new_decoder_architecture, 2 key/value groups, ln_attn + ln_mlp, untied
+        "falcon-40b": lambda: (tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=96,
+                                               tie_word_embeddings=False, max_position_embeddings=64,
+                                               rope_parameters={"rope_type": "default", "rope_theta": 5e4}, **common),
+                               tf.FalconForCausalLM),
+        # Falcon 2 11B: the new decoder with one LayerNorm (num_ln_in_parallel_attn 1), one key/value group
+        "falcon-11b": lambda: (tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               new_decoder_architecture=True, num_kv_heads=1, num_ln_in_parallel_attn=1,
+                                               max_position_embeddings=64, **common), tf.FalconForCausalLM),
+        # Falcon-RW: ALiBi (bfloat16, divided by sqrt(head_dim)), multi-head, sequential, biases; 12 heads:
+        # slopes that are not powers of two, so that the bfloat16 rounding matters (Falcon-RW-1B has 32)
+        "falcon-rw": lambda: (tf.FalconConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=12, alibi=True,
+                                              multi_query=False, parallel_attn=False, bias=True,
+                                              max_position_embeddings=64, **common), tf.FalconForCausalLM),
     }
+
+
+_MROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+
+
+def _mm_text() -> dict:
+    """The language model of a tiny multimodal test model."""
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _mm_vision() -> dict:
+    return dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                patch_size=14)
 
 
 ARCHS = list(_configs())
@@ -338,7 +433,8 @@ def test_attention_fast_paths_equal_the_explicit_mask(B, S, past, pad, window, a
     assert torch.equal(attention(q, k, v, m, 0.25, bias=bias), got)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox", "qwen3-window", "gemma2", "gemma3", "starcoder2"])
+@pytest.mark.parametrize("arch", ["mistral", "bloom", "gpt_neox", "qwen3-window", "gemma2", "gemma3", "starcoder2",
+                                  "gpt_neo", "falcon-rw"])
 def test_cache_chunks_equal_full_forward(arch, tiny):
     """A prompt fed as 5 tokens, a chunk of 4 after the cache, then single tokens equals one forward."""
     folder, _ = tiny(arch)
@@ -353,7 +449,7 @@ def test_cache_chunks_equal_full_forward(arch, tiny):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "qwen3-window", "gemma2", "gemma3", "stablelm", "phi",
-                                  "starcoder2"])
+                                  "starcoder2", "gptj", "gpt_neo", "falcon-rw"])
 def test_greedy_generation_matches_transformers(arch, tiny):
     folder, hf = tiny(arch)
     model, tok, _ = load(folder)
@@ -377,7 +473,8 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm", "phi3", "smollm3-window",
                                   "granite", "olmo2", "stablelm", "phi-qk", "starcoder2", "mixtral", "qwen2_moe",
-                                  "qwen3_moe"])
+                                  "qwen3_moe", "llava", "qwen2_5_vl", "cohere", "cohere2", "gptj", "gpt_neo",
+                                  "gpt_bigcode", "falcon-40b"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -535,7 +632,7 @@ def test_fuse_linears_refuses_layers_that_cannot_share_one():
 @pytest.mark.parametrize("arch,groups", [("llama", 2), ("llama-tied-bias", 2), ("qwen2", 2), ("mistral", 2),
                                          ("qwen3", 2), ("gemma", 2), ("gemma3", 2), ("opt", 1), ("gpt2", 0),
                                          ("smollm3", 2), ("granite", 2), ("olmo2", 2),
-                                         ("stablelm", 2), ("phi", 1), ("starcoder2", 1)])
+                                         ("stablelm", 2), ("phi", 1), ("starcoder2", 1), ("gptj", 1), ("gpt_neo", 1)])
 def test_fused_projections_same_model(arch, groups, tiny, tmp_path):
     """load(fuse=True) runs q/k/v (and gate/up) as one layer: the same logits as the unfused
     model (plain checkpoint: within float32 rounding; packed kbit decode steps: bit for bit)."""
@@ -725,6 +822,26 @@ def test_old_checkpoint_names_and_config_keys(tiny, tmp_path):
         rope_inv_freq(rope_settings({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2.0}}), 128)
 
 
+@pytest.mark.parametrize("arch,buffers", [
+    ("gptj", ["transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias"]),
+    ("gpt_neo", ["transformer.h.0.attn.attention.bias", "transformer.h.0.attn.attention.masked_bias"]),
+])
+def test_old_causal_mask_buffers_ignored(arch, buffers, tiny, tmp_path):
+    """Files saved by older transformers (EleutherAI's GPT-J and GPT-Neo) may hold the attention's
+    causal-mask buffers: ignored, the same logits."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = tiny(arch)
+    d = tmp_path / "old"
+    shutil.copytree(folder, d)
+    sd = load_file(str(d / "model.safetensors"))
+    sd.update({b: torch.ones(1, 1, 8, 8) for b in buffers})
+    save_file(sd, str(d / "model.safetensors"))
+    model, _, _ = load(d)
+    ids = _ids(9, 11)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_moe_hub_config_keys(arch, tiny, tmp_path):
     """config.json as the Hub files spell it: the RoPE base as rope_theta, or absent (Mixtral's
@@ -850,6 +967,169 @@ def test_gemma3_multimodal_text_config_defaults_and_names(tiny, tmp_path):
         load(d)
 
 
+def test_multimodal_text_defaults_are_the_configuration_classes():
+    """multimodal.TEXT_DEFAULTS (what a Hub text_config may leave out) are the defaults of the
+    language models' transformers configuration classes, for every language model kbit runs."""
+    from transformers import CONFIG_MAPPING
+    from kbitcli.architectures import LANGUAGE_MODELS
+    from kbitcli.runner.models.multimodal import TEXT_DEFAULTS
+    assert set(TEXT_DEFAULTS) == set(LANGUAGE_MODELS)
+    for name, defaults in TEXT_DEFAULTS.items():
+        cfg = CONFIG_MAPPING[name]()
+        for key, value in defaults.items():
+            got = cfg.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(cfg, key)
+            assert got == value, (name, key)
+
+
+def _sparse_text_config(cfg: dict) -> dict:
+    """A config.json whose text_config lists only what differs from the text configuration
+    class's defaults (as Hub configs written by transformers 4 do)."""
+    from transformers import CONFIG_MAPPING
+    text = cfg["text_config"]
+    defaults = CONFIG_MAPPING[text["model_type"]]().to_dict()
+    cfg["text_config"] = {k: v for k, v in text.items() if k == "model_type" or k not in defaults or defaults[k] != v}
+    return cfg
+
+
+@pytest.mark.parametrize("arch,rename,stray", [
+    # Llava: the Hub names saved by transformers -> transformers 5's module names
+    ("llava", {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+               "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
+     "model.language_model.stray.weight"),
+    ("idefics3", {}, "model.text_model.stray.weight"),
+    # Qwen2-VL: Qwen2's own names in the Hub files -> transformers 5's
+    ("qwen2_vl", {"model.": "model.language_model.", "visual.": "model.visual."}, "model.language_model.stray.weight")])
+def test_multimodal_sparse_text_config_and_names(arch, rename, stray, tiny, tmp_path):
+    """A multimodal folder whose text_config leaves out what equals the defaults (Qwen2-VL's text
+    model has defaults of its own: rms_norm_eps 1e-5, max_window_layers 80), under
+    the other naming convention: the same logits as the wrapper in transformers; the vision tensors
+    are skipped, any other stray tensor is still named."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = tiny(arch)
+    d = tmp_path / "mm"
+    shutil.copytree(folder, d)
+    cfg = _sparse_text_config(json.loads((d / "config.json").read_text()))
+    assert "rms_norm_eps" not in cfg["text_config"] and "hidden_size" in cfg["text_config"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(d / "model.safetensors"))
+
+    def renamed(k):
+        return next((to + k[len(old):] for old, to in rename.items() if k.startswith(old)), k)
+    sd = {renamed(k): v for k, v in sd.items()}
+    save_file(sd, str(d / "model.safetensors"))
+    model, _, _ = load(d)
+    assert model.kbit_info["model_type"] == arch
+    ids = _ids(12, 8)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+    sd[stray] = torch.zeros(3)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(InputError, match="stray"):
+        load(d)
+
+
+def test_qwen2_vl_flat_config(tiny, tmp_path):
+    """Qwen2-VL's first Hub configs: the text settings at the top level, no text_config, the
+    rotary spelled rope_scaling {"type": "mrope"} + rope_theta; the same model."""
+    folder, hf = tiny("qwen2_vl")
+    d = tmp_path / "flat"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rp = text.pop("rope_parameters")
+    text.pop("model_type")
+    cfg.update(text, rope_theta=rp["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rp["mrope_section"]})
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load(d)
+    ids = _ids(12, 9)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_multimodal_stored_head_is_used_though_tied_by_config(tiny, tmp_path):
+    """Mistral3Config ties the head by default, but Mistral Small's files store a head of their own
+    (and transformers 5 saves tie_word_embeddings true with it): transformers then keeps the stored
+    head, and so does the runner."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+    folder, _ = tiny("mistral3")
+    d = tmp_path / "head"
+    shutil.copytree(folder, d)
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is True
+    sd = load_file(str(d / "model.safetensors"))
+    assert "language_model.lm_head.weight" not in sd
+    sd["language_model.lm_head.weight"] = 0.15 * torch.randn(VOCAB, 64, generator=torch.Generator().manual_seed(3))
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    hf = tf.Mistral3ForConditionalGeneration.from_pretrained(d).eval()
+    model, _, _ = load(d)
+    assert model.lm_head is not None
+    ids = _ids(12, 10)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_multimodal_stored_head_survives_conversion(tiny, tmp_path):
+    """kbit quantize stores a head the config ties only once (as the embedding) in a plain model,
+    but keeps a multimodal wrapper's stored head, which the runner uses: the converted model
+    gives the source's logits (Qwen2.5-VL's transformers 5 names: lm_head.weight at the top)."""
+    from safetensors.torch import load_file, save_file
+    folder, _ = tiny("qwen2_5_vl")
+    d = tmp_path / "head"
+    shutil.copytree(folder, d)
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is True
+    sd = load_file(str(d / "model.safetensors"))
+    sd["lm_head.weight"] = 0.15 * torch.randn(VOCAB, 64, generator=torch.Generator().manual_seed(4))
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    out = _convert(d, tmp_path / "kbit", QuantSpec(8, "int", 32))
+    src, kb = load(d)[0], load(out, dequantize_on_load=True)[0]
+    assert src.lm_head is not None and kb.lm_head is not None
+    ids = _ids(12, 10)
+    with torch.no_grad():
+        a, b = src(torch.tensor([ids]))[0], kb(torch.tensor([ids]))[0]
+    assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()  # 8-bit layers; a tied head is far off
+
+
+def test_multimodal_language_model_must_be_supported(tiny, tmp_path, capsys):
+    """A wrapper counts as supported (kbit pull, convert's note, the runner) only when its
+    text_config is a language model kbit runs; kbit generate says it runs text only."""
+    from kbitcli.architectures import is_supported_config
+    folder, _ = tiny("llava")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert is_supported_config(cfg)
+    assert is_supported_config({"architectures": ["LlavaForConditionalGeneration"], "text_config": {}})  # llama
+    assert is_supported_config({"model_type": "qwen2_vl", "hidden_size": 64})  # flat: Qwen2-VL's text model
+    bad = {**cfg, "text_config": {**cfg["text_config"], "model_type": "phi3"}}
+    assert not is_supported_config(bad)
+    d = tmp_path / "phi3-llava"
+    shutil.copytree(folder, d)
+    (d / "config.json").write_text(json.dumps(bad))
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
+    err = _one_line_error(capsys)
+    assert "LlavaForConditionalGeneration" in err and "'phi3'" in err and "mistral" in err
+    assert _run(capsys, ["generate", str(folder), "-p", "t5 t6", "-n", "2"]) == 0
+    assert "llava is a multimodal model: generating from text only with its llama language model" \
+        in capsys.readouterr().err
+
+
+def test_cohere2_config_before_layer_types(tiny, tmp_path):
+    """Cohere 2 configs older than transformers 5 give sliding_window_pattern instead of
+    layer_types (here 2: windows and the rotary on layers 0 and 2, none on 1 and 3)."""
+    import transformers as tf
+    folder, _ = tiny("cohere2")
+    d = tmp_path / "old"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("layer_types") == ["sliding_attention"] * 3 + ["full_attention"]
+    cfg["sliding_window_pattern"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    hf = tf.Cohere2ForCausalLM.from_pretrained(d).eval()
+    assert hf.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    model, _, _ = load(d)
+    ids = _ids(12, 11)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
 def test_phi3_longrope_past_the_original_context(tiny):
     """A forward longer than original_max_position_embeddings (16) runs on the long factors
     for every token, as transformers' does; a shorter one on the short factors."""
@@ -879,11 +1159,13 @@ def test_stablelm_phi_configs_before_rope_parameters(arch, rope, tiny, tmp_path)
         assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("arch,per_layer", [("stablelm", 7), ("phi-qk", 6), ("starcoder2", 6)])
+@pytest.mark.parametrize("arch,per_layer", [("stablelm", 7), ("phi-qk", 6), ("starcoder2", 6), ("gptj-tied", 6),
+                                            ("gpt_neo", 6), ("gpt_bigcode", 4), ("falcon-rw", 4)])
 def test_default_recipe_quantizes_the_block_linears(arch, per_layer, tiny):
     """kbit quantize's default recipe picks exactly the weights of transformers' linear layers
     inside the numbered blocks; LayerNorm weights and biases (StableLM's per-head q/k norms
-    too), the projections' biases, the embedding and Phi's biased lm_head stay as they are."""
+    too), the projections' biases, the embedding and Phi's and GPT-J's biased lm_head stay as they are
+    (the blocks are model.layers.<i> or transformer.h.<i>)."""
     from safetensors import safe_open
 
     from kbitcli.recipe import Recipe
@@ -892,7 +1174,8 @@ def test_default_recipe_quantizes_the_block_linears(arch, per_layer, tiny):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     chosen = {k for k, shape in stored.items() if recipe.spec_for(k, shape, True) is not None}
-    linears = {f"{n}.weight" for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    linears = {f"{n}.weight" for n, m in hf.named_modules()
+               if isinstance(m, torch.nn.Linear) and (".layers." in n or ".h." in n)}
     assert chosen == linears and len(linears) == per_layer * hf.config.num_hidden_layers
 
 
@@ -1043,6 +1326,25 @@ def test_cli_bad_moe_config(arch, change, msg, tiny, tmp_path, capsys):
     assert msg in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("arch,change,msg", [
+    ("gptj", {"rotary_dim": 24}, "rotary_dim must be an even positive integer of at most the head size (16)"),
+    ("gptj", {"rotary_dim": None}, "rotary_dim is null, which GPT-J reads as the whole embedding (64)"),
+    ("gpt_neo", {"attention_types": [[["global", "sparse"], 1], [["local"], 1]]},
+     "attention_types must give each of the 3 layers 'global' or 'local' attention"),
+    ("gpt_neo", {"attention_types": [[["global", "local"], 1]]}, "attention_types must give each of the 3 layers"),
+    ("gpt_bigcode", {"n_head": 5}, "n_embd (64) is not a multiple of n_head (5)"),
+    ("falcon-40b", {"num_kv_heads": 3}, "num_attention_heads (4) is not a multiple of num_kv_heads (3)"),
+])
+def test_cli_bad_gptj_neo_bigcode_falcon_config(arch, change, msg, tiny, tmp_path, capsys):
+    folder, _ = tiny(arch)
+    d = tmp_path / "bad"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **change}))
+    assert _run(capsys, ["generate", str(d), "-p", "t5"]) == 3
+    assert msg in _one_line_error(capsys)
+
+
 def test_cli_no_tokenizer(tiny, tmp_path, capsys):
     folder, _ = tiny("opt")
     d = tmp_path / "notok"
@@ -1108,3 +1410,20 @@ def test_rotary_same_bits_as_transformers_formula(dtype, partial):
         want = torch.cat((xr * c + half * s, x[..., rd:]), dim=-1)
         got = apply_rotary(x, cos, sin_signed)
         assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_interleaved_rotary_same_bits_as_gptj(dtype):
+    """apply_rotary_interleaved with Rotary's tables gives exactly the bits of transformers' GPT-J
+    rotary (its sin/cos table and rotate_every_two) on the first rotary_dim features of each head."""
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
+
+    from kbitcli.runner.models.base import Rotary, apply_rotary_interleaved, rope_settings
+    D, rd = 32, 8
+    pos = torch.tensor([[0, 5, 17, 1000], [3, 4, 2047, 9]])
+    cos, sin = Rotary.from_settings(rope_settings({}), rd)(pos, dtype)
+    s, c = create_sinusoidal_positions(2048, rd)[pos].to(dtype).split(rd // 2, dim=-1)
+    x = torch.randn(2, 4, 3, D, generator=torch.Generator().manual_seed(5)).to(dtype)  # [B, S, H, D]
+    want = torch.cat((apply_rotary_pos_emb(x[..., :rd], s, c), x[..., rd:]), dim=-1)
+    got = apply_rotary_interleaved(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    assert got.dtype == dtype and torch.equal(got, want)

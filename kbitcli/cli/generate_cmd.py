@@ -47,6 +47,9 @@ def generate(
     resolve_decode_mode(decode, dev)  # a bad --decode before any loading too
     path, _ = resolve_source(model)
     m, tok, _ = load(path, device=dev, dtype=dtype, dequantize_on_load=dequantize_on_load, fuse=fuse)
+    if m.kbit_info.get("language_model") and not quiet:
+        print(f"kbit: {m.kbit_info['model_type']} is a multimodal model: generating from text only with its "
+              f"{m.kbit_info['language_model']} language model (the vision tower is not loaded)", file=sys.stderr)
     stream = len(prompt) == 1 and not json_out
     if stream and not chat:  # the continuation follows the prompt, as in a text completion
         sys.stdout.write(prompt[0])

@@ -273,6 +273,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     where = str(p)
     tokenizer = load_tokenizer(files, config, where)
     weights = _KbitWeights(p, verify) if kind == "kbit" else _SourceWeights(src)
+    if hasattr(module, "for_checkpoint"):  # settings that depend on the stored tensors (multimodal.py)
+        args = module.for_checkpoint(args, weights.names())
     with torch.device("meta"):
         model = module.Model(args)
     try:
@@ -287,6 +289,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     model.requires_grad_(False)
     model.kbit_info = {"path": where, "kind": kind, "model_type": arch, "device": str(dev),
                        "dtype": str(dt).replace("torch.", ""), **counts}
+    if getattr(model, "language_model_type", None):  # a multimodal checkpoint, run text only
+        model.kbit_info["language_model"] = model.language_model_type
     return model, tokenizer, config
 
 

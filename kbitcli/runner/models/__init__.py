@@ -10,7 +10,8 @@ import importlib
 from types import ModuleType
 from typing import Any, Mapping
 
-from kbitcli.architectures import SUPPORTED_ARCHITECTURES, config_architecture, describe_supported
+from kbitcli.architectures import (LANGUAGE_MODELS, MULTIMODAL_TEXT, SUPPORTED_ARCHITECTURES, config_architecture,
+                                describe_supported, language_model_type)
 from kbitcli.errors import UnsupportedArchitectureError
 
 #: model_type -> module of kbitcli.runner.models
@@ -27,6 +28,10 @@ MODEL_MODULES: dict[str, str] = {
     "gpt_neox": "gpt_neox",
     "opt": "opt",
     "bloom": "bloom",
+    "gptj": "gptj",
+    "gpt_neo": "gpt_neo",
+    "gpt_bigcode": "gpt_bigcode",
+    "falcon": "falcon",
     "phi3": "phi3",
     "phi": "phi",
     "stablelm": "stablelm",
@@ -37,7 +42,17 @@ MODEL_MODULES: dict[str, str] = {
     "gemma": "gemma",
     "gemma2": "gemma",
     "gemma3_text": "gemma",
-    "gemma3": "gemma",
+    "cohere": "cohere",
+    "cohere2": "cohere",
+    # multimodal checkpoints, run as their language model
+    "gemma3": "multimodal",
+    "llava": "multimodal",
+    "llava_next": "multimodal",
+    "mistral3": "multimodal",
+    "idefics3": "multimodal",
+    "smolvlm": "multimodal",
+    "qwen2_vl": "multimodal",
+    "qwen2_5_vl": "multimodal",
 }
 
 _CLASS_TO_TYPE = {cls: mt for mt, classes in SUPPORTED_ARCHITECTURES.items() for cls in classes}
@@ -45,16 +60,23 @@ _CLASS_TO_TYPE = {cls: mt for mt, classes in SUPPORTED_ARCHITECTURES.items() for
 
 def model_type_of(config: Mapping[str, Any]) -> str:
     """The supported model_type of a config (by its architectures class, else model_type);
-    UnsupportedArchitectureError listing the supported ones otherwise."""
+    UnsupportedArchitectureError listing the supported ones otherwise, or naming the language
+    model of a multimodal class when kbit does not run that one."""
     archs = config.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
-    for a in archs:
-        if a in _CLASS_TO_TYPE and _CLASS_TO_TYPE[a] in MODEL_MODULES:
-            return _CLASS_TO_TYPE[a]
+    found = next((_CLASS_TO_TYPE[a] for a in archs if a in _CLASS_TO_TYPE and _CLASS_TO_TYPE[a] in MODEL_MODULES), None)
     mt = str(config.get("model_type") or "")
-    if not archs and mt in MODEL_MODULES and mt in SUPPORTED_ARCHITECTURES:
-        return mt
+    if found is None and not archs and mt in MODEL_MODULES and mt in SUPPORTED_ARCHITECTURES:
+        found = mt
+    if found in MULTIMODAL_TEXT and language_model_type(config, found) is None:
+        text = config.get("text_config")
+        raise UnsupportedArchitectureError(
+            f"the language model of this {config_architecture(config)} (text_config model_type "
+            f"{text.get('model_type') if isinstance(text, Mapping) else None!r}) is not supported by kbit's runner; "
+            f"supported: {', '.join(LANGUAGE_MODELS)}")
+    if found is not None:
+        return found
     raise UnsupportedArchitectureError(
         f"the architecture {config_architecture(config)} is not supported by kbit's runner; "
         f"supported: {describe_supported()}")

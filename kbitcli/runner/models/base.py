@@ -517,6 +517,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
 
 
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-J's rotary ("rotate every two"): the rotated pairs are adjacent features (x[2i], x[2i+1])
+    instead of the two halves. x [B,H,S,D]; rotates the first cos.shape[-1] features and keeps the
+    rest. cos, sin: Rotary's, whose halves each hold every frequency once (sin's first half negated,
+    so its second half is the plain sin). Bit for bit transformers' x * cos + rotate_every_two(x) * sin
+    (x1 * c - x2 * s is x1 * c + (-x2) * s exactly)."""
+    rd = cos.shape[-1]
+    h = rd // 2
+    c, s = cos[..., :h], sin[..., h:]
+    pairs = x[..., :rd].unflatten(-1, (h, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
+
+
 # ----------------------------------------------------------------------------- norms, activations
 #: F.rms_norm (torch >= 2.4; a single fused kernel on CUDA in recent releases)
 FUSED_RMS_NORM = hasattr(F, "rms_norm")

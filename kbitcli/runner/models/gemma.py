@@ -12,10 +12,8 @@
 * Gemma 3: an RMSNorm of each query and key head before the rotary, and a rotary of its own
   (rope_local_base_freq) on the sliding-window layers.
 
-Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, the 4B-27B models) run as
-text models: the language model's settings come from config.json's text_config (missing fields
-take Gemma3TextConfig's defaults), its tensors from under language_model., and the vision tower
-and the projector are not loaded."""
+Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration, the 4B-27B models) run as their
+language model through multimodal.py."""
 from __future__ import annotations
 
 import math
@@ -29,17 +27,6 @@ from kbitcli.errors import InputError
 
 from . import llama
 from .base import Step, args_from_config, grouped_heads, positive, repeat_kv, rope_settings
-
-#: Gemma3TextConfig's defaults: a multimodal config's text_config lists only what differs
-_GEMMA3_TEXT = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,
-                "max_position_embeddings": 131072, "tie_word_embeddings": True}
-#: checkpoint name prefixes of a multimodal Gemma 3's language model -> the text model's: Hub files
-#: (language_model.model.layers..., language_model.lm_head) and transformers 5's module names
-#: (model.language_model.layers...)
-_TEXT_PREFIXES = {"language_model.": "", "model.language_model.": "model."}
-#: ... and of the parts the runner does not load
-_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 #: defaults of transformers' configuration classes, for config.json files that omit a field
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -78,19 +65,10 @@ class ModelArgs:
     sliding_window: int | None = None
     rope: dict[str, Any] = field(default_factory=dict)
     rope_local: dict[str, Any] | None = None
-    multimodal: bool = False  # a Gemma3ForConditionalGeneration checkpoint, run as its language model
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
         mt = str(cfg.get("model_type") or "gemma")
-        if mt == "gemma3":  # multimodal: the text_config, over the text model's defaults
-            text = cfg.get("text_config")
-            if not isinstance(text, Mapping):
-                raise InputError("config.json of a Gemma3ForConditionalGeneration model has no text_config")
-            tie = text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
-            a = cls.from_config({**_GEMMA3_TEXT, **text, "model_type": "gemma3_text", "tie_word_embeddings": tie})
-            a.multimodal = True
-            return a
         a = args_from_config(cls, cfg, arch=mt)
         a.model_type = mt
         grouped_heads(a)
@@ -225,7 +203,7 @@ class Block(llama.Block):
 
 class Model(llama.Model):
     """Llama's model with Gemma's blocks and norm, the scaled embedding, soft-capped logits
-    (Gemma 2), Gemma 3's local rotary on the sliding layers and the multimodal names."""
+    (Gemma 2) and Gemma 3's local rotary on the sliding layers."""
 
     block_class = Block
     norm_class = GemmaRMSNorm
@@ -242,16 +220,6 @@ class Model(llama.Model):
         if got is None:
             got = self._scales[dtype] = torch.tensor(self.embed_scale, dtype=torch.float32).to(dtype).item()
         return got
-
-    def checkpoint_name(self, name: str) -> str | None:
-        if self.args.multimodal:
-            if name.startswith(_VISION_PREFIXES):
-                return None
-            for prefix, to in _TEXT_PREFIXES.items():
-                if name.startswith(prefix):
-                    name = to + name[len(prefix):]
-                    break
-        return super().checkpoint_name(name)
 
     def embed(self, input_ids):
         x = super().embed(input_ids)

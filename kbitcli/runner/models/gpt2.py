@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kbitcli.errors import InputError
 
 from .base import KVCache, activation, args_from_config, attention, positive, prepare_step
 
@@ -32,11 +34,18 @@ class ModelArgs:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
+    #: the model_type named in errors and the config keys read as other fields' (the modules built on
+    #: this one give theirs)
+    arch: ClassVar[str] = "gpt2"
+    aliases: ClassVar[Mapping[str, str]] = ALIASES
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
-        a = args_from_config(cls, cfg, ALIASES, arch="gpt2")
-        positive(a, "n_embd", "n_layer", "n_head", "vocab_size", "n_positions", arch="gpt2")
+        a = args_from_config(cls, cfg, cls.aliases, arch=cls.arch)
+        positive(a, "n_embd", "n_layer", "n_head", "vocab_size", "n_positions", arch=cls.arch)
+        if a.n_embd % a.n_head:
+            raise InputError(f"config.json: the hidden size n_embd ({a.n_embd}) is not a multiple of n_head "
+                             f"({a.n_head})")
         a.n_inner = a.n_inner or 4 * a.n_embd
         return a
 
@@ -73,23 +82,35 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    layer: type[nn.Module] = Conv1D
+
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
-        self.c_fc = Conv1D(a.n_embd, a.n_inner)
-        self.c_proj = Conv1D(a.n_inner, a.n_embd)
-        self.act = activation(a.activation_function, "gpt2")
+        self.c_fc = self.layer(a.n_embd, a.n_inner)
+        self.c_proj = self.layer(a.n_inner, a.n_embd)
+        self.act = activation(a.activation_function, a.arch)
 
     def forward(self, x):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
+class LinearMLP(MLP):
+    """GPT-2's MLP with nn.Linear layers (GPT-Neo, GPTBigCode): the same arguments, the usual layout."""
+
+    layer = nn.Linear
+
+
 class Block(nn.Module):
+    #: the classes of the sublayers (a variant's module gives its own)
+    attention_class: type[nn.Module] = Attention
+    mlp_class: type[nn.Module] = MLP
+
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(a.n_embd, eps=a.layer_norm_epsilon)
-        self.attn = Attention(a, layer)
+        self.attn = self.attention_class(a, layer)
         self.ln_2 = nn.LayerNorm(a.n_embd, eps=a.layer_norm_epsilon)
-        self.mlp = MLP(a)
+        self.mlp = self.mlp_class(a)
 
     def forward(self, x, step, cache):
         x = x + self.attn(self.ln_1(x), step, cache)
@@ -97,11 +118,11 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, a: ModelArgs) -> None:
+    def __init__(self, a: ModelArgs, block: type[nn.Module] = Block) -> None:
         super().__init__()
         self.wte = nn.Embedding(a.vocab_size, a.n_embd)
         self.wpe = nn.Embedding(a.n_positions, a.n_embd)
-        self.h = nn.ModuleList(Block(a, i) for i in range(a.n_layer))
+        self.h = nn.ModuleList(block(a, i) for i in range(a.n_layer))
         self.ln_f = nn.LayerNorm(a.n_embd, eps=a.layer_norm_epsilon)
 
 
@@ -109,12 +130,15 @@ _BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
 
 
 class Model(nn.Module):
+    #: the class of a layer (a variant's module gives its own)
+    block_class: type[nn.Module] = Block
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.num_layers = args.n_layer
         self.context_length = args.n_positions
-        self.transformer = Body(args)
+        self.transformer = Body(args, self.block_class)
         self.tied = bool(args.tie_word_embeddings)
         self.lm_head = None if self.tied else nn.Linear(args.n_embd, args.vocab_size, bias=False)
 

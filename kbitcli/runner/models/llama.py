@@ -117,7 +117,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
         if cos is not None:  # None: a layer without positions (SmolLM3's NoPE layers)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         return self.output(self.attend(q, k, v, step))
@@ -125,6 +125,10 @@ class Attention(nn.Module):
     def norm_qk(self, q, k):
         """The q/k norms of each head ([B, S, heads, head_dim]), when the model has them."""
         return (q, k) if self.q_norm is None else (self.q_norm(q), self.k_norm(k))
+
+    def rotate(self, x, cos, sin):
+        """The rotary of the queries or keys [B, heads, S, head_dim] (Cohere: its interleaved form)."""
+        return apply_rotary(x, cos, sin)
 
     def output(self, x):
         return self.o_proj(x)
