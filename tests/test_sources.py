@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -523,7 +524,7 @@ def test_synthetic_gguf_roundtrip(tmp_path, tied):
 
 
 def test_gguf_unsupported_architecture(tmp_path):
-    _tiny_llama_gguf(tmp_path / "x.gguf", arch="gpt2", n_layer=1)
+    _tiny_llama_gguf(tmp_path / "x.gguf", arch="mamba", n_layer=1)
     with pytest.raises(UnsupportedArchitectureError, match="supported: llama"):
         open_source(tmp_path / "x.gguf")
 
@@ -819,6 +820,7 @@ def _add_tiny_llama(w, n: int) -> None:
 
 @pytest.mark.parametrize("family,pre,add_bos", [
     ("llama3", "llama-bpe", True), ("digits", "smollm", False), ("gpt2", "gpt-2", False), ("qwen2", "qwen2", False),
+    ("digits", "command-r", False),  # llama.cpp splits Command-R's text as StarCoder's and SmolLM's
 ])
 def test_rebuilt_tokenizer_matches_original(tmp_path, family, pre, add_bos):
     from tokenizers import Tokenizer
@@ -1571,3 +1573,224 @@ def test_llama_like_gguf_runs_like_transformers(tmp_path, arch):
     for t in src.tensors():
         np.testing.assert_array_equal(src.load(t.name), sd[t.name].numpy(), err_msg=t.name)
     _runs_like_transformers(tmp_path, path, hf, tok.encode(_CORPUS[0]).ids[:20])
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUFs of the LayerNorm and GPT-2-like families: Cohere (command-r; with q/k norms) and Cohere 2,
+# Phi-2 (q/k/v apart, or fused in older files), StableLM (per-head q/k norms stacked; a parallel
+# block without ffn_norm), Falcon 7B / 40B / 11B, StarCoder (GPTBigCode), GPT-2, BLOOM, GPT-NeoX.
+# Each tiny checkpoint (save_pretrained's names) is written as llama.cpp's converter writes it: its
+# names, its query_key_value regrouping (Falcon per key/value group, BLOOM and GPT-NeoX per head),
+# GPT-2's Conv1D transposes, StableLM's stacked norms, and the metadata it stores
+
+_MORE_GGUF_GLOBALS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+                      "model.final_layernorm": "output_norm", "transformer.wte": "token_embd",
+                      "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
+                      "transformer.word_embeddings": "token_embd",
+                      "transformer.word_embeddings_layernorm": "token_embd_norm", "gpt_neox.embed_in": "token_embd",
+                      "gpt_neox.final_layer_norm": "output_norm", "embed_out": "output"}
+_GPT2_GGUF_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                    "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_QKV_GGUF_NAMES = {"input_layernorm": "attn_norm", "ln_mlp": "attn_norm", "ln_attn": "attn_norm_2",
+                   "self_attention.query_key_value": "attn_qkv", "self_attention.dense": "attn_output",
+                   "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
+                   "post_attention_layernorm": "ffn_norm", "mlp.dense_h_to_4h": "ffn_up",
+                   "mlp.dense_4h_to_h": "ffn_down"}
+_MORE_GGUF_NAMES = {"command-r": {**_DENSE_GGUF_NAMES, "self_attn.q_norm": "attn_q_norm",
+                                  "self_attn.k_norm": "attn_k_norm"},
+                    "cohere2": _DENSE_GGUF_NAMES, "stablelm": _DENSE_GGUF_NAMES,
+                    "phi2": {**_DENSE_GGUF_NAMES, "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up",
+                             "mlp.fc2": "ffn_down"},
+                    "starcoder": _GPT2_GGUF_NAMES, "gpt2": _GPT2_GGUF_NAMES}
+_MORE_GGUF = ["command-r", "cohere2", "phi2", "phi2-fused", "stablelm", "stablelm-parallel", "falcon-7b", "falcon-40b",
+              "falcon-11b", "starcoder", "gpt2", "bloom", "gptneox", "gptneox-sequential"]
+
+
+def _more_model(variant: str, vocab: int):
+    """(model, GGUF architecture, its metadata as llama.cpp's converter writes it)."""
+    import transformers as tf
+
+    arch = variant.split("-")[0] if variant != "command-r" else variant
+    llama = dict(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    meta: dict = {"block_count": 2, "context_length": 64, "embedding_length": 48, "feed_forward_length": 80,
+                  "attention.head_count": 4, "attention.head_count_kv": 2, "attention.layer_norm_epsilon": 1e-5}
+    if arch == "command-r":  # Command R+'s q/k norms; a logit scale
+        cfg, cls = tf.CohereConfig(use_qk_norm=True, logit_scale=0.5, **llama), tf.CohereForCausalLM
+        meta.update({"rope.freq_base": 500000.0, "logit_scale": 0.5, "rope.scaling.type": "none"})
+    elif arch == "cohere2":  # 3 of 4 layers slide (window 4), with the rotary; the 4th attends to all
+        cfg, cls = tf.Cohere2Config(sliding_window=4, logit_scale=0.5, **{**llama, "num_hidden_layers": 4}), \
+            tf.Cohere2ForCausalLM
+        meta.update({"block_count": 4, "rope.freq_base": 10000.0, "logit_scale": 0.5, "attention.sliding_window": 4,
+                     "vocab_size": vocab, "rope.dimension_count": 12, "rope.scaling.type": "none"})
+    elif arch == "phi2":  # 6 of each head's 12 dimensions rotated; no freq_base stored
+        cfg, cls = tf.PhiConfig(partial_rotary_factor=0.5, **{**llama, "intermediate_size": 192,
+                                                               "num_key_value_heads": 4}), tf.PhiForCausalLM
+        meta.update({"feed_forward_length": 192, "attention.head_count_kv": 4, "rope.dimension_count": 6})
+    elif arch == "stablelm":
+        par = variant == "stablelm-parallel"  # with q/k/v biases and per-head q/k norms, no post-attention norm
+        cfg, cls = tf.StableLmConfig(partial_rotary_factor=0.5, use_qkv_bias=par, qk_layernorm=par,
+                                     use_parallel_residual=par, **llama), tf.StableLmForCausalLM
+        meta.update({"rope.dimension_count": 6, "use_parallel_residual": par})
+    elif arch == "falcon":
+        kw = {"7b": dict(new_decoder_architecture=False, multi_query=True),
+              "40b": dict(new_decoder_architecture=True, num_kv_heads=2),
+              "11b": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1)}[variant[7:]]
+        cfg, cls = tf.FalconConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   bos_token_id=0, eos_token_id=1, **kw), tf.FalconForCausalLM
+        meta.update({"context_length": 2048, "feed_forward_length": 192,
+                     "attention.head_count_kv": 1 if variant == "falcon-7b" else 2})
+    elif arch in ("starcoder", "gpt2"):
+        e = 48 if arch == "starcoder" else 64  # GPT-2: rows of 64 for the Q8_0 tensor
+        kw = dict(vocab_size=vocab, n_embd=e, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)
+        cfg, cls = (tf.GPTBigCodeConfig(**kw), tf.GPTBigCodeForCausalLM) if arch == "starcoder" else \
+            (tf.GPT2Config(**kw), tf.GPT2LMHeadModel)
+        meta.update({"embedding_length": e, "feed_forward_length": 4 * e,
+                     "attention.head_count_kv": 1 if arch == "starcoder" else 4})
+        if arch == "gpt2":
+            del meta["attention.head_count_kv"]
+    elif arch == "bloom":
+        cfg, cls = tf.BloomConfig(vocab_size=vocab, hidden_size=48, n_layer=2, n_head=4, bos_token_id=0,
+                                  eos_token_id=1), tf.BloomForCausalLM
+        meta.update({"feed_forward_length": 192, "attention.head_count_kv": 4})
+    else:
+        cfg, cls = tf.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=variant == "gptneox",
+                                    **{k: v for k, v in llama.items() if k != "num_key_value_heads"}), \
+            tf.GPTNeoXForCausalLM
+        del meta["attention.head_count_kv"]
+        meta.update({"rope.dimension_count": 6, "use_parallel_residual": variant == "gptneox"})
+    if "rope.freq_base" in meta:
+        assert cfg.rope_parameters["rope_theta"] == meta["rope.freq_base"]
+    torch.manual_seed(17)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = ("norm" in name or ".ln_" in name) and name.endswith("weight")
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if norm else 0.15 * torch.randn_like(p))
+    return model, arch, meta
+
+
+def _more_gguf(tmp_path: Path, variant: str):
+    """A tiny transformers model of `variant` written into tmp_path/src/m.gguf as llama.cpp's
+    converter writes it; returns (model, its checkpoint, tokenizer, path)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    tok = _original_tokenizer("qwen2")
+    model, arch, meta = _more_model(variant, tok.get_vocab_size())
+    if arch == "gpt2":  # one Conv1D weight stored as Q8_0, one as F16: the model holds those values
+        with torch.no_grad():
+            fc = model.transformer.h[0].mlp.c_fc.weight
+            q8 = gguf.quants.quantize(fc.T.numpy().copy(), gguf.GGMLQuantizationType.Q8_0)
+            fc.copy_(torch.from_numpy(gguf.quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0).T.copy()))
+            proj = model.transformer.h[1].attn.c_proj.weight
+            proj.copy_(proj.half().float())
+    model.save_pretrained(tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in meta.items():
+        if isinstance(v, bool):
+            w.add_bool(f"{arch}.{k}", v)
+        elif isinstance(v, float):
+            w.add_float32(f"{arch}.{k}", v)
+        elif isinstance(v, str):
+            w.add_string(f"{arch}.{k}", v)
+        else:
+            w.add_uint32(f"{arch}.{k}", v)
+    _add_bpe_tokenizer(w, tok, "qwen2", False)
+    c = model.config
+    nh = getattr(c, "num_attention_heads", None) or c.n_head
+    nkv = {"falcon-7b": 1, "falcon-40b": 2, "falcon-11b": 2}.get(variant, nh)
+    e = getattr(c, "hidden_size", None) or c.n_embd
+    hd = e // nh
+    names = _MORE_GGUF_NAMES.get(arch, _QKV_GGUF_NAMES)
+    fused: dict[str, dict] = {}  # GGUF name -> {the position of the part: its tensor}
+    for name, a in sd.items():
+        base, kind = name.rsplit(".", 1)
+        if base in _MORE_GGUF_GLOBALS:
+            w.add_tensor(f"{_MORE_GGUF_GLOBALS[base]}.{kind}", a)
+            continue
+        layer, part = re.match(r"^(?:model\.layers|transformer\.h|gpt_neox\.layers)\.(\d+)\.(.+)$", base).groups()
+        if ".norms." in part:  # StableLM: llama.cpp stacks the per-head norms (StableLMModel._stack_qk_norm)
+            gname = f"blk.{layer}.attn_{'q' if '.q_layernorm.' in part else 'k'}_norm.{kind}"
+            fused.setdefault(gname, {})[int(part.rsplit(".", 1)[1])] = a
+            continue
+        if variant == "phi2-fused" and part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            fused.setdefault(f"blk.{layer}.attn_qkv.{kind}", {})["qkv".index(part[10])] = a  # older files' Wqkv
+            continue
+        if part.endswith("query_key_value") and arch == "falcon":  # FalconModel.modify_tensors
+            g = a.reshape(nkv, nh // nkv + 2, hd, e)
+            a = np.concatenate([g[:, :-2].reshape(-1, e), g[:, -2].reshape(-1, e), g[:, -1].reshape(-1, e)])
+        elif part.endswith("query_key_value"):  # BloomModel / GPTNeoXModel.modify_tensors
+            g = a.reshape(nh, 3, hd, *a.shape[1:])
+            a = np.concatenate([g[:, 0].reshape(-1, *a.shape[1:]), g[:, 1].reshape(-1, *a.shape[1:]),
+                                g[:, 2].reshape(-1, *a.shape[1:])])
+        elif arch == "gpt2" and kind == "weight" and part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            a = a.T.copy()  # GPT2Model.modify_tensors
+        gname = f"blk.{layer}.{names[part]}.{kind}"
+        if arch == "gpt2" and name == "transformer.h.0.mlp.c_fc.weight":
+            w.add_tensor(gname, q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif arch == "gpt2" and name == "transformer.h.1.attn.c_proj.weight":
+            w.add_tensor(gname, a.astype(np.float16))
+        else:
+            w.add_tensor(gname, a)
+    for gname, parts in fused.items():
+        ordered = [parts[i] for i in sorted(parts)]
+        w.add_tensor(gname, np.stack(ordered) if "_norm." in gname else np.concatenate(ordered))
+    _write(w)
+    return model, sd, tok, path
+
+
+@pytest.mark.parametrize("variant", _MORE_GGUF)
+def test_more_gguf_runs_like_transformers(tmp_path, variant):
+    hf, sd, tok, path = _more_gguf(tmp_path, variant)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["model_type"], cfg["architectures"]) == (hf.config.model_type, [type(hf).__name__])
+    assert cfg["tie_word_embeddings"] == hf.config.tie_word_embeddings
+    if variant == "cohere2":
+        assert cfg["layer_types"] == hf.config.layer_types and cfg["sliding_window"] == 4
+    if variant.startswith("falcon"):  # multi_query counts only without new_decoder_architecture, num_kv_heads with
+        c = hf.config
+        new = c.new_decoder_architecture
+        keys = ("new_decoder_architecture", "multi_query", "num_kv_heads", "num_ln_in_parallel_attn")
+        got = [cfg.get(k) for k in keys]
+        assert got == [new, None if new else c.multi_query, c.num_kv_heads if new else None,
+                       (c.num_ln_in_parallel_attn or 2) if new else None]
+    assert {t.name for t in src.tensors()} == set(sd)
+    for t in src.tensors():  # the checkpoint's names, shapes and row order
+        assert t.shape == sd[t.name].shape, t.name
+        np.testing.assert_array_equal(src.load(t.name), sd[t.name], err_msg=t.name)
+        np.testing.assert_array_equal(src.load_raw(t.name).astype(np.float32), sd[t.name], err_msg=t.name)
+    if variant == "gpt2":  # the transposed Q8_0 weight is listed as float32 values; F16 stays F16
+        assert src.tensor("transformer.h.0.mlp.c_fc.weight").dtype == "float32"
+        assert src.tensor("transformer.h.1.attn.c_proj.weight").dtype == "float16"
+    ids = tok.encode(_CORPUS[0]).ids[:20]
+    if variant in ("falcon-7b", "bloom"):  # the file as transformers' own GGUF reader (none for the others) sees it
+        with torch.no_grad():
+            diff = transformers_gguf_model(path)(torch.tensor([ids])).logits - hf(torch.tensor([ids])).logits
+        assert diff.abs().max().item() < 1e-5
+    _runs_like_transformers(tmp_path, path, hf, ids)
+
+
+@pytest.mark.parametrize("arch,meta,message", [
+    ("starcoder", {"attention.head_count_kv": 2}, "only with multi-query attention"),
+    ("bloom", {"feed_forward_length": 24}, "not 4 x 8"),
+    ("falcon", {"attention.head_count": 3}, "not groups of 2"),
+    ("cohere2", {}, "lacks the metadata 'cohere2.attention.sliding_window'"),
+])
+def test_more_gguf_that_cannot_be_rebuilt_is_refused(tmp_path, arch, meta, message):
+    """What llama.cpp would run otherwise than the checkpoint, or a checkpoint class cannot hold, is
+    refused with a clear message."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch)
+    for k, v in {"block_count": 1, "context_length": 64, "embedding_length": 8, "feed_forward_length": 32,
+                 "attention.head_count": 2, "attention.head_count_kv": 2, **meta}.items():
+        w.add_uint32(f"{arch}.{k}", v)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    _write(w)
+    with pytest.raises(InputError, match=re.escape(message)):
+        open_source(tmp_path / "m.gguf").config()

@@ -24,11 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from kbitcli.sources.gguf_source import GGUFSource
 
 # Pre-tokenizer families. "gpt2": the GPT-2 regex; "digits": each digit on its own, then the
-# GPT-2 regex (SmolLM, StarCoder); "llama3": the Llama-3 regex (numbers in groups of up to 3);
+# GPT-2 regex (SmolLM, StarCoder, Command-R); "llama3": the Llama-3 regex (numbers in groups of up to 3);
 # "qwen2": the same regex with each digit on its own, after NFC normalization (Qwen2, Qwen2.5, Qwen3).
 _PRE_FAMILIES = {
     "gpt2": "gpt2", "gpt-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2", "phi-2": "gpt2",
-    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
+    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits", "command-r": "digits",
     "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3",
     "dbrx": "llama3", "falcon3": "llama3",
     "qwen2": "qwen2",
