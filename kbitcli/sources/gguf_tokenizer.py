@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kbitcli.errors import InputError
-from kbitcli.sources.gguf_source import GEMMA_ARCHITECTURES
+from kbitcli.sources.gguf_archs import GEMMA_ARCHITECTURES
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer

@@ -1,0 +1,543 @@
+"""What llama.cpp does per architecture, for gguf_source.py: the tensor names, what its converter
+rearranged, and the config.json settings it stores, fixes or leaves to the tensors.
+
+Supported architectures: see SUPPORTED_ARCHITECTURES (llama, qwen2, qwen3: only llama's attn_q /
+attn_k are permuted by llama.cpp, and those of the llama-derived granite and smollm3; qwen3 adds
+attn_q_norm / attn_k_norm; gemma, gemma2, gemma3: norms shifted by 1, Gemma 2 and 3 with four
+norms per block, Gemma 3 with q/k norms; phi3: the fused attn_qkv and gate/up ffn_up, LongRoPE
+factors as the tensors rope_factors_long / _short; granite: its four multipliers as metadata;
+olmo2: norms after the sublayers, q/k norms over all heads; starcoder2: LayerNorms with biases,
+output_norm.bias included, and the c_fc / c_proj MLP as ffn_up / ffn_down).
+Mixtures of experts: Mixtral (arch "llama" with {arch}.expert_count), qwen2moe (with a shared
+expert) and qwen3moe. llama.cpp stacks the experts of a layer into one 3-D tensor per projection
+(ffn_gate_exps / ffn_up_exps / ffn_down_exps, [expert, rows, columns]); each expert is listed as
+its own 2-D tensor under its Hugging Face name, a view of its slice of the file (one expert is
+read at a time).
+Settings llama.cpp does not store but fixes per architecture (Gemma's attention scale, which
+layers slide, Gemma 3's local RoPE base, SmolLM3's NoPE layers, whether Qwen-MoE renormalises
+the routing weights) are rebuilt as llama.cpp's llama-model.cpp sets them.
+The LayerNorm and GPT-2-like families are read under their checkpoints' names (model.layers.<i>,
+transformer.h.<i>, gpt_neox.layers.<i> ...), with what llama.cpp's converter rearranged undone:
+* command-r (Cohere) and cohere2: llama's tensors, LayerNorms without bias, the rotary llama.cpp runs
+  on adjacent pairs as Cohere does (nothing permuted), tied; Command R+'s attn_q_norm /
+  attn_k_norm are [heads, head_dim] as in the checkpoint; Cohere 2's sliding layers from
+  attention.sliding_window_pattern (three of every four without it);
+* phi2: q/k/v (or the fused attn_qkv of older files, split back into q/k/v rows), the dense /
+  fc1 / fc2 names, the head's bias; stablelm: LayerNorms with biases, the per-head q/k norms
+  llama.cpp stacks into one [heads, head_dim] tensor listed again as q_layernorm.norms.<h>, a
+  parallel block when the layers have no ffn_norm;
+* falcon, bloom, gptneox: the converter regroups query_key_value's rows (Falcon: per group of
+  query heads sharing a key/value head; BLOOM, GPT-NeoX: per head) into all queries, all keys,
+  all values; `load` and `load_raw` restore the checkpoint's order. Falcon-40B's two norms are
+  attn_norm_2 (ln_attn) and attn_norm (ln_mlp);
+* starcoder (GPTBigCode) with its single key/value head, gpt2: c_attn as stored; llama.cpp
+  transposes GPT-2's Conv1D weights, which are transposed back (listed as float32 when quantized).
+Their converters store no RoPE base for phi2, stablelm and gptneox (llama.cpp's 10000 is used),
+and what llama.cpp's graphs decide from the tensors (StableLM's parallel block, Falcon's layout,
+Command R+'s q/k norms) is decided here the same way.
+
+Adding a llama.cpp architecture (its converter's Model class in convert_hf_to_gguf.py and its
+graph in llama-model.cpp are the references; the runner must support the Hugging Face model,
+docs/adding-an-architecture.md):
+1. SUPPORTED_ARCHITECTURES and HF_ARCH (the GGUF name -> model_type and class of config.json).
+2. The tensor names, where they differ from llama's (_GLOBAL_NAMES, _BLOCK_NAMES):
+   _ARCH_BLOCK_NAMES, _ARCH_GLOBAL_NAMES, and _LAYER_PREFIX when the blocks are not model.layers
+   (then every block tensor is named in _ARCH_BLOCK_NAMES); _ARCH_LAYER_WEIGHTS when a layer's
+   weights are not llama's seven; expected_shape for Hugging Face names it does not know yet.
+3. What the converter rearranged: PERMUTED_QK (it permutes attn_q / attn_k), GROUPED_QKV
+   (query_key_value rows regrouped), TRANSPOSED, SPLIT (one tensor listed as several),
+   EXPERT_NAMES and MOE_ARCHITECTURES (stacked experts), GEMMA_ARCHITECTURES (norms shifted by 1),
+   _PARTIAL_ROTARY (rope.dimension_count below the head size).
+4. config.json: a branch in family_config, with a builder `_<family>_config(src)` for what
+   llama.cpp stores under its own keys or fixes without storing; check_hparams for what llama.cpp
+   refuses, or runs otherwise than the checkpoint, with an InputError.
+5. A test in tests/test_sources.py: copy test_llama_like_gguf_runs_like_transformers (a llama-like
+   model: add the architecture to _llama_like_gguf) or test_more_gguf_runs_like_transformers (a
+   family with its own names: _more_model / _MORE_GGUF_NAMES), which write a tiny transformers
+   model as llama.cpp's converter writes it and compare the names, shapes, values and logits.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kbitcli.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kbitcli.sources.gguf_source import GGUFSource
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe",
+                           "qwen3moe", "granite", "olmo2", "smollm3", "starcoder2", "command-r", "cohere2", "phi2",
+                           "stablelm", "falcon", "starcoder", "gpt2", "bloom", "gptneox")
+#: GGUF architecture ("mixtral": "llama" with experts) -> (Hugging Face model_type, class)
+HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+           "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma": ("gemma", "GemmaForCausalLM"),
+           "gemma2": ("gemma2", "Gemma2ForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+           "phi3": ("phi3", "Phi3ForCausalLM"), "mixtral": ("mixtral", "MixtralForCausalLM"),
+           "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+           "granite": ("granite", "GraniteForCausalLM"), "olmo2": ("olmo2", "Olmo2ForCausalLM"),
+           "smollm3": ("smollm3", "SmolLM3ForCausalLM"), "starcoder2": ("starcoder2", "Starcoder2ForCausalLM"),
+           "command-r": ("cohere", "CohereForCausalLM"), "cohere2": ("cohere2", "Cohere2ForCausalLM"),
+           "phi2": ("phi", "PhiForCausalLM"), "stablelm": ("stablelm", "StableLmForCausalLM"),
+           "falcon": ("falcon", "FalconForCausalLM"), "falcon-40b": ("falcon", "FalconForCausalLM"),
+           "starcoder": ("gpt_bigcode", "GPTBigCodeForCausalLM"), "gpt2": ("gpt2", "GPT2LMHeadModel"),
+           "bloom": ("bloom", "BloomForCausalLM"), "gptneox": ("gpt_neox", "GPTNeoXForCausalLM")}
+#: llama.cpp's converter permutes the attn_q / attn_k rows of LlamaModel and its subclasses
+#: (LlamaModel.permute; Mixtral is "llama"), not of the others
+PERMUTED_QK = ("llama", "mixtral", "granite", "smollm3")
+MOE_ARCHITECTURES = ("mixtral", "qwen2moe", "qwen3moe")
+#: GemmaModel / Gemma2Model / Gemma3Model add 1 to every tensor whose name ends in norm.weight
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+#: the tensors outside the blocks, without .weight / .bias (output_norm.bias: LayerNorms)
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_GLOBALS = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+                 "output": "lm_head"}
+_FALCON_GLOBALS = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
+_ARCH_GLOBAL_NAMES = {"phi2": {**_GLOBAL_NAMES, "output_norm": "model.final_layernorm"},
+                      "starcoder": _GPT2_GLOBALS, "gpt2": _GPT2_GLOBALS, "falcon": _FALCON_GLOBALS,
+                      "falcon-40b": _FALCON_GLOBALS,
+                      "bloom": {**_FALCON_GLOBALS, "token_embd_norm": "transformer.word_embeddings_layernorm"},
+                      "gptneox": {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm",
+                                  "output": "embed_out"}}
+#: where the blocks are, when not model.layers; these layouts name every block tensor in
+#: _ARCH_BLOCK_NAMES (no fallback to the llama names of _BLOCK_NAMES)
+_LAYER_PREFIX = {"starcoder": "transformer.h", "gpt2": "transformer.h", "falcon": "transformer.h",
+                 "falcon-40b": "transformer.h", "bloom": "transformer.h", "gptneox": "gpt_neox.layers"}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3, gemma3
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma 2 and 3: a norm after the attention and one on each side of the MLP (ffn_norm is the one
+# before it); Phi-3: q, k, v rows in one tensor, and gate then up rows in ffn_up.
+_GEMMA2_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm"}
+_GPT2_NAMES = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+               "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_FALCON_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+                 "attn_output": "self_attention.dense", "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
+# Mixture of experts: the router, and Qwen2-MoE's shared expert and its gate.
+_QWEN_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+                   "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                   "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES,
+                     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                     "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},
+                     "qwen2moe": _QWEN_MOE_NAMES, "qwen3moe": _QWEN_MOE_NAMES,
+                     "olmo2": {"post_attention_norm": "post_attention_layernorm",
+                               "post_ffw_norm": "post_feedforward_layernorm"},
+                     "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+                     "phi2": {"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
+                     "starcoder": _GPT2_NAMES, "gpt2": _GPT2_NAMES, "falcon": _FALCON_NAMES,
+                     # llama.cpp's Falcon-40B graph: attn_norm_2 before the attention, attn_norm before the MLP
+                     "falcon-40b": {**_FALCON_NAMES, "attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"},
+                     "bloom": {**_FALCON_NAMES, "ffn_norm": "post_attention_layernorm"},
+                     "gptneox": {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
+                                 "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
+                                 "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}}
+#: GGUF tensors listed as several Hugging Face tensors, each a block of their rows (None: one row,
+#: as a vector): older phi2 files' fused attn_qkv (q, k, v rows), StableLM's per-head q/k norms
+#: (llama.cpp stacks them, StableLMModel._stack_qk_norm)
+SPLIT = {"phi2": {"attn_qkv": lambda hp: [("self_attn.q_proj", hp["n_head"] * hp["head_dim"]),
+                                          ("self_attn.k_proj", hp["n_head_kv"] * hp["head_dim"]),
+                                          ("self_attn.v_proj", hp["n_head_kv"] * hp["head_dim"])]},
+         "stablelm": {"attn_q_norm": lambda hp: [(f"self_attn.q_layernorm.norms.{h}", None)
+                                                 for h in range(hp["n_head"])],
+                      "attn_k_norm": lambda hp: [(f"self_attn.k_layernorm.norms.{h}", None)
+                                                 for h in range(hp["n_head_kv"])]}}
+#: the converter regroups these query_key_value rows (weight and bias) as all queries, all keys, all
+#: values (FalconModel / BloomModel / GPTNeoXModel.modify_tensors)
+GROUPED_QKV = ("falcon", "falcon-40b", "bloom", "gptneox")
+#: GPT-2's Conv1D weights, which GPT2Model.modify_tensors transposes to [out, in]
+TRANSPOSED = {"gpt2": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
+#: the families whose rotary may cover part of each head (rope.dimension_count)
+_PARTIAL_ROTARY = ("phi3", "phi2", "stablelm", "gptneox")
+#: the stacked experts: GGUF name -> Hugging Face name of expert {}
+_QWEN_EXPERTS = {"ffn_gate_exps": "mlp.experts.{}.gate_proj", "ffn_up_exps": "mlp.experts.{}.up_proj",
+                 "ffn_down_exps": "mlp.experts.{}.down_proj"}
+EXPERT_NAMES = {"mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
+                            "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
+                            "ffn_up_exps": "block_sparse_moe.experts.{}.w3"},
+                "qwen2moe": _QWEN_EXPERTS, "qwen3moe": _QWEN_EXPERTS}
+_LAYER_WEIGHTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_ATTENTION_WEIGHTS = _LAYER_WEIGHTS[:4]
+_FALCON_LAYER_WEIGHTS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                         "mlp.dense_4h_to_h")
+_GPT2_LAYER_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: the weights every layer must have, where not llama's (_LAYER_WEIGHTS) or the experts'
+_ARCH_LAYER_WEIGHTS = {"phi3": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+                       "starcoder2": _ATTENTION_WEIGHTS + ("mlp.c_fc", "mlp.c_proj"),
+                       "phi2": _LAYER_WEIGHTS[:3] + ("self_attn.dense", "mlp.fc1", "mlp.fc2"),
+                       "falcon": _FALCON_LAYER_WEIGHTS, "falcon-40b": _FALCON_LAYER_WEIGHTS,
+                       "bloom": _FALCON_LAYER_WEIGHTS, "starcoder": _GPT2_LAYER_WEIGHTS, "gpt2": _GPT2_LAYER_WEIGHTS,
+                       "gptneox": ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
+                                   "mlp.dense_4h_to_h")}
+#: Phi-3's LongRoPE factors (Phi3MiniModel.generate_extra_tensors): config values, not weights
+ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
+#: GGUF tensors with no Hugging Face counterpart: skipped, with this warning
+SKIPPED = {
+    "rope_freqs.weight": "rope_freqs.weight (llama.cpp's precomputed Llama-3 RoPE scaling) was skipped; "
+    "the rebuilt config has no rope_scaling for it",
+}
+BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+
+
+def f32(v: Any) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips it (1e-05, not
+    9.999999747378752e-06): what the original config.json said."""
+    return float(str(np.float32(v)))
+
+
+# -- tensor names ---------------------------------------------------------------------------
+def global_names(layout: str) -> dict[str, str]:
+    """GGUF name -> Hugging Face name of the tensors outside the blocks (without .weight / .bias)."""
+    return _ARCH_GLOBAL_NAMES.get(layout, _GLOBAL_NAMES)
+
+
+def layer_prefix(layout: str) -> str:
+    """The Hugging Face name of the blocks, before their index."""
+    return _LAYER_PREFIX.get(layout, "model.layers")
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor name of layout `arch`, or None if there is none."""
+    base, _, kind = gguf_name.rpartition(".")
+    glob = global_names(arch).get(base)
+    if glob and kind in ("weight", "bias"):
+        return f"{glob}.{kind}"
+    m = BLOCK_RE.match(gguf_name)
+    names = _ARCH_BLOCK_NAMES.get(arch, {})
+    part = m and (names.get(m.group(2)) or (None if arch in _LAYER_PREFIX else _BLOCK_NAMES.get(m.group(2))))
+    return f"{layer_prefix(arch)}.{m.group(1)}.{part}.{m.group(3)}" if part else None
+
+
+def layer_weights(src: GGUFSource) -> tuple[str, ...]:
+    """The weights every layer must have (without ".weight")."""
+    if src.layout in _ARCH_LAYER_WEIGHTS:
+        return _ARCH_LAYER_WEIGHTS[src.layout]
+    if src.layout not in MOE_ARCHITECTURES:
+        return _LAYER_WEIGHTS
+    names = _ARCH_BLOCK_NAMES[src.layout]
+    shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if src.layout == "qwen2moe" else ()
+    n = src.hparams["n_expert"]
+    experts = tuple(name.format(e) for name in EXPERT_NAMES[src.layout].values() for e in range(n))
+    return _ATTENTION_WEIGHTS + (names["ffn_gate_inp"],) + shared + experts
+
+
+# -- hyperparameters ------------------------------------------------------------------------
+def moe_hparams(src: GGUFSource, hp: dict[str, Any]) -> dict[str, Any]:
+    """The expert counts and widths of a mixture of experts."""
+    a = src.arch
+    moe = {"n_expert": int(src.need(f"{a}.expert_count")), "n_expert_used": int(src.need(f"{a}.expert_used_count"))}
+    # Mixtral's experts are n_ff wide; Qwen's as llama.cpp reads them (n_ff / k without the key)
+    moe["n_ff_exp"] = hp["n_ff"] if src.layout == "mixtral" else int(
+        src.meta(f"{a}.expert_feed_forward_length", 0) or hp["n_ff"] // moe["n_expert_used"])
+    moe["n_ff_shexp"] = int(src.meta(f"{a}.expert_shared_feed_forward_length", 0) or hp["n_ff"])
+    return moe
+
+
+def check_hparams(src: GGUFSource, hp: dict[str, Any]) -> None:
+    """InputError for what llama.cpp refuses, or would run otherwise than the checkpoint, or a
+    checkpoint class cannot hold."""
+    a = src.arch
+    if src.layout in GROUPED_QKV and (hp["n_head_kv"] < 1 or hp["n_head"] % hp["n_head_kv"]):
+        raise InputError(f"{src.path}: {hp['n_head']} attention heads are not groups of {hp['n_head_kv']} "
+                         "key/value heads")
+    if a == "cohere2" and not src.meta(f"{a}.attention.sliding_window"):  # llama.cpp requires it
+        raise InputError(f"{src.path}: the GGUF lacks the metadata '{a}.attention.sliding_window'")
+    if a == "starcoder" and hp["n_head_kv"] != 1:  # llama.cpp reads c_attn as all queries, one key, one value
+        raise InputError(f"{src.path}: a starcoder GGUF with {hp['n_head_kv']} key/value heads: llama.cpp runs "
+                         "GPTBigCode only with multi-query attention (one key/value head)")
+    if a == "bloom" and hp["n_ff"] != 4 * hp["n_embd"]:  # BloomConfig has no feed-forward size of its own
+        raise InputError(f"{src.path}: a bloom GGUF with a feed-forward of {hp['n_ff']}, not 4 x {hp['n_embd']}")
+    if hp["rope_dims"] is not None and int(hp["rope_dims"]) != hp["head_dim"] and a not in _PARTIAL_ROTARY:
+        raise InputError(
+            f"{src.path}: partial rotary embeddings ({a}.rope.dimension_count = {hp['rope_dims']}, "
+            f"head size {hp['head_dim']}) are not supported for {a}"
+        )
+
+
+def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
+    """The shape the hyperparameters imply for the Hugging Face tensor `name` (None: unknown)."""
+    hp = src.hparams
+    e, v, f = hp["n_embd"], hp["n_vocab"], hp["n_ff"]
+    q, kv = hp["n_head"] * hp["head_dim"], hp["n_head_kv"] * hp["head_dim"]
+    glob = {"token_embd": (v, e), "output": (v, e), "position_embd": (hp["n_ctx"], e)}
+    for gguf_base, base in global_names(src.layout).items():
+        if name.rpartition(".")[0] == base:  # norms: (e,); a bias: the first dimension
+            shape = glob.get(gguf_base, (e,))
+            return shape if name.endswith(".weight") else shape[:1]
+    suffix = re.sub(r"(experts|norms)\.\d+\.", r"\1.E.", name.split(".", 3)[-1])
+    if src.arch == "olmo2" and suffix in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+        return (q,) if suffix.startswith("self_attn.q") else (kv,)  # over all heads of a token
+    if src.arch == "command-r" and suffix in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+        return (hp["n_head"] if suffix.startswith("self_attn.q") else hp["n_head_kv"], hp["head_dim"])
+    if src.layout in MOE_ARCHITECTURES:
+        n, fe, fs = hp["n_expert"], hp["n_ff_exp"], hp["n_ff_shexp"]
+        moe = {"block_sparse_moe.gate.weight": (n, e), "mlp.gate.weight": (n, e),
+               "block_sparse_moe.experts.E.w1.weight": (fe, e), "block_sparse_moe.experts.E.w3.weight": (fe, e),
+               "block_sparse_moe.experts.E.w2.weight": (e, fe), "mlp.experts.E.gate_proj.weight": (fe, e),
+               "mlp.experts.E.up_proj.weight": (fe, e), "mlp.experts.E.down_proj.weight": (e, fe),
+               "mlp.shared_expert.gate_proj.weight": (fs, e), "mlp.shared_expert.up_proj.weight": (fs, e),
+               "mlp.shared_expert.down_proj.weight": (e, fs), "mlp.shared_expert_gate.weight": (1, e)}
+        if suffix in moe:
+            return moe[suffix]
+    return {
+        "self_attn.q_proj.weight": (q, e),
+        "self_attn.k_proj.weight": (kv, e),
+        "self_attn.v_proj.weight": (kv, e),
+        "self_attn.o_proj.weight": (e, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.bias": (e,),
+        "self_attn.qkv_proj.weight": (q + 2 * kv, e),
+        "mlp.gate_up_proj.weight": (2 * f, e),
+        "mlp.gate_proj.weight": (f, e),
+        "mlp.up_proj.weight": (f, e),
+        "mlp.down_proj.weight": (e, f),
+        "mlp.c_fc.weight": (f, e),
+        "mlp.c_proj.weight": (e, f),
+        "mlp.c_fc.bias": (f,),
+        "mlp.c_proj.bias": (e,),
+        "input_layernorm.bias": (e,),
+        "post_attention_layernorm.bias": (e,),
+        "input_layernorm.weight": (e,),
+        "post_attention_layernorm.weight": (e,),
+        "pre_feedforward_layernorm.weight": (e,),
+        "post_feedforward_layernorm.weight": (e,),
+        "self_attn.q_norm.weight": (hp["head_dim"],),
+        "self_attn.k_norm.weight": (hp["head_dim"],),
+        "self_attn.q_layernorm.norms.E.weight": (hp["head_dim"],),
+        "self_attn.k_layernorm.norms.E.weight": (hp["head_dim"],),
+        "self_attn.dense.weight": (e, q),
+        "self_attn.dense.bias": (e,),
+        "mlp.fc1.weight": (f, e),
+        "mlp.fc1.bias": (f,),
+        "mlp.fc2.weight": (e, f),
+        "mlp.fc2.bias": (e,),
+        # the GPT-2-like families' fused q, k, v rows and their output projection
+        "attn.c_attn.weight": (q + 2 * kv, e),
+        "attn.c_attn.bias": (q + 2 * kv,),
+        "attn.c_proj.weight": (e, q),
+        "attn.c_proj.bias": (e,),
+        "self_attention.query_key_value.weight": (q + 2 * kv, e),
+        "self_attention.query_key_value.bias": (q + 2 * kv,),
+        "attention.query_key_value.weight": (q + 2 * kv, e),
+        "attention.query_key_value.bias": (q + 2 * kv,),
+        "self_attention.dense.weight": (e, q),
+        "self_attention.dense.bias": (e,),
+        "attention.dense.weight": (e, q),
+        "attention.dense.bias": (e,),
+        "mlp.dense_h_to_4h.weight": (f, e),
+        "mlp.dense_h_to_4h.bias": (f,),
+        "mlp.dense_4h_to_h.weight": (e, f),
+        "mlp.dense_4h_to_h.bias": (e,),
+        **{f"{n}.{k}": (e,) for n in ("ln_1", "ln_2", "ln_attn", "ln_mlp") for k in ("weight", "bias")},
+    }.get(suffix)
+
+
+# -- config.json ----------------------------------------------------------------------------
+def family_config(src: GGUFSource) -> dict[str, Any]:
+    """config.json's sizes and settings, past the class and the token ids, in the family's keys."""
+    hp, a = src.hparams, src.arch
+    if src.layout in _LAYER_PREFIX:  # the GPT-2-like families, in their own keys
+        return _gpt_config(src)
+    cfg: dict[str, Any] = {
+        "hidden_size": hp["n_embd"],
+        "intermediate_size": hp["n_ff"],
+        "num_hidden_layers": hp["n_layer"],
+        "num_attention_heads": hp["n_head"],
+        "num_key_value_heads": hp["n_head_kv"],
+        "head_dim": hp["head_dim"],
+        "hidden_act": "silu",
+        "rms_norm_eps": hp["rms_eps"],
+        "rope_theta": hp["rope_theta"],
+        "max_position_embeddings": hp["n_ctx"],
+        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in src,
+        "mlp_bias": False,
+    }
+    scaling = src.meta(f"{a}.rope.scaling.type")
+    factor = src.meta(f"{a}.rope.scaling.factor")
+    if scaling and scaling != "none" and factor:
+        rs: dict[str, Any] = {"type": scaling, "rope_type": scaling, "factor": float(factor)}
+        orig = src.meta(f"{a}.rope.scaling.original_context_length")
+        if orig:
+            rs["original_max_position_embeddings"] = int(orig)
+        cfg["rope_scaling"] = rs
+    if a in GEMMA_ARCHITECTURES:
+        cfg.update(_gemma_config(src))
+    elif a == "phi3":
+        cfg.update(_phi3_config(src))
+    elif src.layout in MOE_ARCHITECTURES:
+        cfg.update(_moe_config(src, cfg["attention_bias"]))
+    elif a == "granite":
+        # the multipliers llama.cpp stores as scales; without a key, llama.cpp scales by 1 and the
+        # attention by 1/sqrt(head_dim)
+        cfg.update(embedding_multiplier=f32(src.meta(f"{a}.embedding_scale", 1.0)),
+                   residual_multiplier=f32(src.meta(f"{a}.residual_scale", 1.0)),
+                   attention_multiplier=f32(src.meta(f"{a}.attention.scale", 0.0)) or hp["head_dim"] ** -0.5,
+                   logits_scaling=f32(src.meta(f"{a}.logit_scale", 1.0)))
+    elif a == "starcoder2":  # LayerNorms; llama.cpp attends over the whole context (no window)
+        cfg.update(hidden_act="gelu_pytorch_tanh", use_bias=cfg["attention_bias"], sliding_window=None,
+                   norm_epsilon=f32(src.meta(f"{a}.attention.layer_norm_epsilon", 1e-5)))
+    elif a in ("command-r", "cohere2", "phi2", "stablelm"):  # LayerNorms
+        del cfg["rms_norm_eps"]
+        cfg.update(_cohere_config(src) if a in ("command-r", "cohere2") else _stablelm_config(src))
+    elif a == "smollm3":  # llama.cpp: no rotary on every 4th layer (n_no_rope_layer_step), no window
+        cfg.update(no_rope_layer_interval=4, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(hp["n_layer"])],
+                   use_sliding_window=False)
+    return cfg
+
+
+def _cohere_config(src: GGUFSource) -> dict[str, Any]:
+    """Cohere's LayerNorm epsilon and logit scale (llama.cpp scales by 1 without one), Command R+'s
+    q/k norms, and Cohere 2's window, on the layers attention.sliding_window_pattern marks (a
+    list, or every n-th layer full) or, llama.cpp's default, on three of every four."""
+    a, hp = src.arch, src.hparams
+    cfg: dict[str, Any] = {"layer_norm_eps": hp["norm_eps"],
+                           "logit_scale": f32(src.meta(f"{a}.logit_scale", 0.0)) or 1.0}
+    if a == "command-r":
+        cfg["use_qk_norm"] = "model.layers.0.self_attn.q_norm.weight" in src
+        return cfg
+    pattern = src.meta(f"{a}.attention.sliding_window_pattern", 4)
+    n = hp["n_layer"]
+    if isinstance(pattern, list):
+        if len(pattern) != n:
+            raise InputError(f"{src.path}: {a}.attention.sliding_window_pattern has {len(pattern)} entries for "
+                             f"{n} layers")
+        sliding = [bool(p) for p in pattern]
+    else:  # llama_hparams::set_swa_pattern: the last layer of every `pattern` is full (0: all slide)
+        every = int(pattern)
+        sliding = [every == 0 or i % every < every - 1 for i in range(n)]
+    cfg.update(sliding_window=int(src.meta(f"{a}.attention.sliding_window")),
+               layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
+    return cfg
+
+
+def _stablelm_config(src: GGUFSource) -> dict[str, Any]:
+    """StableLM's and Phi's LayerNorm epsilon and partial rotary; for StableLM what the tensors
+    tell, as llama.cpp's graph reads them: q/k/v biases, per-head q/k norms, and a parallel
+    block when the layers have no ffn_norm (post_attention_layernorm)."""
+    a, hp = src.arch, src.hparams
+    cfg: dict[str, Any] = {"layer_norm_eps": hp["norm_eps"],
+                           "partial_rotary_factor": int(hp["rope_dims"] or hp["head_dim"]) / hp["head_dim"]}
+    if a == "phi2":
+        return {**cfg, "hidden_act": "gelu_new", "qk_layernorm": False}
+    layer = "model.layers.0."
+    return {**cfg, "use_qkv_bias": f"{layer}self_attn.q_proj.bias" in src,
+            "qk_layernorm": f"{layer}self_attn.q_layernorm.norms.0.weight" in src,
+            "use_parallel_residual": f"{layer}post_attention_layernorm.weight" not in src}
+
+
+def _gpt_config(src: GGUFSource) -> dict[str, Any]:
+    """config.json's sizes and settings for the GPT-2-like families, in their own keys, with what
+    llama.cpp fixes: GPT-2's and StarCoder's GELUs (tanh), multi-query StarCoder, GPT-NeoX's GELU
+    and its parallel residual (use_parallel_residual), and Falcon's layout from its key/value
+    heads and norms."""
+    a, hp = src.arch, src.hparams
+    e, eps = hp["n_embd"], hp["norm_eps"]
+    if a in ("gpt2", "starcoder"):
+        cfg: dict[str, Any] = {"n_embd": e, "n_layer": hp["n_layer"], "n_head": hp["n_head"],
+                               "n_positions": hp["n_ctx"], "n_inner": hp["n_ff"], "layer_norm_epsilon": eps}
+        if a == "gpt2":
+            return {**cfg, "activation_function": "gelu_new"}
+        return {**cfg, "activation_function": "gelu_pytorch_tanh", "multi_query": True}
+    if a == "bloom":
+        return {"hidden_size": e, "n_layer": hp["n_layer"], "n_head": hp["n_head"], "layer_norm_epsilon": eps}
+    cfg = {"hidden_size": e, "num_hidden_layers": hp["n_layer"], "num_attention_heads": hp["n_head"],
+           "max_position_embeddings": hp["n_ctx"], "rope_theta": hp["rope_theta"]}
+    if a == "gptneox":
+        return {**cfg, "intermediate_size": hp["n_ff"], "hidden_act": "gelu", "layer_norm_eps": eps,
+                "partial_rotary_factor": int(hp["rope_dims"] or hp["head_dim"]) / hp["head_dim"],
+                "use_parallel_residual": bool(src.meta(f"{a}.use_parallel_residual", True)),
+                "attention_bias": "gpt_neox.layers.0.attention.query_key_value.bias" in src}
+    # Falcon, always parallel: 7B (one key/value head, one norm), 40B / 180B (key/value groups, two
+    # norms: the falcon-40b layout), 11B (groups, one norm)
+    nkv = hp["n_head_kv"]
+    new = src.layout == "falcon-40b" or nkv > 1
+    cfg.update(new_decoder_architecture=new, parallel_attn=True, bias=False, alibi=False,
+               ffn_hidden_size=hp["n_ff"], activation="gelu", layer_norm_epsilon=eps)
+    if new:
+        cfg.update(num_kv_heads=nkv, num_ln_in_parallel_attn=2 if src.layout == "falcon-40b" else 1)
+    else:
+        cfg["multi_query"] = True
+    return cfg
+
+
+def _moe_config(src: GGUFSource, bias: bool) -> dict[str, Any]:
+    """The expert counts and widths; how llama.cpp routes: every layer sparse, the top-k weights
+    renormalised for Mixtral and Qwen3-MoE but not Qwen2-MoE (build_moe_ffn's norm_w)."""
+    hp = src.hparams
+    if src.layout == "mixtral":
+        return {"num_local_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"],
+                "sliding_window": None}
+    cfg: dict[str, Any] = {"num_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"],
+                           "moe_intermediate_size": hp["n_ff_exp"], "norm_topk_prob": src.layout == "qwen3moe",
+                           "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
+    if src.layout == "qwen2moe":
+        # Qwen2MoeConfig: biases on q, k, v (qkv_bias), none on o_proj
+        cfg.update(shared_expert_intermediate_size=hp["n_ff_shexp"], qkv_bias=bias, attention_bias=False)
+    return cfg
+
+
+def _gemma_config(src: GGUFSource) -> dict[str, Any]:
+    """What Gemma adds to config.json: the GELU, and for Gemma 2 and 3 the attention scale, the
+    soft-capping and which layers slide, as llama.cpp's llama-model.cpp reads or fixes them."""
+    a, hp = src.arch, src.hparams
+    cfg: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+    if a == "gemma":
+        return cfg
+    # the scores are scaled by 1/sqrt(head_dim), but by 1/sqrt(n_embd / n_head) for the 27B
+    # models, which llama.cpp tells by their layer count
+    big = hp["n_layer"] == {"gemma2": 46, "gemma3": 62}[a]
+    cfg["query_pre_attn_scalar"] = hp["n_embd"] // hp["n_head"] if big else hp["head_dim"]
+    window = src.meta(f"{a}.attention.sliding_window")
+    final_cap = src.meta(f"{a}.final_logit_softcapping")
+    if a == "gemma2":  # llama.cpp's defaults: a window of 4096, caps 50 and 30; every other layer slides
+        window = 4096 if window is None else window
+        cfg["attn_logit_softcapping"] = f32(src.meta(f"{a}.attn_logit_softcapping", 50.0))
+        cfg["final_logit_softcapping"] = f32(30.0 if final_cap is None else final_cap)
+        every = 2
+    else:  # Gemma 3: five of every six layers slide, with a RoPE base of 10000; none without a window
+        cfg["attn_logit_softcapping"] = None
+        cfg["final_logit_softcapping"] = f32(final_cap) if final_cap else None
+        cfg["rope_local_base_freq"] = 10000.0
+        every = 6 if window else 0
+    cfg["sliding_window"] = int(window) if window else None
+    cfg["layer_types"] = ["sliding_attention" if every and (i + 1) % every else "full_attention"
+                          for i in range(hp["n_layer"])]
+    return cfg
+
+
+def _phi3_config(src: GGUFSource) -> dict[str, Any]:
+    """What Phi-3 adds to config.json: partial rotary embeddings, the sliding window (llama.cpp's
+    converter writes 0 for none) and LongRoPE (the factors from their tensors)."""
+    a, hp = src.arch, src.hparams
+    cfg: dict[str, Any] = {}
+    if hp["rope_dims"] is not None and int(hp["rope_dims"]) != hp["head_dim"]:
+        cfg["partial_rotary_factor"] = int(hp["rope_dims"]) / hp["head_dim"]
+    window = src.meta(f"{a}.attention.sliding_window")
+    cfg["sliding_window"] = int(window) if window else None
+    orig = src.meta(f"{a}.rope.scaling.original_context_length")
+    if orig:
+        cfg["original_max_position_embeddings"] = int(orig)
+    if src.rope_factors:
+        rs = {"type": "longrope", "rope_type": "longrope", **src.rope_factors}
+        attn = src.meta(f"{a}.rope.scaling.attn_factor")
+        if attn is not None:
+            rs["attention_factor"] = f32(attn)
+        cfg["rope_scaling"] = rs
+    return cfg
