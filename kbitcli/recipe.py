@@ -27,7 +27,8 @@ from kbitformat import KbitValueError, QuantSpec
 from .errors import UsageError
 
 _BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
-#: an MoE router: Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate and mlp.shared_expert_gate
+#: an MoE router: Mixtral's block_sparse_moe.gate, Qwen-MoE's and DeepSeek's mlp.gate, Qwen2-MoE's
+#: mlp.shared_expert_gate
 _ROUTER = re.compile(r"\.(gate|shared_expert_gate)\.weight$")
 
 

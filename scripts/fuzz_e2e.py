@@ -37,8 +37,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "formats"), str(ROOT / "tests")]
 VOCAB = 100
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt",
          "bloom", "smollm3", "granite", "olmo2", "olmo3", "stablelm", "phi", "starcoder2", "mixtral", "qwen2_moe",
-         "qwen3_moe", "gptj", "gpt_neo", "gpt_bigcode", "falcon", "cohere", "cohere2", "llava", "mistral3", "idefics3",
-         "qwen2_5_vl")
+         "qwen3_moe", "deepseek_v2", "deepseek_v3", "gptj", "gpt_neo", "gpt_bigcode", "falcon", "cohere", "cohere2",
+         "llava", "mistral3", "idefics3", "qwen2_5_vl")
 
 
 def model_for(r: random.Random, arch: str):
@@ -98,7 +98,7 @@ def model_for(r: random.Random, arch: str):
     if arch == "phi":
         return tf.PhiConfig(qk_layernorm=r.random() < .5, tie_word_embeddings=r.random() < .3,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                             "partial_rotary_factor": r.choice([0.4, 0.5, 1.0])},
+                                             "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])},
                             **dec), tf.PhiForCausalLM
     if arch == "starcoder2":
         return tf.Starcoder2Config(sliding_window=r.choice([None, 4]), use_bias=r.random() < .7, **dec), \
@@ -114,6 +114,26 @@ def model_for(r: random.Random, arch: str):
         return tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=r.choice([24, 48]),
                                  head_dim=r.choice([8, 16]), norm_topk_prob=r.random() < .5,
                                  mlp_only_layers=r.choice([[], [0]]), **dec), tf.Qwen3MoeForCausalLM
+    if arch in ("deepseek_v2", "deepseek_v3"):
+        # multi-head latent attention (every head its own key and value: no grouped-query setting),
+        # a dense first layer or none, a YaRN rotary with DeepSeek's mscale_all_dim or the default
+        dec.update(num_key_value_heads=heads, first_k_dense_replace=r.choice([0, 1]), kv_lora_rank=r.choice([16, 40]),
+                   q_lora_rank=r.choice([None, 24]), qk_nope_head_dim=r.choice([8, 16]),
+                   qk_rope_head_dim=r.choice([4, 8, 16]), v_head_dim=r.choice([8, 12, 24]), n_routed_experts=4,
+                   num_experts_per_tok=r.choice([1, 2]), n_shared_experts=r.choice([1, 2]),
+                   moe_intermediate_size=r.choice([24, 48]), routed_scaling_factor=r.choice([1.0, 2.5]),
+                   attention_bias=r.random() < .3)
+        if r.random() < .4:
+            dec["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                      "original_max_position_embeddings": 32, "mscale": r.choice([0.707, 1.0]),
+                                      "mscale_all_dim": r.choice([0.707, 1.0])}
+        if arch == "deepseek_v2":
+            grouped = r.random() < .5
+            return tf.DeepseekV2Config(topk_method="group_limited_greedy" if grouped else "greedy",
+                                       n_group=2 if grouped else None, topk_group=1 if grouped else None,
+                                       **dec), tf.DeepseekV2ForCausalLM
+        return tf.DeepseekV3Config(n_group=r.choice([1, 2]), topk_group=1, norm_topk_prob=r.random() < .5,
+                                   rope_interleave=r.random() < .7, **dec), tf.DeepseekV3ForCausalLM
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=H, n_layer=L, n_head=heads, n_positions=64,
                              n_inner=inter if r.random() < .5 else None,
@@ -207,6 +227,9 @@ def run_case(r: random.Random, arch: str, d: Path) -> str:
         for name, p in m.named_parameters():
             p.copy_(1.0 + 0.2 * torch.randn_like(p) if p.dim() == 1 and ("norm" in name or "ln" in name)
                     else 0.15 * torch.randn_like(p))
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias, zero at init
+                b.copy_(0.3 * torch.randn_like(b))
     m.to(r.choice([torch.float32, torch.float16, torch.bfloat16])).save_pretrained(src)
     _write_tokenizer(src)
     args = ["quantize", src, out, "-k", r.randint(2, 8),

@@ -143,6 +143,31 @@ def _configs():
                                                      num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
                                                      attention_bias=True, max_position_embeddings=128, **common),
                                    tf.Qwen3MoeForCausalLM),
+        # DeepSeek-V2 / V3 (models/deepseek.py): multi-head latent attention (v_head_dim unlike the q/k
+        # head size; rms_norm_eps unlike the q_a / kv_a norms' 1e-6), a dense first layer, routed and
+        # shared experts. V2-Lite: a direct q_proj, softmax router, greedy top 2
+        "deepseek_v2-lite": lambda: (tf.DeepseekV2Config(q_lora_rank=None, n_routed_experts=4, **_deepseek(),
+                                                         **common), tf.DeepseekV2ForCausalLM),
+        # V2 / V2.5: q through q_a_proj -> q_a_layernorm -> q_b_proj, group_limited_greedy (the best of 2
+        # groups of 4: with k 2 and the groups ranked by their best, keeping 1 group is what changes the
+        # choice), routed_scaling_factor, attention biases, two shared experts
+        "deepseek_v2": lambda: (tf.DeepseekV2Config(q_lora_rank=24, n_routed_experts=8, n_group=2, topk_group=1,
+                                                    topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+                                                    attention_bias=True, **{**_deepseek(), "n_shared_experts": 2},
+                                                    **common),
+                                tf.DeepseekV2ForCausalLM),
+        # V3: sigmoid router choosing with e_score_correction_bias (random, non-zero: make_tiny), groups
+        # ranked by their two best, renormalised, routed_scaling_factor
+        "deepseek_v3": lambda: (tf.DeepseekV3Config(q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2,
+                                                    norm_topk_prob=True, routed_scaling_factor=2.5, **_deepseek(),
+                                                    **common), tf.DeepseekV3ForCausalLM),
+        # ... YaRN with mscale_all_dim (the softmax scale's correction), the rotary on the two halves
+        # (rope_interleave false), one group (Kimi-K2), not renormalised
+        "deepseek_v3-yarn": lambda: (tf.DeepseekV3Config(
+            q_lora_rank=24, n_routed_experts=4, n_group=1, topk_group=1, norm_topk_prob=False, rope_interleave=False,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                             "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.8},
+            **{**_deepseek(), "num_hidden_layers": 2}, **common), tf.DeepseekV3ForCausalLM),
         # StableLM 2: per-head q/k LayerNorms, parallel residual, q/k/v biases, GQA, partial rotary
         "stablelm": lambda: (tf.StableLmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2, qk_layernorm=True,
@@ -299,6 +324,14 @@ def _configs():
     }
 
 
+def _deepseek() -> dict:
+    """The sizes the tiny DeepSeek models share (a large rms_norm_eps: the q_a / kv_a norms keep 1e-6)."""
+    return dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=12, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, rms_norm_eps=0.05,
+                max_position_embeddings=128)
+
+
 _MROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
 
 
@@ -335,6 +368,9 @@ def make_tiny(arch: str, folder: Path):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias: non-zero, so that it matters
+                b.copy_(0.3 * torch.randn_like(b))
     m.save_pretrained(folder)
     _write_tokenizer(folder)
     return m
@@ -474,7 +510,7 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm", "phi3", "smollm3-window",
                                   "granite", "olmo2", "stablelm", "phi-qk", "starcoder2", "mixtral", "qwen2_moe",
                                   "qwen3_moe", "llava", "qwen2_5_vl", "cohere", "cohere2", "gptj", "gpt_neo",
-                                  "gpt_bigcode", "falcon-40b"])
+                                  "gpt_bigcode", "falcon-40b", "deepseek_v2-lite", "deepseek_v3"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -524,6 +560,64 @@ def test_moe_kbit_routers_kept_experts_packed(arch, tiny, tmp_path):
         runs.clear()
         model(torch.tensor([[7]]), cache=cache)
     assert runs == [1] * (2 * moes[0].top_k)  # k experts a layer, one row each
+
+
+def test_deepseek_kbit_routers_kept_experts_packed(tiny, tmp_path):
+    """DeepSeek-V3 under the default recipe: the routers (mlp.gate.weight and the 1-D
+    e_score_correction_bias) stay unquantized, every expert, shared expert and MLA projection is
+    packed; a decode step of one sequence runs the k chosen experts of each MoE layer."""
+    from kbitformat.io import KbitReader
+    from kbitcli.runner.models.deepseek import MoE
+    folder, _ = tiny("deepseek_v3")
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 32))
+    reader = KbitReader(out)
+    names = reader.names()
+    routers = [n for n in names if ".mlp.gate." in n]
+    assert sorted(routers) == [f"model.layers.{i}.mlp.gate.{w}" for i in (1, 2)
+                               for w in ("e_score_correction_bias", "weight")]
+    assert not any(reader.is_quantized(n) for n in routers)
+    packed = [n for n in names if "_proj" in n]  # 5 attention projections a layer, 3 per MLP / expert
+    assert len(packed) == 3 * 5 + 3 + 2 * 3 * (8 + 1) and all(reader.is_quantized(n) for n in packed)
+    model, _, _ = load(out)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(moes) == 2
+    runs = []
+    for moe in moes:
+        for e in moe.experts:
+            e.register_forward_hook(lambda mod, inp, out: runs.append(inp[0].shape[0]))
+    cache = KVCache(model.num_layers)
+    with torch.no_grad():
+        model(torch.tensor([_ids(6, 8)]), cache=cache)
+        runs.clear()
+        model(torch.tensor([[7]]), cache=cache)
+    assert runs == [1] * (2 * 2)  # k = 2 experts a layer, one row each
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2-lite", "deepseek_v3"])
+def test_deepseek_fused_projections_same_model(arch, tiny, tmp_path):
+    """The two projections of the input in multi-head latent attention (q_proj or q_a_proj, and
+    kv_a_proj_with_mqa) run as one qkv_a_proj, and every expert's gate/up as one layer: the
+    same logits as unfused (float32 rounding; packed decode steps bit for bit)."""
+    folder, _ = tiny(arch)
+    fused, _, _ = load(folder)
+    plain, _, _ = load(folder, fuse=False)
+    attn = [layer.self_attn for layer in fused.model.layers]
+    assert all(a.qkv_a_proj is not None and not hasattr(a, "kv_a_proj_with_mqa") for a in attn)
+    ids = torch.tensor([_ids(9, 5)])
+    with torch.no_grad():
+        a, b = fused(ids), plain(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 32))
+    kf, _, _ = load(out)
+    ku, _, _ = load(out, fuse=False)
+    assert kf.kbit_info["fused"] > 0 and ku.kbit_info["fused"] == 0
+    with torch.no_grad():
+        for m in (kf, ku):
+            m.cache = KVCache(m.num_layers)
+            m(ids, cache=m.cache)
+        for t in _ids(4, 6):
+            step = torch.tensor([[t]])
+            assert torch.equal(kf(step, cache=kf.cache), ku(step, cache=ku.cache))
 
 
 def _set_fused_gemv(model, on: bool) -> int:
@@ -859,6 +953,53 @@ def test_moe_hub_config_keys(arch, tiny, tmp_path):
     ids = _ids(12, 1)
     with torch.no_grad():
         assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_deepseek_hub_config_and_mtp_layer(tiny, tmp_path):
+    """DeepSeek-V3 as the Hub files spell it (Kimi-K2's model_type, the old rope_scaling with
+    "type" and a top-level rope_theta, DeepSeek's own scoring_func / topk_method keys, no
+    head_dim) and a multi-token-prediction layer stored after the last layer, which is ignored."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = tiny("deepseek_v3-yarn")
+    d = tmp_path / "hub"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {"type": rope.pop("rope_type"), **rope, "beta_fast": 32, "beta_slow": 1}
+    for key in ("head_dim", "qk_head_dim"):
+        del cfg[key]
+    cfg.update(model_type="kimi_k2", scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1)
+    (d / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
+    tensors["model.layers.2.mlp.experts.0.up_proj.weight"] = torch.zeros(32, 64)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    model, _, _ = load(d)
+    ids = _ids(12, 1)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_bfloat16_same_bits_as_transformers(arch, tiny):
+    """In bfloat16 the routers stay float32 (loaded and computed so, as transformers keeps them:
+    _keep_in_fp32_modules_strict) and V2 rotates in float32 from float32 tables (its complex
+    rotary): the logits equal transformers' bit for bit (its eager experts, the per-expert loop
+    the runner's grouping computes alike)."""
+    from safetensors.torch import load_file
+    folder, _ = tiny(arch)
+    hf = _configs()[arch]()[1].from_pretrained(folder, dtype=torch.bfloat16, experts_implementation="eager").eval()
+    model, _, _ = load(folder, dtype="bfloat16")
+    gate = model.model.layers[1].mlp.gate
+    stored = load_file(folder / "model.safetensors")
+    assert model.model.layers[1].mlp.experts[0].down_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(gate.weight, stored["model.layers.1.mlp.gate.weight"])
+    if arch == "deepseek_v3":
+        assert torch.equal(gate.e_score_correction_bias, stored["model.layers.1.mlp.gate.e_score_correction_bias"])
+    ids = torch.tensor([_ids(12, 1)])
+    with torch.no_grad():
+        assert torch.equal(model(ids), hf(ids).logits)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
@@ -1315,6 +1456,11 @@ def test_cli_key_value_heads_that_do_not_divide_the_heads(arch, tiny, tmp_path, 
     ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok (5) is more than the 4 experts"),
     ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size must be a positive"),
     ("qwen3_moe", {"mlp_only_layers": ["1"]}, "mlp_only_layers must list layer numbers"),
+    ("deepseek_v2-lite", {"num_experts_per_tok": 5}, "num_experts_per_tok (5) is more than the 4 experts"),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method 'noaux_tc' is not supported for deepseek_v2"),
+    ("deepseek_v3", {"n_group": 3}, "8 experts in n_group 3 groups, of which topk_group 2 are kept, cannot give"),
+    ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not deepseek_v3's ('sigmoid')"),
+    ("deepseek_v3", {"n_group": 8, "topk_group": 4}, "deepseek_v3 ranks each expert group by its two best experts"),
 ])
 def test_cli_bad_moe_config(arch, change, msg, tiny, tmp_path, capsys):
     folder, _ = tiny(arch)
@@ -1329,6 +1475,8 @@ def test_cli_bad_moe_config(arch, change, msg, tiny, tmp_path, capsys):
 @pytest.mark.parametrize("arch,change,msg", [
     ("gptj", {"rotary_dim": 24}, "rotary_dim must be an even positive integer of at most the head size (16)"),
     ("gptj", {"rotary_dim": None}, "rotary_dim is null, which GPT-J reads as the whole embedding (64)"),
+    ("phi", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3125}},
+     "the rotary covers 5 of the 16 features of a head (partial_rotary_factor 0.3125); it must be a positive even"),
     ("gpt_neo", {"attention_types": [[["global", "sparse"], 1], [["local"], 1]]},
      "attention_types must give each of the 3 layers 'global' or 'local' attention"),
     ("gpt_neo", {"attention_types": [[["global", "local"], 1]]}, "attention_types must give each of the 3 layers"),

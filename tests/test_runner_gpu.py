@@ -156,7 +156,7 @@ def test_cuda_graph_decode(arch, spec, tiny, cuda, tmp_path, monkeypatch):
             assert all(m.fused_gemv for m in model.modules() if isinstance(m, KbitLinear) and m.layout == "out_in")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_moe_decode_on_cuda(arch, tiny, cuda, tmp_path):
     """4-bit MoE models on the GPU: auto decodes dynamically (their expert grouping reads the
     host, no CUDA graphs), static steps give the same greedy tokens, and so does the CPU."""

@@ -239,11 +239,14 @@ def load_weights(model: nn.Module, weights, device: torch.device, dtype: torch.d
         setattr(model.get_submodule(parent_name) if parent_name else model, child, kl)
         done.add(wname)
         counts["packed"] += 1
+    # parameters the model keeps in float32 whatever the compute dtype (DeepSeek's routers, as transformers does)
+    float32 = tuple(getattr(model, "float32_parameters", ()))
     for pname in params:
         if pname in done:
             continue
         arr = weights.load(mapping[pname])
-        t = torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).to(device=device, dtype=dtype)
+        t = torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).to(
+            device=device, dtype=torch.float32 if pname.endswith(float32) else dtype)
         _set_param(model, pname, t)
         counts["dense"] += 1
     return counts

@@ -39,6 +39,8 @@ MODEL_MODULES: dict[str, str] = {
     "mixtral": "moe",
     "qwen2_moe": "moe",
     "qwen3_moe": "moe",
+    "deepseek_v2": "deepseek",
+    "deepseek_v3": "deepseek",
     "gemma": "gemma",
     "gemma2": "gemma",
     "gemma3_text": "gemma",

@@ -413,6 +413,10 @@ def rope_inv_freq(settings: Mapping[str, Any], head_dim: int) -> torch.Tensor:
                          f"(supported: {', '.join(SUPPORTED_ROPE)})")
     base = settings["rope_theta"]
     dim = int(head_dim * settings["partial_rotary_factor"])
+    if dim <= 0 or dim % 2:  # the features rotate in pairs (transformers fails on such a model too)
+        raise InputError(f"config.json: the rotary covers {dim} of the {head_dim} features of a head "
+                         f"(partial_rotary_factor {settings['partial_rotary_factor']}); it must be a positive "
+                         "even number")
     pos = _rope_powers(base, dim)
     inv_freq = 1.0 / pos
     try:

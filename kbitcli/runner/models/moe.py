@@ -125,6 +125,26 @@ class MixtralExpert(nn.Module):
         return self.w2(self.act(gate) * up)
 
 
+def run_experts(experts: nn.ModuleList, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The routed experts' output for tokens x [N, hidden] that chose the experts `chosen` [N, k]
+    with `weights` [N, k]: each chosen expert runs once over the tokens that chose it, and the
+    weighted outputs are summed in expert order (as transformers does). The (token, choice) pairs
+    are grouped by expert with one read of the counts on the host."""
+    top_k = chosen.shape[-1]
+    flat = chosen.flatten()
+    order = torch.argsort(flat, stable=True)
+    tokens, weights = order // top_k, weights.flatten()[order]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, n in zip(experts, torch.bincount(flat, minlength=len(experts)).tolist()):
+        if n:
+            idx = tokens[start:start + n]
+            y = expert(x[idx]) * weights[start:start + n, None]
+            out.index_add_(0, idx, y.to(x.dtype))
+            start += n
+    return out
+
+
 class SparseMoe(nn.Module):
     """The router (`gate`), the experts and, for Qwen2-MoE, the shared expert."""
 
@@ -151,18 +171,7 @@ class SparseMoe(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if not self.mixtral:  # Qwen rounds the weights to the compute dtype; Mixtral keeps them in float32
             weights = weights.to(x.dtype)
-        # the (token, choice) pairs grouped by expert, in expert order: one read of the counts on the host
-        flat = chosen.flatten()
-        order = torch.argsort(flat, stable=True)
-        tokens, weights = order // self.top_k, weights.flatten()[order]
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, n in zip(self.experts, torch.bincount(flat, minlength=len(self.experts)).tolist()):
-            if n:
-                idx = tokens[start:start + n]
-                y = expert(x[idx]) * weights[start:start + n, None]
-                out.index_add_(0, idx, y.to(x.dtype))
-                start += n
+        out = run_experts(self.experts, x, chosen, weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
