@@ -1794,3 +1794,121 @@ def test_more_gguf_that_cannot_be_rebuilt_is_refused(tmp_path, arch, meta, messa
     _write(w)
     with pytest.raises(InputError, match=re.escape(message)):
         open_source(tmp_path / "m.gguf").config()
+
+
+# -- checkpoints already quantized -------------------------------------------------------------
+
+def _fp8_blocks(w: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [r, c] -> (float8 e4m3 values, float32 scale_inv [ceil(r / bm), ceil(c / bn)]) as the
+    fine-grained fp8 checkpoints store it (DeepSeek-V3's block quantizer: amax / 448 per block)."""
+    r, c = w.shape
+    R, C = -(-r // bm), -(-c // bn)
+    pad = torch.zeros(R * bm, C * bn)
+    pad[:r, :c] = w
+    blocks = pad.view(R, bm, C, bn)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(R * bm, C * bn)[:r, :c].contiguous()
+    return q, scale.float()
+
+
+def _fp8_model(tmp_path: Path, bm: int = 32, bn: int = 48):
+    """A tiny Llama stored as a fine-grained fp8 checkpoint (the blocks' weights float8 with
+    weight_scale_inv, the rest bfloat16), and the same model with those weights dequantized by
+    torch (float32 folder): (fp8 folder, dequantized folder, names of the fp8 weights)."""
+    import transformers as tf
+    from test_runner import _write_tokenizer
+
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = tf.LlamaForCausalLM(cfg).eval()
+    fp8, deq, names = tmp_path / "fp8", tmp_path / "deq", []
+    m.save_pretrained(deq)
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    stored = {}
+    for k, v in sd.items():
+        if v.dim() == 2 and ".layers." in k:
+            q, s = _fp8_blocks(v.float(), bm, bn)
+            stored[k], stored[k + "_scale_inv"] = q, s
+            sd[k] = q.float() * s.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:v.shape[0], :v.shape[1]]
+            names.append(k)
+        else:
+            stored[k] = v.to(torch.bfloat16)
+            sd[k] = stored[k].float()
+    fp8.mkdir()
+    save_file(stored, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
+    save_file(sd, str(deq / "model.safetensors"), metadata={"format": "pt"})
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [bm, bn]}
+    (fp8 / "config.json").write_text(json.dumps({**json.loads((deq / "config.json").read_text()),
+                                                 "quantization_config": qc}))
+    for d in (fp8, deq):
+        _write_tokenizer(d)
+    return fp8, deq, names
+
+
+def test_fp8_block_scaled_checkpoint_reads_as_its_values(tmp_path):
+    """DeepSeek-V3 / Qwen3-FP8 style checkpoints: each float8 weight reads as its values times
+    its block of weight_scale_inv (blocks that do not divide the shape cut at the edge), the scale
+    tensors are not listed; the runner, and kbit quantize of it, give what they give for the same
+    weights dequantized by torch."""
+    from kbitcli.cli.main import main
+    from kbitcli.runner import load
+
+    fp8, deq, names = _fp8_model(tmp_path)
+    src, ref = open_source(fp8), open_source(deq)
+    assert {t.name for t in src.tensors()} == {t.name for t in ref.tensors()}
+    for n in names:
+        assert src.tensor(n).dtype == "float8_e4m3fn"
+        np.testing.assert_array_equal(src.load(n), ref.load(n), err_msg=n)
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 64]])
+    with torch.no_grad():
+        want = load(deq)[0](ids)
+        assert torch.equal(load(fp8)[0](ids), want)
+        for d in (fp8, deq):
+            assert main(["quantize", str(d), str(tmp_path / f"q-{d.name}"), "-k", "8", "--quiet"]) == 0
+        a, b = load(tmp_path / "q-fp8")[0](ids), load(tmp_path / "q-deq")[0](ids)
+    assert torch.equal(a, b)
+    assert (a - want).abs().max().item() < 0.05 * want.abs().max().item()
+    out_cfg = json.loads((tmp_path / "q-fp8" / "config.json").read_text())
+    assert out_cfg["quantization_config"]["quant_method"] == "kbit"
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({"quant_method": "gptq", "bits": 4}, "is already quantized (gptq"),
+    ({"quant_method": "awq"}, "is already quantized (awq"),
+    ({"quant_method": "fp8"}, "is already quantized (fp8 with weight_block_size None"),
+])
+def test_quantized_checkpoint_of_another_kind_is_refused(tmp_path, qc, message, capsys):
+    from kbitcli.cli.main import main
+
+    fp8, _, _ = _fp8_model(tmp_path)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    (fp8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    capsys.readouterr()
+    assert main(["quantize", str(fp8), str(tmp_path / "out"), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_weight_without_its_scales_is_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    fp8, _, names = _fp8_model(tmp_path)
+    sd = load_file(str(fp8 / "model.safetensors"))
+    del sd[names[0] + "_scale_inv"]
+    save_file(sd, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="has no block scales"):
+        open_source(fp8)
+
+
+def test_quantized_bin_checkpoint_is_refused(tmp_path):
+    """The same check for PyTorch .bin folders (fp8 block scales are read from safetensors only)."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save({"model.layers.0.mlp.down_proj.weight": torch.zeros(4, 4)}, d / "pytorch_model.bin")
+    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+                                                                       "weight_block_size": [128, 128]}}))
+    with pytest.raises(InputError, match=r"already quantized \(fp8.*kbit converts float checkpoints \(bf16, fp16, "
+                                         r"fp32\): convert from the original model"):
+        open_source(d)

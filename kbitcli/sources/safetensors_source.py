@@ -20,6 +20,7 @@ from kbitcli.sources._base import (
     SourceTensor,
     bf16_bits_to_float32,
     float8_bits_to_float32,
+    fp8_block_size,
     read_json,
     shard_group,
 )
@@ -101,6 +102,41 @@ class SafetensorsSource(BaseSource):
                     f"the index says tensor {n!r} is in {index[n]}, but that file does not hold it"
                     + (f" ({len(absent) - 1} more tensors missing)" if len(absent) > 1 else "")
                 )
+        #: float8 weight -> (its block scale tensor, block rows, block columns), and the scale
+        #: tensors, not listed: see _fp8_blocks
+        self._fp8_scales: dict[str, tuple[str, int, int]] = {}
+        self._scale_infos: dict[str, SourceTensor] = {}
+        self._fp8_blocks()
+
+    def _fp8_blocks(self) -> None:
+        """A checkpoint quantized to fp8 with block scales (_base.fp8_block_size; any other
+        quantized one is refused there): each float8 `X.weight` reads as its values times its
+        `X.weight_scale_inv`, block by block, as transformers dequantizes it (load_raw gives the
+        stored float8 bits), and the scale tensors are not listed."""
+        where = self.folder or self.path
+        block = fp8_block_size(self.config(), where)
+        if block is None:
+            return
+        bm, bn = block
+        for name, info in list(self._infos.items()):
+            if not info.dtype.startswith("float8"):
+                continue
+            sname = name[:-len("weight")] + "weight_scale_inv"
+            scale = self._infos.get(sname) if name.endswith(".weight") else None
+            if scale is None or len(info.shape) != 2:
+                raise InputError(f"{where}: the float8 tensor {name!r} of this fp8 checkpoint has no block scales "
+                                 f"({sname}) for a 2-D weight; kbit cannot read its values")
+            want = (-(-info.shape[0] // bm), -(-info.shape[1] // bn))
+            if tuple(scale.shape) != want or not scale.is_float:
+                raise InputError(f"{where}: {sname} has shape {list(scale.shape)} ({scale.dtype}); the weight "
+                                 f"{list(info.shape)} in blocks of {bm}x{bn} needs float scales of shape {list(want)}")
+            self._fp8_scales[name] = (sname, bm, bn)
+        for sname, _, _ in self._fp8_scales.values():
+            self._scale_infos[sname] = self._infos.pop(sname)
+        stray = [n for n in self._infos if n.endswith(("_scale_inv", ".weight_scale", ".input_scale"))]
+        if stray:
+            raise InputError(f"{where}: the scale tensor {stray[0]!r} belongs to no float8 weight kbit knows how "
+                             "to read")
 
     def _bytes(self, e: _Entry) -> np.ndarray:
         """The tensor's bytes, memory-mapped just for this read: the callers copy them out,
@@ -161,7 +197,12 @@ class SafetensorsSource(BaseSource):
         if info.dtype == "bfloat16":
             return bf16_bits_to_float32(vals)
         if info.dtype.startswith("float8"):
-            return float8_bits_to_float32(vals, info.dtype)
+            out = float8_bits_to_float32(vals, info.dtype)
+            if info.name in self._fp8_scales:  # times its block scales (see _fp8_blocks)
+                sname, bm, bn = self._fp8_scales[info.name]
+                s = self._load_float(self._scale_infos[sname])
+                out *= np.repeat(np.repeat(s, bm, axis=0), bn, axis=1)[:out.shape[0], :out.shape[1]]
+            return out
         return vals.astype(np.float32)  # always a copy, even from float32
 
     def close(self) -> None:

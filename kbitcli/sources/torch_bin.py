@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kbitcli.errors import InputError
-from kbitcli.sources._base import BaseSource, SourceTensor, read_json, shard_group
+from kbitcli.sources._base import BaseSource, SourceTensor, fp8_block_size, read_json, shard_group
 
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 
@@ -75,6 +75,7 @@ class TorchBinSource(BaseSource):
 
     def __init__(self, path: Path, files: list[Path], index: dict[str, str] | None, folder: Path) -> None:
         super().__init__(path, folder)
+        fp8_block_size(self.config(), folder, fp8=False)  # a quantized checkpoint is refused
         self.files = files
         self._where: dict[str, Path] = {}
         self._cached: tuple[Path, dict] | None = None
