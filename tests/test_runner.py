@@ -550,16 +550,24 @@ def test_moe_kbit_routers_kept_experts_packed(arch, tiny, tmp_path):
     for moe in moes:
         assert type(moe.gate) is torch.nn.Linear
         assert all(isinstance(e.gate_up_proj, KbitLinear) for e in moe.experts)  # fused on load
+    # k experts a layer, one row each
+    assert _expert_rows_of_a_decode_step(model, moes) == [1] * (2 * moes[0].top_k)
+
+
+def _expert_rows_of_a_decode_step(model, moes) -> list[int]:
+    """The rows each expert call of the MoE layers `moes` gets in one decode step of one sequence
+    (after a 6-token prompt): one call per chosen expert, one row each."""
     runs = []
-    for moe in moes:
-        for e in moe.experts:
-            e.register_forward_hook(lambda mod, inp, out: runs.append(inp[0].shape[0]))
+    hooks = [e.register_forward_hook(lambda mod, inp, out: runs.append(inp[0].shape[0]))
+             for moe in moes for e in moe.experts]
     cache = KVCache(model.num_layers)
     with torch.no_grad():
         model(torch.tensor([_ids(6, 8)]), cache=cache)
         runs.clear()
         model(torch.tensor([[7]]), cache=cache)
-    assert runs == [1] * (2 * moes[0].top_k)  # k experts a layer, one row each
+    for h in hooks:
+        h.remove()
+    return runs
 
 
 def test_deepseek_kbit_routers_kept_experts_packed(tiny, tmp_path):
@@ -581,16 +589,7 @@ def test_deepseek_kbit_routers_kept_experts_packed(tiny, tmp_path):
     model, _, _ = load(out)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert len(moes) == 2
-    runs = []
-    for moe in moes:
-        for e in moe.experts:
-            e.register_forward_hook(lambda mod, inp, out: runs.append(inp[0].shape[0]))
-    cache = KVCache(model.num_layers)
-    with torch.no_grad():
-        model(torch.tensor([_ids(6, 8)]), cache=cache)
-        runs.clear()
-        model(torch.tensor([[7]]), cache=cache)
-    assert runs == [1] * (2 * 2)  # k = 2 experts a layer, one row each
+    assert _expert_rows_of_a_decode_step(model, moes) == [1] * (2 * 2)  # k = 2 experts a layer, one row each
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2-lite", "deepseek_v3"])
