@@ -38,7 +38,7 @@ VOCAB = 100
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt",
          "bloom", "smollm3", "granite", "olmo2", "olmo3", "stablelm", "phi", "starcoder2", "mixtral", "qwen2_moe",
          "qwen3_moe", "deepseek_v2", "deepseek_v3", "gptj", "gpt_neo", "gpt_bigcode", "falcon", "cohere", "cohere2",
-         "llava", "mistral3", "idefics3", "qwen2_5_vl")
+         "llava", "mistral3", "idefics3", "qwen2_5_vl", "arcee", "ernie4_5", "seed_oss")
 
 
 def model_for(r: random.Random, arch: str):
@@ -92,6 +92,16 @@ def model_for(r: random.Random, arch: str):
         if arch == "olmo2":
             return tf.Olmo2Config(tie_word_embeddings=r.random() < .3, **dec), tf.Olmo2ForCausalLM
         return tf.Olmo3Config(sliding_window=r.choice([3, 6]), **dec), tf.Olmo3ForCausalLM
+    if arch == "arcee":
+        return tf.ArceeConfig(attention_bias=r.random() < .3, mlp_bias=r.random() < .3,
+                              tie_word_embeddings=r.random() < .5, **dec), tf.ArceeForCausalLM
+    if arch == "ernie4_5":
+        return tf.Ernie4_5Config(head_dim=r.choice([8, 16, 32]), use_bias=r.random() < .5,
+                                 tie_word_embeddings=r.random() < .7, **dec), tf.Ernie4_5ForCausalLM
+    if arch == "seed_oss":
+        return tf.SeedOssConfig(head_dim=r.choice([8, 16, 32]), attention_bias=r.random() < .7,
+                                attention_out_bias=r.random() < .3, tie_word_embeddings=r.random() < .3,
+                                **dec), tf.SeedOssForCausalLM
     if arch == "stablelm":
         return tf.StableLmConfig(use_qkv_bias=r.random() < .5, qk_layernorm=r.random() < .5,
                                  use_parallel_residual=r.random() < .5, **dec), tf.StableLmForCausalLM

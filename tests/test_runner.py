@@ -103,6 +103,22 @@ def _configs():
                                                           "sliding_attention": {"rope_type": "default",
                                                                                 "rope_theta": 5e4}},
                                          max_position_embeddings=128, **common), tf.Olmo3ForCausalLM),
+        # Arcee AFM: up -> ReLU² -> down, no gate
+        "arcee": lambda: (tf.ArceeConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, **common), tf.ArceeForCausalLM),
+        # ERNIE 4.5: the interleaved rotary, use_bias on all seven projections, tied by default
+        "ernie4_5": lambda: (tf.Ernie4_5Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                               use_bias=True, max_position_embeddings=128, **common),
+                             tf.Ernie4_5ForCausalLM),
+        # Seed-OSS: q/k/v biases (attention_bias) but none on o_proj (attention_out_bias), as
+        # Seed-OSS-36B; head_dim 24
+        "seed_oss": lambda: (tf.SeedOssConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                              attention_bias=True, attention_out_bias=False,
+                                              max_position_embeddings=128, **common),
+                             tf.SeedOssForCausalLM),
         # Phi-3: stored-fused qkv_proj / gate_up_proj, partial rotary (Phi-4-mini), a window
         "phi3": lambda: (tf.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
@@ -510,7 +526,8 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3", "gemma2", "gemma3-mm", "phi3", "smollm3-window",
                                   "granite", "olmo2", "stablelm", "phi-qk", "starcoder2", "mixtral", "qwen2_moe",
                                   "qwen3_moe", "llava", "qwen2_5_vl", "cohere", "cohere2", "gptj", "gpt_neo",
-                                  "gpt_bigcode", "falcon-40b", "deepseek_v2-lite", "deepseek_v3"])
+                                  "gpt_bigcode", "falcon-40b", "deepseek_v2-lite", "deepseek_v3", "arcee",
+                                  "ernie4_5", "seed_oss"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -725,7 +742,8 @@ def test_fuse_linears_refuses_layers_that_cannot_share_one():
 @pytest.mark.parametrize("arch,groups", [("llama", 2), ("llama-tied-bias", 2), ("qwen2", 2), ("mistral", 2),
                                          ("qwen3", 2), ("gemma", 2), ("gemma3", 2), ("opt", 1), ("gpt2", 0),
                                          ("smollm3", 2), ("granite", 2), ("olmo2", 2),
-                                         ("stablelm", 2), ("phi", 1), ("starcoder2", 1), ("gptj", 1), ("gpt_neo", 1)])
+                                         ("stablelm", 2), ("phi", 1), ("starcoder2", 1), ("gptj", 1), ("gpt_neo", 1),
+                                         ("arcee", 1), ("ernie4_5", 2), ("seed_oss", 2)])
 def test_fused_projections_same_model(arch, groups, tiny, tmp_path):
     """load(fuse=True) runs q/k/v (and gate/up) as one layer: the same logits as the unfused
     model (plain checkpoint: within float32 rounding; packed kbit decode steps: bit for bit)."""
@@ -1038,6 +1056,25 @@ def test_smollm3_config_defaults(arch, drop, tiny, tmp_path):
     ids = _ids(12, 4)
     with torch.no_grad():
         assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch,cls", [("arcee", "ArceeConfig"), ("ernie4_5", "Ernie4_5Config"),
+                                      ("seed_oss", "SeedOssConfig")])
+def test_llamalike_config_defaults(arch, cls):
+    """A config.json naming only the sizes gets the transformers configuration class's defaults
+    (head_dim, epsilon, activation, tied head, biases, RoPE theta)."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+    _, a = build_args({"model_type": arch, **sizes})
+    ref = getattr(tf, cls)(**sizes)
+    assert a.head_dim == ref.head_dim and a.rms_norm_eps == ref.rms_norm_eps and a.hidden_act == ref.hidden_act
+    assert a.tie_word_embeddings == ref.tie_word_embeddings
+    assert a.rope["rope_theta"] == ref.rope_parameters["rope_theta"]
+    bias = getattr(ref, "use_bias", None)
+    assert (a.qkv_bias, a.o_bias, a.mlp_bias) == (
+        (bias, bias, bias) if bias is not None
+        else (ref.attention_bias, getattr(ref, "attention_out_bias", ref.attention_bias), ref.mlp_bias))
 
 
 def test_olmo3_config_before_rope_per_layer_type(tiny, tmp_path):

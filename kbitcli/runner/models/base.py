@@ -571,6 +571,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),  # ReLU² (Arcee)
     "gelu": F.gelu,
     "gelu_new": _gelu_tanh,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
