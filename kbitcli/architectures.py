@@ -77,11 +77,24 @@ def describe_supported() -> str:
     return ", ".join(f"{'/'.join(cs)} ({mt})" for mt, cs in SUPPORTED_ARCHITECTURES.items())
 
 
+def config_classes(config: Mapping[str, Any]) -> list[str]:
+    """The class names config.json lists under "architectures" (a single string counts as one)."""
+    archs = config.get("architectures") or []
+    return [archs] if isinstance(archs, str) else list(archs)
+
+
+def config_model_types(config: Mapping[str, Any]) -> list[str]:
+    """The supported model_types a config names: by its classes when it lists any (a supported
+    model_type with an unsupported head class names none), else by its model_type."""
+    archs = config_classes(config)
+    if archs:
+        return [mt for mt, cs in SUPPORTED_ARCHITECTURES.items() if any(a in cs for a in archs)]
+    return [mt for mt in [str(config.get("model_type") or "")] if mt in SUPPORTED_MODEL_TYPES]
+
+
 def config_architecture(config: Mapping[str, Any]) -> str:
     """A short label of a config's architecture: its first class name, else its model_type."""
-    archs = config.get("architectures") or []
-    if isinstance(archs, str):
-        archs = [archs]
+    archs = config_classes(config)
     if archs:
         return str(archs[0])
     return str(config.get("model_type") or "unknown")
@@ -95,25 +108,14 @@ def is_supported_config(config: Mapping[str, Any]) -> bool:
     otherwise the model_type decides. A multimodal class (MULTIMODAL_TEXT) needs a language model
     of LANGUAGE_MODELS in its text_config.
     """
-    archs = config.get("architectures") or []
-    if isinstance(archs, str):
-        archs = [archs]
-    if archs:
-        types = [mt for mt, cs in SUPPORTED_ARCHITECTURES.items() if any(a in cs for a in archs)]
-    else:
-        types = [mt for mt in [str(config.get("model_type") or "")] if mt in SUPPORTED_MODEL_TYPES]
     # a multimodal class counts when its language model is one kbit runs
-    return any(mt not in MULTIMODAL_TEXT or language_model_type(config, mt) is not None for mt in types)
+    return any(mt not in MULTIMODAL_TEXT or language_model_type(config, mt) is not None
+               for mt in config_model_types(config))
 
 
 def is_multimodal_config(config: Mapping[str, Any]) -> bool:
     """True when config.json names one of the multimodal wrappers of MULTIMODAL_TEXT."""
-    archs = config.get("architectures") or []
-    if isinstance(archs, str):
-        archs = [archs]
-    if archs:
-        return any(a in SUPPORTED_ARCHITECTURES[mt] for mt in MULTIMODAL_TEXT for a in archs)
-    return str(config.get("model_type") or "") in MULTIMODAL_TEXT
+    return any(mt in MULTIMODAL_TEXT for mt in config_model_types(config))
 
 
 def language_model_type(config: Mapping[str, Any], model_type: str) -> str | None:

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from kbitcli.architectures import (LANGUAGE_MODELS, MULTIMODAL_TEXT, SUPPORTED_ARCHITECTURES, config_architecture,
-                                describe_supported, language_model_type)
+                                   config_classes, describe_supported, language_model_type)
 from kbitcli.errors import UnsupportedArchitectureError
 
 #: model_type -> module of kbitcli.runner.models
@@ -67,9 +67,7 @@ def model_type_of(config: Mapping[str, Any]) -> str:
     """The supported model_type of a config (by its architectures class, else model_type);
     UnsupportedArchitectureError listing the supported ones otherwise, or naming the language
     model of a multimodal class when kbit does not run that one."""
-    archs = config.get("architectures") or []
-    if isinstance(archs, str):
-        archs = [archs]
+    archs = config_classes(config)
     found = next((_CLASS_TO_TYPE[a] for a in archs if a in _CLASS_TO_TYPE and _CLASS_TO_TYPE[a] in MODEL_MODULES), None)
     mt = str(config.get("model_type") or "")
     if found is None and not archs and mt in MODEL_MODULES and mt in SUPPORTED_ARCHITECTURES:
