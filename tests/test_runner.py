@@ -998,6 +998,24 @@ def test_deepseek_hub_config_and_mtp_layer(tiny, tmp_path):
         assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v2-lite", "deepseek_v3"])
+def test_deepseek_cache_holds_the_compressed_kv(arch, tiny):
+    """The KV cache keeps MLA's compressed kv and the shared rotated key, one "head" of
+    kv_lora_rank + qk_rope_head_dim features a position (no expanded per-head keys or values),
+    and decode steps over it (kv_b_proj absorbed) give transformers' logits at every position."""
+    folder, hf = tiny(arch)
+    model, _, _ = load(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    ids = _ids(12, 1)
+    cache = KVCache(model.num_layers)
+    with torch.no_grad():
+        steps = [model(torch.tensor([ids[:8]]), cache=cache)[0]]
+        steps += [model(torch.tensor([[t]]), cache=cache)[0] for t in ids[8:]]
+    assert cache.k[0].shape[:2] == (1, 1) and cache.k[0].shape[3] == cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    assert cache.v[0].shape[3] == 0
+    assert (torch.cat(steps) - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
 def test_deepseek_bfloat16_same_bits_as_transformers(arch, tiny):
     """In bfloat16 the routers stay float32 (loaded and computed so, as transformers keeps them:

@@ -18,8 +18,14 @@ Multi-head latent attention (MLA):
   cos and sin is base.Rotary's);
 * the q_a / kv_a norms have epsilon 1e-6 whatever rms_norm_eps says (transformers and DeepSeek's
   own code build them with the default).
-The KV cache holds the expanded per-head keys (qk_nope + qk_rope features) and values (v_head_dim
-features), not the compressed kv: simplest, at the cost of more cache memory than MLA needs.
+The KV cache holds what MLA means it to hold: per position, the normalised compressed kv
+(kv_lora_rank features) and the rotated shared key (qk_rope_head_dim), one "head" for all heads
+(DeepSeek-V3: 576 numbers a position and layer, against 128 x (192 + 128) expanded). The prompt
+pass without earlier positions attends as transformers does, through the expanded keys and values
+(so its logits are transformers' bit for bit); a pass with cached positions absorbs kv_b_proj
+into the query and the output instead (each head's query times its key block of kv_b_proj
+attends over the compressed kv; the result times its value block is the head's output), the
+same product in another order.
 `q_proj` / `q_a_proj` and `kv_a_proj_with_mqa` read the same input and fuse into one layer.
 
 DeepSeekMoE: the first `first_k_dense_replace` layers have a dense llama.MLP (intermediate_size),
@@ -162,7 +168,7 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Attention(nn.Module):
-    """Multi-head latent attention; the cache holds the expanded keys and values."""
+    """Multi-head latent attention; the cache holds the compressed kv and the rotated key."""
 
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__()
@@ -201,13 +207,30 @@ class Attention(nn.Module):
         q_nope, q_rot = q.view(B, S, self.nh, self.nope + self.rope).transpose(1, 2).split((self.nope, self.rope), -1)
         latent, k_rot = kv.split((self.rank, self.rope), dim=-1)
         q_rot, k_rot = self.rotate(q_rot, cos, sin), self.rotate(k_rot[:, None], cos, sin)  # k_rot: one head
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, S, self.nh, self.nope + self.vd).transpose(1, 2)
+        latent = self.kv_a_layernorm(latent)
+        if cache is not None:
+            # one cached "head" [B, 1, T, rank + rope]; the values are its first rank features (the
+            # cache's value slot stays empty)
+            cached, _ = cache.update(self.layer, torch.cat((latent[:, None], k_rot), dim=-1),
+                                     latent.new_empty(B, 1, S, 0))
+            if cache.static or cache.length:
+                return self.o_proj(self.absorbed(q_nope, q_rot, cached, step))
+        kv = self.kv_b_proj(latent).view(B, S, self.nh, self.nope + self.vd).transpose(1, 2)
         k_nope, v = kv.split((self.nope, self.vd), dim=-1)
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(B, self.nh, S, self.rope)), dim=-1)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
         return self.o_proj(attention(q, k, v, step, self.scale))
+
+    def absorbed(self, q_nope, q_rot, cached, step):
+        """Attention over the cached compressed kv [B, 1, T, rank + rope]: kv_b_proj's key block
+        turns each head's query into the compressed space, its value block turns the attended
+        compressed kv into the head's value (same scale: the scores are the same products)."""
+        w = self.kv_b_proj.weight.view(self.nh, self.nope + self.vd, self.rank)
+        w_k, w_v = w[:, :self.nope], w[:, self.nope:]
+        q = torch.cat((torch.einsum("bhsn,hnr->bhsr", q_nope, w_k), q_rot), dim=-1)
+        out = attention(q, cached, cached[..., :self.rank], step, self.scale)  # [B, S, heads * rank]
+        B, S, _ = out.shape
+        return torch.einsum("bshr,hvr->bshv", out.view(B, S, self.nh, self.rank), w_v).reshape(B, S, -1)
 
     def rotate(self, x, cos, sin):
         """The rotary of the rope features [B, heads, S, qk_rope_head_dim]."""
