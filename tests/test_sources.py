@@ -1341,9 +1341,11 @@ _MOE_GGUF_EXPERTS = {"mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{}.w
                               "ffn_down_exps": "mlp.experts.{}.down_proj"}}
 
 
-def _moe_gguf(tmp_path: Path, arch: str):
+def _moe_gguf(tmp_path: Path, arch: str, experts: str = "stacked"):
     """A tiny transformers MoE model of `arch` ("mixtral", "qwen2moe", "qwen3moe") written into
-    tmp_path/src/m.gguf as llama.cpp writes one; returns (model, its checkpoint, tokenizer, path)."""
+    tmp_path/src/m.gguf as llama.cpp writes one, its experts "stacked", "fused" (--fuse-gate-up-exps:
+    ffn_gate_up_exps, each expert's gate rows then its up rows) or "apart" (older Mixtral files:
+    blk.N.ffn_gate.E.weight ...); returns (model, its checkpoint, tokenizer, path)."""
     import gguf
     import transformers as tf
     from safetensors.numpy import load_file
@@ -1401,16 +1403,28 @@ def _moe_gguf(tmp_path: Path, arch: str):
                 a = a.reshape(-1)  # [1, 48] stored as a vector
             w.add_tensor(f"blk.{i}.{_MOE_GGUF_NAMES[part]}.{kind}", a)
     for i in range(2):
+        stacked = {}
         for gname, hname in _MOE_GGUF_EXPERTS["mixtral" if arch == "mixtral" else "qwen"].items():
-            stacked = np.stack([sd[f"model.layers.{i}.{hname.format(e)}.weight"] for e in range(n_exp)])
-            w.add_tensor(f"blk.{i}.{gname}.weight", stacked.astype(np.float16) if gname == "ffn_up_exps" else stacked)
+            stacked[gname] = np.stack([sd[f"model.layers.{i}.{hname.format(e)}.weight"] for e in range(n_exp)])
+            if gname == "ffn_up_exps":
+                stacked[gname] = stacked[gname].astype(np.float16)
+        if experts == "fused":  # ModelBase.modify_tensors: torch.cat([gate, up], dim=1)
+            up = stacked.pop("ffn_up_exps").astype(np.float32)
+            stacked["ffn_gate_up_exps"] = np.concatenate([stacked.pop("ffn_gate_exps"), up], axis=1)
+        for gname, a in stacked.items():
+            if experts == "apart":
+                for e in range(n_exp):
+                    w.add_tensor(f"blk.{i}.{gname[:-5]}.{e}.weight", a[e])
+            else:
+                w.add_tensor(f"blk.{i}.{gname}.weight", a)
     _write(w)
     return model, sd, tok, path
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "qwen3moe"])
-def test_moe_gguf_runs_like_transformers(tmp_path, arch):
-    hf, sd, tok, path = _moe_gguf(tmp_path, arch)
+@pytest.mark.parametrize("arch,experts", [("mixtral", "stacked"), ("qwen2moe", "stacked"), ("qwen3moe", "stacked"),
+                                          ("mixtral", "apart"), ("qwen3moe", "fused")])
+def test_moe_gguf_runs_like_transformers(tmp_path, arch, experts):
+    hf, sd, tok, path = _moe_gguf(tmp_path, arch, experts)
     src = open_source(path)
     cfg = src.config()
     assert (cfg["model_type"], cfg["architectures"]) == (hf.config.model_type, [type(hf).__name__])
@@ -1463,25 +1477,203 @@ def test_moe_gguf_expert_reads_one_slice(tmp_path):
 
 
 def test_moe_gguf_bad_expert_tensors(tmp_path):
-    """Stacked experts that disagree with expert_count, or experts in an architecture kbit reads
-    only dense, are refused clearly."""
+    """Stacked (or gate-up fused, or per-expert) experts that disagree with expert_count, or experts
+    in an architecture kbit reads only dense, are refused clearly."""
     import gguf
 
-    def write(arch: str, n_stacked: int) -> Path:
-        p = tmp_path / f"{arch}{n_stacked}.gguf"
+    def write(arch: str, n_stacked: int, name: str = "blk.0.ffn_gate_exps.weight", rows: int = 8) -> Path:
+        p = tmp_path / f"{arch}{n_stacked}{name}.gguf"
         w = gguf.GGUFWriter(str(p), arch)
         for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8), ("feed_forward_length", 8),
                      ("attention.head_count", 2), ("expert_count", 4), ("expert_used_count", 2)):
             w.add_uint32(f"{arch}.{k}", v)
         w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-        w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((n_stacked, 8, 8), dtype=np.float32))
+        w.add_tensor(name, np.zeros((n_stacked, rows, 8) if n_stacked else (rows, 8), dtype=np.float32))
         _write(w)
         return p
 
     with pytest.raises(InputError, match="not the 4 stacked experts"):
         open_source(write("llama", 3))
+    with pytest.raises(InputError, match="not the 4 stacked experts"):  # gate and up rows of unequal halves
+        open_source(write("llama", 4, "blk.0.ffn_gate_up_exps.weight", 15))
+    with pytest.raises(InputError, match="an expert beyond the 4"):  # an older Mixtral file's experts apart
+        open_source(write("llama", 0, "blk.0.ffn_gate.4.weight"))
     with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts qwen2 model"):
         open_source(write("qwen2", 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek (deepseek2): multi-head latent attention, a dense leading layer, routed experts stacked
+# and shared experts. "v3": DeepSeek-V3 as llama.cpp's converter writes it since its MLA change
+# (kv_b_proj split into attn_k_b / attn_v_b, head_count_kv 1, the MLA sizes as key_length_mla /
+# value_length_mla, a sigmoid router with exp_probs_b, grouped, renormalised, scaled; YaRN as
+# yarn_log_multiplier); "v2-lite": DeepSeek-V2-Lite as older converters wrote it (attn_q,
+# attn_kv_b whole, the per-head sizes as key_length / value_length, no gating function: softmax).
+# attn_k_b / attn_v_b as F16 ("v3": kv_b_proj reads as float16) or Q8_0 ("v3-q8": as their float32 values)
+
+_DEEPSEEK_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a",
+                        "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
+                        "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+                        "self_attn.kv_b_proj": "attn_kv_b", "self_attn.o_proj": "attn_output",
+                        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                        "mlp.gate": "ffn_gate_inp", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+                        "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+
+
+def _deepseek_gguf(tmp_path: Path, variant: str, meta: dict | None = None, drop: str | None = None):
+    """A tiny transformers DeepSeek model written into tmp_path/src/m.gguf as llama.cpp's converter
+    writes one, with the metadata `meta` added and the tensors ending in `drop` left out; returns
+    (model, its checkpoint, tokenizer, path)."""
+    import gguf
+    import transformers as tf
+    from safetensors.numpy import load_file
+
+    tok = _original_tokenizer("qwen2")
+    nh, rank, nope, rope, vd = 4, 32, 32, 8, 12  # Q8_0 blocks of 32 along qk_nope (attn_k_b) and the rank
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
+                  num_hidden_layers=3, num_attention_heads=nh, num_key_value_heads=nh, kv_lora_rank=rank,
+                  qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=vd, num_experts_per_tok=2,
+                  first_k_dense_replace=1, rms_norm_eps=1e-6, max_position_embeddings=64, bos_token_id=0,
+                  eos_token_id=1)
+    v3 = variant.startswith("v3")
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    if v3:  # the rotary on adjacent pairs (llama.cpp's), YaRN with mscale = mscale_all_dim
+        cfg = tf.DeepseekV3Config(q_lora_rank=20, n_routed_experts=8, n_shared_experts=2, n_group=4, topk_group=2,
+                                  norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True,
+                                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                   "original_max_position_embeddings": 16, "mscale": 0.8,
+                                                   "mscale_all_dim": 0.8}, **common)
+        cls = tf.DeepseekV3ForCausalLM
+    else:
+        cfg, cls = tf.DeepseekV2Config(q_lora_rank=None, n_routed_experts=4, n_shared_experts=1, **common), \
+            tf.DeepseekV2ForCausalLM
+    torch.manual_seed(17)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.15 * torch.randn_like(p))
+            if variant == "v3" and name.endswith("kv_b_proj.weight"):  # stored as F16 below
+                p.copy_(p.half().float())
+            if variant == "v3-q8" and name.endswith("kv_b_proj.weight"):  # the values Q8_0 holds
+                kv_b = p.view(nh, nope + vd, rank)
+                k_b = gguf.quants.quantize(kv_b[:, :nope].transpose(1, 2).numpy(), q8)
+                kv_b[:, :nope] = torch.from_numpy(gguf.quants.dequantize(k_b, q8)).transpose(1, 2)
+                kv_b[:, nope:] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(
+                    kv_b[:, nope:].numpy(), q8), q8))
+    model.save_pretrained(tmp_path / "hf")  # the checkpoint's per-expert names
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    n_exp = cfg.n_routed_experts
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_block_count(3)
+    w.add_context_length(64)
+    w.add_embedding_length(48)
+    w.add_feed_forward_length(80)
+    w.add_head_count(nh)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1e4)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_leading_dense_block_count(1)
+    w.add_kv_lora_rank(rank)
+    w.add_rope_dimension_count(rope)
+    w.add_expert_count(n_exp)
+    w.add_expert_used_count(2)
+    w.add_expert_feed_forward_length(24)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    if v3:  # DeepseekV2Model.set_gguf_parameters since the MLA change, and TextModel's expert keys
+        w.add_head_count_kv(1)
+        w.add_key_length(rank + rope)
+        w.add_value_length(rank)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(vd)
+        w.add_q_lora_rank(20)
+        w.add_expert_weights_scale(2.5)
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(4)
+        w.add_expert_group_used_count(2)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(16)
+        w.add_rope_scaling_yarn_log_mul(0.1 * 0.8)
+    else:  # older converters: the per-head sizes, kv heads as in config.json
+        w.add_head_count_kv(nh)
+        w.add_key_length(nope + rope)
+        w.add_value_length(vd)
+        w.add_expert_weights_scale(1.0)
+    for key, value in (meta or {}).items():
+        {bool: w.add_bool, str: w.add_string, float: w.add_float32, int: w.add_uint32}[type(value)](key, value)
+    _add_bpe_tokenizer(w, tok, "qwen2", False)
+    add_tensor = w.add_tensor
+    w.add_tensor = lambda n, a, **kw: None if drop and n.endswith(drop) else add_tensor(n, a, **kw)
+    for name, a in sd.items():
+        if name in _GLOBAL_GGUF:
+            w.add_tensor(_GLOBAL_GGUF[name], a)
+        elif ".experts." not in name or ".shared_experts." in name:
+            _, _, i, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            if kind == "e_score_correction_bias":  # renamed e_score_correction.bias: exp_probs_b
+                w.add_tensor(f"blk.{i}.exp_probs_b.bias", a)
+            elif part == "self_attn.kv_b_proj" and v3:  # [head, key rows then value rows, rank], split
+                kv_b = a.reshape(nh, nope + vd, rank)
+                for gname, part in (("attn_k_b", kv_b[:, :nope].transpose(0, 2, 1)), ("attn_v_b", kv_b[:, nope:])):
+                    part = np.ascontiguousarray(part)
+                    if variant == "v3-q8":
+                        w.add_tensor(f"blk.{i}.{gname}.weight", gguf.quants.quantize(part, q8), raw_dtype=q8)
+                    else:
+                        w.add_tensor(f"blk.{i}.{gname}.weight", part.astype(np.float16))
+            else:
+                w.add_tensor(f"blk.{i}.{_DEEPSEEK_GGUF_NAMES[part]}.{kind}", a)
+    for i in (1, 2):
+        for gname, hname in _MOE_GGUF_EXPERTS["qwen"].items():
+            w.add_tensor(f"blk.{i}.{gname}.weight",
+                         np.stack([sd[f"model.layers.{i}.{hname.format(e)}.weight"] for e in range(n_exp)]))
+    _write(w)
+    return model, sd, tok, path
+
+
+@pytest.mark.parametrize("variant", ["v3", "v3-q8", "v2-lite"])
+def test_deepseek_gguf_runs_like_transformers(tmp_path, variant):
+    hf, sd, tok, path = _deepseek_gguf(tmp_path, variant)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["model_type"], cfg["architectures"]) == (hf.config.model_type, [type(hf).__name__])
+    for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace",
+                "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "num_key_value_heads"):
+        assert cfg[key] == getattr(hf.config, key), key
+    if variant != "v2-lite":
+        assert (cfg["n_group"], cfg["topk_group"]) == (4, 2)
+        assert src.tensor("model.layers.0.self_attn.kv_b_proj.weight").dtype == (
+            "float32" if variant == "v3-q8" else "float16")
+        assert {k: cfg["rope_scaling"][k] for k in ("factor", "original_max_position_embeddings", "mscale",
+                                                    "mscale_all_dim")} == {
+            k: hf.config.rope_parameters[k] for k in ("factor", "original_max_position_embeddings", "mscale",
+                                                      "mscale_all_dim")}
+    assert {t.name for t in src.tensors()} == set(sd)  # kv_b_proj rebuilt, every expert under its own name
+    for t in src.tensors():
+        assert t.shape == sd[t.name].shape, t.name
+        np.testing.assert_array_equal(src.load(t.name), sd[t.name], err_msg=t.name)
+        np.testing.assert_array_equal(src.load_raw(t.name), sd[t.name], err_msg=t.name)
+    _runs_like_transformers(tmp_path, path, hf, tok.encode(_CORPUS[0]).ids[:20])
+
+
+@pytest.mark.parametrize("variant,meta,drop,message", [
+    ("v2-lite", {"deepseek2.expert_weights_norm": True}, None, "DeepSeek-V2's classes do not"),
+    ("v2-lite", {"deepseek2.expert_gating_func": 3}, None, "neither softmax"),
+    ("v2-lite", {"deepseek2.rope.scaling.type": "yarn", "deepseek2.rope.scaling.factor": 4.0}, None,
+     "no rope.scaling.yarn_log_multiplier"),
+    ("v3", None, ".attn_v_b.weight", "attn_k_b without attn_v_b"),
+    ("v3", None, "blk.2.ffn_up_shexp.weight", "lacks the weight for model.layers.2.mlp.shared_experts.up_proj"),
+])
+def test_deepseek_gguf_that_cannot_be_rebuilt_is_refused(tmp_path, variant, meta, drop, message):
+    """What llama.cpp runs otherwise than the checkpoint classes, and a broken MLA or MoE layout,
+    are refused with a clear message."""
+    *_, path = _deepseek_gguf(tmp_path, variant, meta, drop)
+    with pytest.raises(InputError, match=message):
+        open_source(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,10 +9,20 @@ factors as the tensors rope_factors_long / _short; granite: its four multipliers
 olmo2: norms after the sublayers, q/k norms over all heads; starcoder2: LayerNorms with biases,
 output_norm.bias included, and the c_fc / c_proj MLP as ffn_up / ffn_down).
 Mixtures of experts: Mixtral (arch "llama" with {arch}.expert_count), qwen2moe (with a shared
-expert) and qwen3moe. llama.cpp stacks the experts of a layer into one 3-D tensor per projection
-(ffn_gate_exps / ffn_up_exps / ffn_down_exps, [expert, rows, columns]); each expert is listed as
-its own 2-D tensor under its Hugging Face name, a view of its slice of the file (one expert is
-read at a time).
+expert), qwen3moe and deepseek2. llama.cpp stacks the experts of a layer into one 3-D tensor per
+projection (ffn_gate_exps / ffn_up_exps / ffn_down_exps, [expert, rows, columns]; written with
+--fuse-gate-up-exps, gate and up as one ffn_gate_up_exps, each expert's gate rows then its up
+rows); each expert is listed as its own 2-D tensor under its Hugging Face name, a view of its
+slice of the file (one expert is read at a time). Mixtral files from llama.cpp's older convert.py
+hold each expert apart (blk.N.ffn_gate.E.weight ...).
+deepseek2 (DeepSeek-V2 / V3 / R1, Kimi-K2): multi-head latent attention (attn_q, or attn_q_a /
+attn_q_a_norm / attn_q_b; attn_kv_a_mqa, attn_kv_a_norm, attn_output), leading dense layers,
+shared experts (ffn_*_shexp), V3's routing bias exp_probs_b. Files converted since llama.cpp's
+MLA change (spring 2025) split each attn_kv_b into attn_k_b (each head's key rows, transposed:
+[head, kv_lora_rank, qk_nope]) and attn_v_b ([head, v_head_dim, kv_lora_rank]) and store
+head_count_kv 1 with the MLA sizes as key_length_mla / value_length_mla; kv_b_proj is rebuilt
+from the two exactly (their values, or float32 when quantized). A sigmoid router
+(expert_gating_func 2) is DeepSeek-V3's class, a softmax one (or none stored) DeepSeek-V2's.
 Settings llama.cpp does not store but fixes per architecture (Gemma's attention scale, which
 layers slide, Gemma 3's local RoPE base, SmolLM3's NoPE layers, whether Qwen-MoE renormalises
 the routing weights) are rebuilt as llama.cpp's llama-model.cpp sets them.
@@ -59,6 +69,7 @@ docs/adding-an-architecture.md):
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,7 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe",
                            "qwen3moe", "granite", "olmo2", "smollm3", "starcoder2", "command-r", "cohere2", "phi2",
-                           "stablelm", "falcon", "starcoder", "gpt2", "bloom", "gptneox")
+                           "stablelm", "falcon", "starcoder", "gpt2", "bloom", "gptneox", "deepseek2")
 #: GGUF architecture ("mixtral": "llama" with experts) -> (Hugging Face model_type, class)
 HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
            "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma": ("gemma", "GemmaForCausalLM"),
@@ -83,11 +94,14 @@ HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForC
            "phi2": ("phi", "PhiForCausalLM"), "stablelm": ("stablelm", "StableLmForCausalLM"),
            "falcon": ("falcon", "FalconForCausalLM"), "falcon-40b": ("falcon", "FalconForCausalLM"),
            "starcoder": ("gpt_bigcode", "GPTBigCodeForCausalLM"), "gpt2": ("gpt2", "GPT2LMHeadModel"),
-           "bloom": ("bloom", "BloomForCausalLM"), "gptneox": ("gpt_neox", "GPTNeoXForCausalLM")}
+           "bloom": ("bloom", "BloomForCausalLM"), "gptneox": ("gpt_neox", "GPTNeoXForCausalLM"),
+           # "deepseek3": deepseek2 with a sigmoid router
+           "deepseek2": ("deepseek_v2", "DeepseekV2ForCausalLM"), "deepseek3": ("deepseek_v3", "DeepseekV3ForCausalLM")}
 #: llama.cpp's converter permutes the attn_q / attn_k rows of LlamaModel and its subclasses
 #: (LlamaModel.permute; Mixtral is "llama"), not of the others
 PERMUTED_QK = ("llama", "mixtral", "granite", "smollm3")
-MOE_ARCHITECTURES = ("mixtral", "qwen2moe", "qwen3moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2moe", "qwen3moe", "deepseek2", "deepseek3")
+DEEPSEEK = ("deepseek2", "deepseek3")
 #: GemmaModel / Gemma2Model / Gemma3Model add 1 to every tensor whose name ends in norm.weight
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -131,7 +145,16 @@ _FALCON_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.que
 _QWEN_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
                    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
                    "ffn_down_shexp": "mlp.shared_expert.down_proj"}
-_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES,
+# DeepSeek: multi-head latent attention, the router and its bias (the converter renames
+# e_score_correction_bias to e_score_correction.bias: hf_name), the shared experts
+_DEEPSEEK_NAMES = {"attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+                   "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+                   "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+                   "ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate.e_score_correction",
+                   "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                   "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES, "deepseek2": _DEEPSEEK_NAMES,
+                     "deepseek3": _DEEPSEEK_NAMES,
                      "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
                      "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},
                      "qwen2moe": _QWEN_MOE_NAMES, "qwen3moe": _QWEN_MOE_NAMES,
@@ -169,7 +192,14 @@ _QWEN_EXPERTS = {"ffn_gate_exps": "mlp.experts.{}.gate_proj", "ffn_up_exps": "ml
 EXPERT_NAMES = {"mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
                             "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
                             "ffn_up_exps": "block_sparse_moe.experts.{}.w3"},
-                "qwen2moe": _QWEN_EXPERTS, "qwen3moe": _QWEN_EXPERTS}
+                "qwen2moe": _QWEN_EXPERTS, "qwen3moe": _QWEN_EXPERTS, "deepseek2": _QWEN_EXPERTS,
+                "deepseek3": _QWEN_EXPERTS}
+#: --fuse-gate-up-exps: [expert, gate rows then up rows, columns]
+FUSED_EXPERTS = "ffn_gate_up_exps"
+#: older Mixtral files, one tensor an expert: blk.N.ffn_gate.E.weight ...
+PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_down|ffn_up)\.(\d+)\.weight$")
+#: attn_k_b / attn_v_b, which llama.cpp's converter splits from kv_b_proj (DeepseekV2Model.modify_tensors)
+KV_B_PARTS = ("attn_k_b", "attn_v_b")
 _LAYER_WEIGHTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _ATTENTION_WEIGHTS = _LAYER_WEIGHTS[:4]
@@ -220,19 +250,31 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     m = BLOCK_RE.match(gguf_name)
     names = _ARCH_BLOCK_NAMES.get(arch, {})
     part = m and (names.get(m.group(2)) or (None if arch in _LAYER_PREFIX else _BLOCK_NAMES.get(m.group(2))))
+    if part == "mlp.gate.e_score_correction":
+        return f"{layer_prefix(arch)}.{m.group(1)}.mlp.gate.e_score_correction_bias"
     return f"{layer_prefix(arch)}.{m.group(1)}.{part}.{m.group(3)}" if part else None
 
 
-def layer_weights(src: GGUFSource) -> tuple[str, ...]:
-    """The weights every layer must have (without ".weight")."""
+def layer_weights(src: GGUFSource, layer: int) -> tuple[str, ...]:
+    """The weights layer `layer` must have (without ".weight")."""
     if src.layout in _ARCH_LAYER_WEIGHTS:
         return _ARCH_LAYER_WEIGHTS[src.layout]
     if src.layout not in MOE_ARCHITECTURES:
         return _LAYER_WEIGHTS
     names = _ARCH_BLOCK_NAMES[src.layout]
-    shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if src.layout == "qwen2moe" else ()
     n = src.hparams["n_expert"]
     experts = tuple(name.format(e) for name in EXPERT_NAMES[src.layout].values() for e in range(n))
+    if src.layout in DEEPSEEK:
+        hp = src.hparams
+        q = ("self_attn.q_a_proj", "self_attn.q_a_layernorm", "self_attn.q_b_proj") if hp["q_lora_rank"] else \
+            ("self_attn.q_proj",)
+        attn = q + ("self_attn.kv_a_proj_with_mqa", "self_attn.kv_a_layernorm", "self_attn.kv_b_proj",
+                    "self_attn.o_proj")
+        if layer < hp["n_dense_lead"]:
+            return attn + _LAYER_WEIGHTS[4:]
+        shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if hp["n_shared"] else ()
+        return attn + ("mlp.gate",) + shared + experts
+    shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if src.layout == "qwen2moe" else ()
     return _ATTENTION_WEIGHTS + (names["ffn_gate_inp"],) + shared + experts
 
 
@@ -245,7 +287,34 @@ def moe_hparams(src: GGUFSource, hp: dict[str, Any]) -> dict[str, Any]:
     moe["n_ff_exp"] = hp["n_ff"] if src.layout == "mixtral" else int(
         src.meta(f"{a}.expert_feed_forward_length", 0) or hp["n_ff"] // moe["n_expert_used"])
     moe["n_ff_shexp"] = int(src.meta(f"{a}.expert_shared_feed_forward_length", 0) or hp["n_ff"])
+    if src.layout in DEEPSEEK:
+        moe.update(_deepseek_hparams(src, hp))
+        moe["n_ff_shexp"] = moe["n_ff_exp"] * moe["n_shared"]  # the shared experts as one MLP
     return moe
+
+
+def _deepseek_hparams(src: GGUFSource, hp: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek's MLA sizes and routing. The converter stores head_count_kv 1, key_length
+    kv_lora_rank + qk_rope and value_length kv_lora_rank, the per-head sizes as key_length_mla /
+    value_length_mla; files from before llama.cpp's MLA change store the per-head sizes as
+    key_length / value_length. No q_lora_rank (or 0): V2-Lite's direct attn_q."""
+    a = src.arch
+    rope = int(src.need(f"{a}.rope.dimension_count"))
+    key = int(src.meta(f"{a}.attention.key_length_mla", 0) or src.need(f"{a}.attention.key_length"))
+    value = int(src.meta(f"{a}.attention.value_length_mla", 0) or src.need(f"{a}.attention.value_length"))
+    n_group = int(src.meta(f"{a}.expert_group_count", 1) or 1)
+    gating = int(src.meta(f"{a}.expert_gating_func", 0) or 1)  # llama.cpp: softmax when not stored
+    if gating not in (1, 2):
+        raise InputError(f"{src.path}: {a}.expert_gating_func {gating} is neither softmax (1) nor sigmoid (2)")
+    if key <= rope:
+        raise InputError(f"{src.path}: a {a} key length of {key} leaves nothing beside the {rope} rotated features")
+    return {"q_lora_rank": int(src.meta(f"{a}.attention.q_lora_rank", 0) or 0) or None,
+            "kv_lora_rank": int(src.need(f"{a}.attention.kv_lora_rank")), "qk_rope": rope, "qk_nope": key - rope,
+            "v_head_dim": value, "n_dense_lead": int(src.meta(f"{a}.leading_dense_block_count", 0) or 0),
+            "n_shared": int(src.meta(f"{a}.expert_shared_count", 0) or 0), "n_group": n_group,
+            "topk_group": int(src.meta(f"{a}.expert_group_used_count", 0) or n_group),
+            "sigmoid": gating == 2, "weights_norm": bool(src.meta(f"{a}.expert_weights_norm", False)),
+            "weights_scale": f32(src.meta(f"{a}.expert_weights_scale", 0.0)) or 1.0}
 
 
 def check_hparams(src: GGUFSource, hp: dict[str, Any]) -> None:
@@ -262,6 +331,14 @@ def check_hparams(src: GGUFSource, hp: dict[str, Any]) -> None:
                          "GPTBigCode only with multi-query attention (one key/value head)")
     if a == "bloom" and hp["n_ff"] != 4 * hp["n_embd"]:  # BloomConfig has no feed-forward size of its own
         raise InputError(f"{src.path}: a bloom GGUF with a feed-forward of {hp['n_ff']}, not 4 x {hp['n_embd']}")
+    if src.layout in DEEPSEEK:
+        if hp["weights_norm"] and not hp["sigmoid"]:  # transformers' DeepSeek-V2 never renormalises
+            raise InputError(f"{src.path}: a softmax-routed {a} GGUF with expert_weights_norm: llama.cpp "
+                             "renormalises the top-k weights, DeepSeek-V2's classes do not")
+        if src.meta(f"{a}.rope.scaling.type") == "yarn" and src.meta(f"{a}.rope.scaling.yarn_log_multiplier") is None:
+            raise InputError(f"{src.path}: a {a} GGUF with YaRN but no rope.scaling.yarn_log_multiplier (the "
+                             "checkpoint's mscale_all_dim)")
+        return  # the rotary covers qk_rope features of each head by design
     if hp["rope_dims"] is not None and int(hp["rope_dims"]) != hp["head_dim"] and a not in _PARTIAL_ROTARY:
         raise InputError(
             f"{src.path}: partial rotary embeddings ({a}.rope.dimension_count = {hp['rope_dims']}, "
@@ -284,6 +361,10 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
         return (q,) if suffix.startswith("self_attn.q") else (kv,)  # over all heads of a token
     if src.arch == "command-r" and suffix in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
         return (hp["n_head"] if suffix.startswith("self_attn.q") else hp["n_head_kv"], hp["head_dim"])
+    if src.layout in DEEPSEEK:
+        mla = _deepseek_shapes(hp).get(suffix)
+        if mla:
+            return mla
     if src.layout in MOE_ARCHITECTURES:
         n, fe, fs = hp["n_expert"], hp["n_ff_exp"], hp["n_ff_shexp"]
         moe = {"block_sparse_moe.gate.weight": (n, e), "mlp.gate.weight": (n, e),
@@ -291,7 +372,9 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
                "block_sparse_moe.experts.E.w2.weight": (e, fe), "mlp.experts.E.gate_proj.weight": (fe, e),
                "mlp.experts.E.up_proj.weight": (fe, e), "mlp.experts.E.down_proj.weight": (e, fe),
                "mlp.shared_expert.gate_proj.weight": (fs, e), "mlp.shared_expert.up_proj.weight": (fs, e),
-               "mlp.shared_expert.down_proj.weight": (e, fs), "mlp.shared_expert_gate.weight": (1, e)}
+               "mlp.shared_expert.down_proj.weight": (e, fs), "mlp.shared_expert_gate.weight": (1, e),
+               "mlp.shared_experts.gate_proj.weight": (fs, e), "mlp.shared_experts.up_proj.weight": (fs, e),
+               "mlp.shared_experts.down_proj.weight": (e, fs), "mlp.gate.e_score_correction_bias": (n,)}
         if suffix in moe:
             return moe[suffix]
     return {
@@ -349,6 +432,20 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
     }.get(suffix)
 
 
+def _deepseek_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of DeepSeek's attention weights."""
+    e, nh, r, rope, v = hp["n_embd"], hp["n_head"], hp["kv_lora_rank"], hp["qk_rope"], hp["v_head_dim"]
+    qk = nh * (hp["qk_nope"] + rope)
+    shapes = {"self_attn.q_proj.weight": (qk, e), "self_attn.kv_a_proj_with_mqa.weight": (r + rope, e),
+              "self_attn.kv_a_layernorm.weight": (r,), "self_attn.kv_b_proj.weight": (nh * (hp["qk_nope"] + v), r),
+              "self_attn.o_proj.weight": (e, nh * v)}
+    qr = hp["q_lora_rank"]
+    if qr:
+        shapes.update({"self_attn.q_a_proj.weight": (qr, e), "self_attn.q_a_layernorm.weight": (qr,),
+                       "self_attn.q_b_proj.weight": (qk, qr)})
+    return shapes
+
+
 # -- config.json ----------------------------------------------------------------------------
 def family_config(src: GGUFSource) -> dict[str, Any]:
     """config.json's sizes and settings, past the class and the token ids, in the family's keys."""
@@ -381,6 +478,8 @@ def family_config(src: GGUFSource) -> dict[str, Any]:
         cfg.update(_gemma_config(src))
     elif a == "phi3":
         cfg.update(_phi3_config(src))
+    elif src.layout in DEEPSEEK:
+        cfg.update(_deepseek_config(src, cfg.get("rope_scaling")))
     elif src.layout in MOE_ARCHITECTURES:
         cfg.update(_moe_config(src, cfg["attention_bias"]))
     elif a == "granite":
@@ -474,6 +573,34 @@ def _gpt_config(src: GGUFSource) -> dict[str, Any]:
         cfg.update(num_kv_heads=nkv, num_ln_in_parallel_attn=2 if src.layout == "falcon-40b" else 1)
     else:
         cfg["multi_query"] = True
+    return cfg
+
+
+def _deepseek_config(src: GGUFSource, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """DeepSeek's MLA sizes, its dense leading layers and its routing, in DeepseekV2Config's /
+    DeepseekV3Config's keys. llama.cpp's YaRN keeps the rotary's cos / sin unscaled and scales the
+    softmax by the square of (1 + yarn_log_multiplier * ln factor), the converter's
+    0.1 * mscale_all_dim: the checkpoint's mscale_all_dim, with mscale equal to it."""
+    a, hp = src.arch, src.hparams
+    cfg: dict[str, Any] = {
+        "num_key_value_heads": hp["n_head"], "head_dim": hp["qk_rope"], "attention_bias": False,
+        "q_lora_rank": hp["q_lora_rank"], "kv_lora_rank": hp["kv_lora_rank"], "qk_nope_head_dim": hp["qk_nope"],
+        "qk_rope_head_dim": hp["qk_rope"], "v_head_dim": hp["v_head_dim"],
+        "n_routed_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"],
+        "moe_intermediate_size": hp["n_ff_exp"], "n_shared_experts": hp["n_shared"],
+        "first_k_dense_replace": hp["n_dense_lead"], "moe_layer_freq": 1,
+        "routed_scaling_factor": hp["weights_scale"], "norm_topk_prob": hp["weights_norm"],
+        "n_group": hp["n_group"], "topk_group": hp["topk_group"]}
+    if hp["sigmoid"]:  # llama.cpp's graph turns adjacent pairs, as V3's rope_interleave does
+        cfg.update(scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True)
+    else:
+        cfg.update(scoring_func="softmax", topk_method="group_limited_greedy" if hp["n_group"] > 1 else "greedy")
+    if rope_scaling and rope_scaling["type"] == "yarn":
+        # 0.1 * mscale_all_dim: the stored value's shortest decimal, shifted (0.08 -> 0.8)
+        mscale = float(Decimal(str(f32(src.meta(f"{a}.rope.scaling.yarn_log_multiplier")))).scaleb(1))
+        cfg["rope_scaling"] = {**rope_scaling, "mscale": mscale, "mscale_all_dim": mscale,
+                               "beta_fast": f32(src.meta(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
+                               "beta_slow": f32(src.meta(f"{a}.rope.scaling.yarn_beta_slow", 1.0))}
     return cfg
 
 

@@ -8,6 +8,8 @@
   pairs sit next to each other; `load` and `load_raw` undo it.
 * It adds 1 to every Gemma norm weight (Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the
   weight); `load` and `load_raw` subtract it again (those tensors read as float32).
+* It splits DeepSeek's kv_b_proj into attn_k_b / attn_v_b (newer files); `load` and `load_raw`
+  put the two back together.
 * config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json and
   generation_config.json are rebuilt from the GGUF metadata.
 
@@ -102,8 +104,11 @@ class GGUFSource(BaseSource):
                 "first with llama.cpp's `llama-gguf-split --merge`"
             )
         experts = int(self.meta(f"{self.arch}.expert_count", 0) or 0)
-        #: the layout: the GGUF architecture, or "mixtral" for a "llama" one with experts
+        #: the layout: the GGUF architecture, "mixtral" for a "llama" one with experts, "deepseek3" for
+        #: a deepseek2 one with a sigmoid router (expert_gating_func 2)
         self.layout = "mixtral" if self.arch == "llama" and experts else self.arch
+        if self.arch == "deepseek2" and self.meta("deepseek2.expert_gating_func") == 2:
+            self.layout = "deepseek3"
         if self.arch == "falcon" and any(t.name == "blk.0.attn_norm_2.weight" for t in r.tensors):
             self.layout = "falcon-40b"  # a norm for the attention and one for the MLP
         if experts and self.layout not in archs.MOE_ARCHITECTURES:
@@ -118,6 +123,8 @@ class GGUFSource(BaseSource):
         self._transposed: set[str] = set()
         self._shifted: set[str] = set()
         self._as_float32: set[str] = set()  # listed as float32: values computed from the file's
+        self._kv_b: dict[str, tuple[Any, Any]] = {}  # DeepSeek's kv_b_proj -> (attn_k_b, attn_v_b)
+        kv_parts: dict[str, dict[str, Any]] = {}  # layer -> {"attn_k_b": tensor, "attn_v_b": tensor}
         #: Phi-3's LongRoPE factors, read from their tensors: "long_factor" / "short_factor" -> values
         self.rope_factors: dict[str, list[float]] = {}
         hp = self.hparams
@@ -130,14 +137,24 @@ class GGUFSource(BaseSource):
             dtype = _FLOAT_TYPES.get(ttype) or _INT_TYPES.get(ttype) or ttype
             shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
             m = archs.BLOCK_RE.match(t.name)
-            expert = archs.EXPERT_NAMES.get(self.layout, {}).get(m.group(2)) if m else None
+            experts = archs.EXPERT_NAMES.get(self.layout, {})
+            expert = experts.get(m.group(2)) if m else None
+            if m and m.group(2) == archs.FUSED_EXPERTS and experts:  # each expert's gate rows, then its up rows
+                self._add_experts(t, m, shape, dtype, (experts["ffn_gate_exps"], experts["ffn_up_exps"]))
+                continue
             if expert:  # [expert, rows, columns]: each expert a 2-D view of its slice of the file
-                if len(shape) != 3 or shape[0] != hp["n_expert"]:
-                    raise InputError(f"{path}: GGUF tensor {t.name!r} has shape {list(shape)}, not the "
-                                     f"{hp['n_expert']} stacked experts the metadata implies")
-                for e in range(shape[0]):
-                    self._add(t, f"model.layers.{m.group(1)}.{expert.format(e)}.{m.group(3)}", shape[1:], dtype,
-                              int(t.n_bytes) // shape[0], t.data[e])
+                self._add_experts(t, m, shape, dtype, (expert,))
+                continue
+            old = archs.PER_EXPERT_RE.match(t.name) if self.layout == "mixtral" else None
+            if old:  # an older Mixtral file's expert, as its own tensor
+                if int(old.group(3)) >= hp["n_expert"]:
+                    raise InputError(f"{path}: GGUF tensor {t.name!r} is an expert beyond the {hp['n_expert']} "
+                                     "the metadata implies")
+                name = experts[f"{old.group(2)}_exps"].format(int(old.group(3)))
+                self._add(t, f"model.layers.{old.group(1)}.{name}.weight", shape, dtype, int(t.n_bytes), t.data)
+                continue
+            if m and m.group(2) in archs.KV_B_PARTS and self.layout in archs.DEEPSEEK and m.group(3) == "weight":
+                kv_parts.setdefault(m.group(1), {})[m.group(2)] = t
                 continue
             split = archs.SPLIT.get(self.layout, {}).get(m.group(2)) if m else None
             if split:
@@ -165,14 +182,15 @@ class GGUFSource(BaseSource):
             transposed = (m is not None and m.group(3) == "weight"
                           and m.group(2) in archs.TRANSPOSED.get(self.layout, ()))
             self._add(t, name, shape, dtype, nbytes, t.data, transposed)
+        for layer, parts in kv_parts.items():
+            self._add_kv_b(layer, parts)
         if archs.global_names(self.layout)["token_embd"] + ".weight" not in self._infos:
             raise InputError(f"{path}: the GGUF has no token_embd.weight")
         if len(self.rope_factors) == 1:
             raise InputError(f"{path}: the GGUF has only one of rope_factors_long / rope_factors_short")
-        required = archs.layer_weights(self)
         prefix = archs.layer_prefix(self.layout)
         for i in range(hp["n_layer"]):
-            for part in required:
+            for part in archs.layer_weights(self, i):
                 if f"{prefix}.{i}.{part}.weight" not in self._infos:
                     raise InputError(f"{path}: the GGUF lacks the weight for {prefix}.{i}.{part}")
 
@@ -194,6 +212,60 @@ class GGUFSource(BaseSource):
             raise InputError(f"{self.path}: tensor {t.name!r} appears twice")
         self._infos[name] = SourceTensor(name, shape, dtype, nbytes)
         self._by_name[name] = (t, data)
+
+    def _add_experts(self, t: Any, m: re.Match, shape: tuple[int, ...], dtype: str, names: tuple[str, ...]) -> None:
+        """List the stacked experts t ([expert, rows, columns]) of block m, each expert's rows split
+        evenly among `names` (the Hugging Face names of expert {}), each a 2-D view of its slice."""
+        n, k = self.hparams["n_expert"], len(names)
+        if len(shape) != 3 or shape[0] != n or shape[1] % k:
+            raise InputError(f"{self.path}: GGUF tensor {t.name!r} has shape {list(shape)}, not the {n} stacked "
+                             "experts the metadata implies")
+        rows = shape[1] // k
+        for e in range(n):
+            for j, name in enumerate(names):
+                self._add(t, f"model.layers.{m.group(1)}.{name.format(e)}.{m.group(3)}", (rows, shape[2]), dtype,
+                          int(t.n_bytes) // n // k, t.data[e][j * rows:(j + 1) * rows])
+
+    def _add_kv_b(self, layer: str, parts: dict[str, Any]) -> None:
+        """List DeepSeek's kv_b_proj of `layer` rebuilt from attn_k_b ([head, kv_lora_rank, qk_nope]:
+        each head's key rows, transposed) and attn_v_b ([head, v_head_dim, kv_lora_rank]): per head,
+        its key rows then its value rows. Its dtype is theirs when both hold the same float type,
+        float32 otherwise (the dequantized values)."""
+        hp = self.hparams
+        nh, r, nope, v = hp["n_head"], hp["kv_lora_rank"], hp["qk_nope"], hp["v_head_dim"]
+        if set(parts) != set(archs.KV_B_PARTS):
+            raise InputError(f"{self.path}: block {layer} has {', '.join(parts)} without "
+                             f"{', '.join(sorted(set(archs.KV_B_PARTS) - set(parts)))}")
+        k_b, v_b = parts["attn_k_b"], parts["attn_v_b"]
+        for t, want in ((k_b, (nh, r, nope)), (v_b, (nh, v, r))):
+            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+            if shape != want:
+                raise InputError(f"{self.path}: GGUF tensor {t.name!r} has shape {list(shape)} but the metadata "
+                                 f"implies {list(want)}")
+        name = f"model.layers.{layer}.self_attn.kv_b_proj.weight"
+        types = {k_b.tensor_type.name, v_b.tensor_type.name}
+        shape = (nh * (nope + v), r)
+        if len(types) == 1 and types <= set(_FLOAT_TYPES):
+            dtype, nbytes = _FLOAT_TYPES[k_b.tensor_type.name], int(k_b.n_bytes) + int(v_b.n_bytes)
+        else:
+            dtype, nbytes = "float32", 4 * int(np.prod(shape))
+            self._as_float32.add(name)
+        self._add(k_b, name, shape, dtype, nbytes, k_b.data)
+        self._kv_b[name] = (k_b, v_b)
+
+    def _rebuild_kv_b(self, name: str, raw: bool) -> np.ndarray:
+        """kv_b_proj from its two parts: their float32 values, or their stored values (raw)."""
+        hp = self.hparams
+        nh, r, nope, v = hp["n_head"], hp["kv_lora_rank"], hp["qk_nope"], hp["v_head_dim"]
+        parts = []
+        for t, shape in zip(self._kv_b[name], ((nh, r, nope), (nh, v, r))):
+            if raw:  # the same float type: its values as stored (bfloat16 as its bits)
+                data = np.asarray(t.data)
+                parts.append((data.view(np.uint16) if t.tensor_type.name == "BF16" else data).reshape(shape))
+            else:
+                parts.append(self._gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape))
+        k_b, v_b = parts
+        return np.ascontiguousarray(np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(nh * (nope + v), r))
 
     def _add_rows(self, t: Any, m: re.Match, parts: list[tuple[str, int | None]], shape: tuple[int, ...],
                   dtype: str) -> None:
@@ -272,6 +344,8 @@ class GGUFSource(BaseSource):
     # -- data -----------------------------------------------------------------------------
     def _load_float(self, info: SourceTensor) -> np.ndarray:
         t, data = self._tensor(info)
+        if info.name in self._kv_b:
+            return self._rebuild_kv_b(info.name, raw=False)
         transposed = info.name in self._transposed
         out = np.empty(info.shape[::-1] if transposed else info.shape, dtype=np.float32)  # as the file holds it
         # Dequantize a few MB of rows at a time: dequantize's temporaries stay small, and the
@@ -301,6 +375,8 @@ class GGUFSource(BaseSource):
         if info.name in self._as_float32:  # Gemma's norms less llama.cpp's 1, quantized transposed weights
             return self._load_float(info)
         _, data = self._tensor(info)
+        if info.name in self._kv_b:
+            return self._rebuild_kv_b(info.name, raw=True)
         data = np.array(data)  # copy out of the memory map
         transposed = info.name in self._transposed  # float values: transposed back below
         shape = info.shape[::-1] if transposed else info.shape  # as the file holds it
