@@ -5,8 +5,13 @@ Default: every 2-D floating-point `.weight` inside a numbered transformer block
 the LM head, norms, biases and anything else keep their source dtype. A tied LM head is
 stored once (the embedding). Mixture-of-experts routers keep their dtype too, as llama.cpp
 keeps its ffn_gate_inp: Mixtral's `block_sparse_moe.gate.weight`, Qwen's `mlp.gate.weight`
-and `mlp.shared_expert_gate.weight` (tiny, and they decide which experts run; not to be
-confused with a gated MLP's `gate_proj`, which is quantized).
+and `mlp.shared_expert_gate.weight`, gpt-oss's `mlp.router.weight` (tiny, and they decide which
+experts run; not to be confused with a gated MLP's `gate_proj`, which is quantized).
+Experts stored stacked, one 3-D tensor per projection (gpt-oss's and Llama 4's
+`experts.gate_up_proj` / `experts.down_proj` [experts, in, out], and `gate_proj` / `up_proj` stacked
+the same way; Granite MoE's `block_sparse_moe.input_linear.weight` / `output_linear.weight`
+[experts, out, in]), are quantized too; their biases are kept, and so is Granite MoE's router
+`block_sparse_moe.router.layer.weight`.
 
 Rules, in the order given, override the default; the LAST matching rule wins:
   --rule 'PATTERN=SPEC'   quantize matching tensors with SPEC ("6:fp", "8:int:b32", ...),
@@ -27,9 +32,14 @@ from kbitformat import KbitValueError, QuantSpec
 from .errors import UsageError
 
 _BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
-#: an MoE router: Mixtral's block_sparse_moe.gate, Qwen-MoE's and DeepSeek's mlp.gate, Qwen2-MoE's
-#: mlp.shared_expert_gate
-_ROUTER = re.compile(r"\.(gate|shared_expert_gate)\.weight$")
+#: an MoE router: Mixtral's and Phi-3.5-MoE's block_sparse_moe.gate, Qwen-MoE's, OLMoE's, DeepSeek's, GLM-4.5's
+#: and ERNIE 4.5's mlp.gate, Qwen2-MoE's mlp.shared_expert_gate, Hunyuan MoE's mlp.gate.wg, Granite MoE's
+#: block_sparse_moe.router.layer
+_ROUTER = re.compile(r"\.(gate|shared_expert_gate|router|gate\.wg|router\.layer)\.weight$")
+#: an MoE layer's experts stacked in one tensor (gpt-oss, Llama 4: [experts, in, out]; Granite MoE:
+#: [experts, out, in])
+_STACKED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$"
+                              r"|\.block_sparse_moe\.(input_linear|output_linear)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,9 @@ class Recipe:
 
     @staticmethod
     def default_quantized(name: str, shape: tuple[int, ...], is_float: bool) -> bool:
-        return (len(shape) == 2 and name.endswith(".weight") and bool(_BLOCK.search(name))
-                and not _ROUTER.search(name) and is_float and min(shape) > 1)
+        linear = len(shape) == 2 and name.endswith(".weight") and not _ROUTER.search(name)
+        stacked = len(shape) == 3 and bool(_STACKED_EXPERTS.search(name))
+        return (linear or stacked) and bool(_BLOCK.search(name)) and is_float and min(shape) > 1
 
     def spec_for(self, name: str, shape: tuple[int, ...], is_float: bool, dtype: str = "?") -> QuantSpec | None:
         """The spec for a tensor, or None to keep it as it is."""

@@ -346,7 +346,7 @@ class KbitWriter:
     def _write_array(self, name: str, arr: np.ndarray, st_dtype: str | None = None) -> None:
         if name in self._weight_map or any(e.name == name for e in self._entries):
             raise KbitValueError(f"tensor {name!r} was already written")
-        arr = np.ascontiguousarray(arr)
+        arr = np.require(arr, requirements="C")  # (np.ascontiguousarray would store a 0-d array as [1])
         if st_dtype is None:
             if arr.dtype not in NP_TO_ST:
                 raise KbitValueError(f"{name}: dtype {arr.dtype} cannot be stored in safetensors")

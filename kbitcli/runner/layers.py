@@ -328,10 +328,13 @@ class KbitLinear(nn.Module):
             self._layout_chosen = False
             self._cpu_plan = None
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The weight in its stored layout, float32 reference values cast to self.dtype (the
-        same values from either code layout)."""
-        args = (self.codes, self.bits, self.block_size, self.shape[1], self.scales, self.offsets, self.codebook)
+        same values from either code layout); only the stored rows start..stop when given (each
+        row decodes on its own: the same values as those rows of the whole weight)."""
+        rows = slice(start, stop)
+        args = (self.codes[rows], self.bits, self.block_size, self.shape[1], self.scales[rows],
+                None if self.offsets is None else self.offsets[rows], self.codebook)
         lay = self.code_layout
         if self.kernel == "torch":
             w = dequantize_torch(*args, layout=lay)
@@ -455,6 +458,39 @@ class KbitLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"block_size={self.block_size}, layout={self.layout}, bias={self.bias is not None}, "
                 f"kernel={self.kernel}, code_layout={self.code_layout}")
+
+
+class KbitStacked(nn.Module):
+    """A quantized stacked tensor [E, R, C] (the E experts' matrices of an MoE layer stored as one
+    3-D tensor: gpt-oss's `experts.gate_up_proj`, Llama 4's) kept packed. The format stores it as
+    the matrix (E*R, C) (formats/SPEC.md 4.1), so expert e's matrix is its rows e*R..(e+1)*R:
+    `stacked[e]` dequantizes only those, like indexing the plain tensor. `packed` is a
+    KbitLinear over the whole matrix (its buffers; its forward is not used)."""
+
+    def __init__(self, packed: KbitLinear, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.packed = packed
+        self.shape = tuple(shape)
+        self.per = int(np.prod(self.shape[1:-1], dtype=np.int64))  # stored rows of one expert
+
+    @classmethod
+    def from_quantized(cls, qt, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       kernel: str = "auto") -> "KbitStacked":
+        """From a kbitformat QuantizedTensor of 3 or more dimensions."""
+        import dataclasses
+        flat = dataclasses.replace(qt, shape=(qt.rows, qt.cols))
+        return cls(KbitLinear.from_quantized(flat, layout="in_out", device=device, dtype=dtype, kernel=kernel),
+                   tuple(qt.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        e = int(e)
+        return self.packed.dequantized(e * self.per, (e + 1) * self.per).view(self.shape[1:])
+
+    def extra_repr(self) -> str:
+        return f"shape={list(self.shape)}"
 
 
 def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from kbitcli.errors import InputError, UsageError
 
-from .layers import KbitLinear
+from .layers import KbitLinear, KbitStacked
 from .models import build_args, model_type_of
 from .models.base import fuse_projections
 from .tokenizer import Tokenizer, load_tokenizer
@@ -239,6 +239,18 @@ def load_weights(model: nn.Module, weights, device: torch.device, dtype: torch.d
         setattr(model.get_submodule(parent_name) if parent_name else model, child, kl)
         done.add(wname)
         counts["packed"] += 1
+    if packed:  # a quantized stacked tensor (an MoE layer's experts as one 3-D tensor) stays packed
+        for pname, p in params.items():
+            name = mapping[pname]
+            if pname in done or p.dim() < 3 or not weights.is_quantized(name):
+                continue
+            mod_name, _, attr = pname.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            delattr(mod, attr)
+            setattr(mod, attr, KbitStacked.from_quantized(weights.quantized(name), device=device, dtype=dtype,
+                                                          kernel=kernel))
+            done.add(pname)
+            counts["packed"] += 1
     # parameters the model keeps in float32 whatever the compute dtype (DeepSeek's routers, as transformers does)
     float32 = tuple(getattr(model, "float32_parameters", ()))
     for pname in params:

@@ -243,7 +243,8 @@ def fp8_block_size(config: dict | None, where: object, fp8: bool = True) -> tupl
     """How config.json's quantization_config says the checkpoint is stored: None for float
     weights (no quantization_config), (bm, bn) for fp8 weights with a block scale per bm x bn
     block (quant_method "fp8", weight_block_size: DeepSeek-V3 / R1, Kimi-K2, Qwen3 FP8), which a
-    source reads as their values when `fp8`. Any other quantized checkpoint (GPTQ, AWQ,
+    source reads as their values when `fp8`; None too for MXFP4 experts (quant_method "mxfp4",
+    gpt-oss), which the safetensors source reads as their values when `fp8`. Any other quantized checkpoint (GPTQ, AWQ,
     bitsandbytes, ...) is an InputError: its tensors are not the weights, and converting them
     would give a model that looks complete but is not."""
     qc = (config or {}).get("quantization_config")
@@ -251,12 +252,14 @@ def fp8_block_size(config: dict | None, where: object, fp8: bool = True) -> tupl
         return None
     method = str(qc.get("quant_method") or "unknown") if isinstance(qc, dict) else "unknown"
     block = qc.get("weight_block_size") if isinstance(qc, dict) else None
+    if fp8 and method == "mxfp4":  # the safetensors source reads its experts' blocks and scales as values
+        return None
     if fp8 and method == "fp8" and isinstance(block, (list, tuple)) and len(block) == 2 \
             and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block):
         return int(block[0]), int(block[1])
     kind = f"{method} with weight_block_size {block!r}" if method == "fp8" else method
-    can = "float checkpoints (bf16, fp16, fp32) and safetensors fp8 ones with block scales" if fp8 else \
-        "float checkpoints (bf16, fp16, fp32)"
+    can = ("float checkpoints (bf16, fp16, fp32) and safetensors fp8 ones with block scales or MXFP4 experts"
+           if fp8 else "float checkpoints (bf16, fp16, fp32)")
     raise InputError(f"{where} is already quantized ({kind}, config.json quantization_config); kbit converts "
                      f"{can}: convert from the original model")
 

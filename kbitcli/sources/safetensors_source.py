@@ -44,6 +44,10 @@ _DTYPES: dict[str, tuple[str, str]] = {
     "BOOL": ("bool", "?"),
 }
 
+#: the 16 values of an FP4 E2M1 code (MXFP4): sign bit 3, then 2 exponent bits and 1 mantissa bit
+_FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
 class _Entry:
     __slots__ = ("file", "begin", "end", "np_dtype", "st_dtype")
 
@@ -107,6 +111,9 @@ class SafetensorsSource(BaseSource):
         self._fp8_scales: dict[str, tuple[str, int, int]] = {}
         self._scale_infos: dict[str, SourceTensor] = {}
         self._fp8_blocks()
+        #: MXFP4 tensor -> (its `_blocks`, its `_scales`), which are not listed: see _mxfp4_tensors
+        self._mxfp4: dict[str, tuple[SourceTensor, SourceTensor]] = {}
+        self._mxfp4_tensors()
 
     def _fp8_blocks(self) -> None:
         """A checkpoint quantized to fp8 with block scales (_base.fp8_block_size; any other
@@ -138,6 +145,56 @@ class SafetensorsSource(BaseSource):
             raise InputError(f"{where}: the scale tensor {stray[0]!r} belongs to no float8 weight kbit knows how "
                              "to read")
 
+    def _mxfp4_tensors(self) -> None:
+        """A checkpoint with MXFP4 experts (quant_method "mxfp4": the released gpt-oss models):
+        each `X_blocks` (uint8 [E, R, G, 16], two FP4 E2M1 codes a byte, low nibble first) with its
+        `X_scales` (uint8 [E, R, G], E8M0 exponents biased by 127: one per 32 values) reads as the
+        tensor X [E, G*32, R] (rows and values swapped, the layout transformers' MXFP4
+        dequantization gives), with dtype bfloat16: it holds every MXFP4 value exactly, and it is
+        what transformers dequantizes to. load_raw gives its bfloat16 bits."""
+        qc = (self.config() or {}).get("quantization_config")
+        if not (isinstance(qc, dict) and qc.get("quant_method") == "mxfp4"):
+            return
+        where = self.folder or self.path
+        for name, info in list(self._infos.items()):
+            if not name.endswith("_blocks"):
+                continue
+            base = name[:-len("_blocks")]
+            scale = self._infos.get(base + "_scales")
+            if scale is None or info.dtype != "uint8" or scale.dtype != "uint8" or len(info.shape) != 4 \
+                    or tuple(scale.shape) != tuple(info.shape[:3]):
+                raise InputError(f"{where}: the MXFP4 tensor {name!r} ({info.dtype} {list(info.shape)}) needs uint8 "
+                                 f"blocks [experts, rows, groups, bytes] and uint8 scales {base}_scales of shape "
+                                 f"[experts, rows, groups]; got "
+                                 f"{'none' if scale is None else f'{scale.dtype} {list(scale.shape)}'}")
+            if base in self._infos:
+                raise InputError(f"{where}: {base!r} is stored both as a tensor and as MXFP4 blocks")
+            E, R, G, B = info.shape
+            self._mxfp4[base] = (info, scale)
+            self._infos[base] = SourceTensor(base, (E, G * B * 2, R), "bfloat16", info.nbytes + scale.nbytes)
+        for info, scale in self._mxfp4.values():
+            del self._infos[info.name], self._infos[scale.name]
+        stray = [n for n in self._infos if n.endswith(("_blocks", "_scales")) and self._infos[n].dtype == "uint8"]
+        if stray:
+            raise InputError(f"{where}: the MXFP4 tensor {stray[0]!r} has no matching _blocks / _scales tensor")
+
+    def _mxfp4_values(self, name: str, bf16_bits: bool = False) -> np.ndarray:
+        """The float32 values of an MXFP4 tensor (see _mxfp4_tensors), or their bfloat16 bits (the
+        high half of each float32, exact), decoded one expert at a time into the output (a
+        bfloat16 read never holds the whole tensor in float32)."""
+        blocks, scales = (self._bytes(self._entries[t.name]).reshape(t.shape) for t in self._mxfp4[name])
+        E, R, G, B = blocks.shape
+        out = np.empty((E, G * B * 2, R), np.uint16 if bf16_bits else np.float32)
+        for e in range(E):
+            b = np.asarray(blocks[e])
+            v = np.empty((R, G, B, 2), np.float32)
+            v[..., 0], v[..., 1] = _FP4[b & 0x0F], _FP4[b >> 4]
+            with np.errstate(over="ignore"):  # exponents past float32's range give inf, as in transformers
+                v = np.ldexp(v, (scales[e].astype(np.int32) - 127)[:, :, None, None])
+            v = v.reshape(R, G * B * 2).T
+            out[e] = (v.view(np.uint32) >> 16).astype(np.uint16) if bf16_bits else v
+        return out
+
     def _bytes(self, e: _Entry) -> np.ndarray:
         """The tensor's bytes, memory-mapped just for this read: the callers copy them out,
         and dropping the map right after keeps the resident memory of a conversion at one
@@ -147,6 +204,8 @@ class SafetensorsSource(BaseSource):
         return np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.begin, shape=(e.end - e.begin,))
 
     def _load_raw(self, info: SourceTensor) -> np.ndarray:
+        if info.name in self._mxfp4:  # bfloat16 bits: the high half of the float32 values (exact)
+            return self._mxfp4_values(info.name, bf16_bits=True)
         e = self._entries[info.name]
         if e.np_dtype is None:
             raise InputError(f"{e.file}: tensor {info.name!r} has dtype {e.st_dtype}, which kbit cannot read")
@@ -157,6 +216,8 @@ class SafetensorsSource(BaseSource):
     def raw_view(self, name: str) -> np.ndarray:
         """The stored values, read-only and memory-mapped (no copy; see load_raw)."""
         info = self.tensor(name)
+        if name in self._mxfp4:
+            return self._load_raw(info)
         e = self._entries[name]
         if e.np_dtype is None:
             raise InputError(f"{e.file}: tensor {info.name!r} has dtype {e.st_dtype}, which kbit cannot read")
@@ -166,6 +227,10 @@ class SafetensorsSource(BaseSource):
         """Ask the kernel to read the tensor's bytes into the page cache in the background
         (posix_fadvise WILLNEED), so that a cold file is read while the previous tensor is
         being quantized. Costs no memory of this process."""
+        if name in self._mxfp4:
+            for t in self._mxfp4[name]:
+                self.prefetch(t.name)
+            return
         e = self._entries.get(name)
         if e is None or e.end <= e.begin or not hasattr(os, "posix_fadvise"):
             return
@@ -181,6 +246,8 @@ class SafetensorsSource(BaseSource):
     def _load_float_into(self, info: SourceTensor, out: np.ndarray) -> np.ndarray | None:
         """bfloat16 / float16 / float32 / float64 straight from the mapped bytes into `out`
         (the same values as _load_float, without a new array)."""
+        if info.name in self._mxfp4:
+            return None
         e = self._entries[info.name]
         vals = self._bytes(e).view(np.dtype(e.np_dtype))
         if info.dtype == "bfloat16":  # the bf16 bits are the high half of a float32
@@ -192,6 +259,8 @@ class SafetensorsSource(BaseSource):
         return out
 
     def _load_float(self, info: SourceTensor) -> np.ndarray:
+        if info.name in self._mxfp4:
+            return self._mxfp4_values(info.name)
         e = self._entries[info.name]
         vals = self._bytes(e).view(np.dtype(e.np_dtype)).reshape(info.shape)
         if info.dtype == "bfloat16":
