@@ -1707,6 +1707,11 @@ def _llama_like_gguf(path: Path, arch: str):
         cfg, cls = tf.SmolLM3Config(num_hidden_layers=4, **common), tf.SmolLM3ForCausalLM
     elif arch == "olmo2":
         cfg, cls = tf.Olmo2Config(num_hidden_layers=2, **common), tf.Olmo2ForCausalLM
+    elif arch.startswith("llama3"):  # Llama 3.1 / 3.2's llama3 RoPE (head_dim 12: wavelengths in all three bands)
+        factor = 32.0 if arch == "llama3.2" else 8.0
+        cfg, cls = tf.LlamaConfig(num_hidden_layers=2, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, **common), tf.LlamaForCausalLM
     else:  # no window: llama.cpp's starcoder2 attends over the whole context
         cfg, cls = tf.Starcoder2Config(num_hidden_layers=2, norm_epsilon=1e-6, sliding_window=None, **common), \
             tf.Starcoder2ForCausalLM
@@ -1715,6 +1720,7 @@ def _llama_like_gguf(path: Path, arch: str):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.15 * torch.randn_like(p))
+    arch = "llama" if arch.startswith("llama3") else arch
     w = gguf.GGUFWriter(str(path), arch)
     for k, v in (("block_count", cfg.num_hidden_layers), ("context_length", 64), ("embedding_length", 48),
                  ("feed_forward_length", 80), ("attention.head_count", 4), ("attention.head_count_kv", 2),
@@ -1727,6 +1733,10 @@ def _llama_like_gguf(path: Path, arch: str):
         w.add_float32("granite.residual_scale", 0.3)
         w.add_float32("granite.attention.scale", 0.05)
         w.add_float32("granite.logit_scale", 4.0)
+    if arch == "llama":  # LlamaModel.generate_extra_tensors: the llama3 RoPE only as the factors rope_freqs
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        plain = 1.0 / 10000.0 ** (torch.arange(0, 12, 2, dtype=torch.float64) / 12)
+        w.add_tensor("rope_freqs.weight", (plain / ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0].double()).float().numpy())
     _add_bpe_tokenizer(w, tok, "qwen2", False)
     names = {"olmo2": _OLMO2_GGUF_NAMES, "starcoder2": _STARCODER2_GGUF_NAMES}.get(arch, _DENSE_GGUF_NAMES)
     for name, t in model.state_dict().items():
@@ -1739,21 +1749,28 @@ def _llama_like_gguf(path: Path, arch: str):
         else:
             _, _, i, rest = name.split(".", 3)
             part, kind = rest.rsplit(".", 1)
-            if part in ("self_attn.q_proj", "self_attn.k_proj") and arch in ("granite", "smollm3"):  # permuted
+            if part in ("self_attn.q_proj", "self_attn.k_proj") and arch in ("granite", "smollm3", "llama"):  # permuted
                 a = permute_qk(a, 4 if part.endswith("q_proj") else 2)
             w.add_tensor(f"blk.{i}.{names[part]}.{kind}", a)
     _write(w)
     return model, tok
 
 
-@pytest.mark.parametrize("arch", ["granite", "smollm3", "olmo2", "starcoder2"])
+@pytest.mark.parametrize("arch", ["granite", "smollm3", "olmo2", "starcoder2", "llama3.1", "llama3.2"])
 def test_llama_like_gguf_runs_like_transformers(tmp_path, arch):
+    """... and Llama 3.1 / 3.2, whose llama3 RoPE scaling the file holds only as the factors
+    rope_freqs: read back into rope_scaling (without it every position would rotate differently)."""
     (tmp_path / "src").mkdir()
     path = tmp_path / "src" / "m.gguf"
     hf, tok = _llama_like_gguf(path, arch)
     src = open_source(path)
     cfg = src.config()
-    assert (cfg["model_type"], cfg["architectures"]) == (arch, [type(hf).__name__])
+    assert (cfg["model_type"], cfg["architectures"]) == (hf.config.model_type, [type(hf).__name__])
+    if arch.startswith("llama3"):
+        rs, want = cfg["rope_scaling"], hf.config.rope_parameters
+        assert src.warnings == [] and rs["rope_type"] == "llama3" and rs["factor"] == want["factor"]
+    else:
+        assert "rope_scaling" not in cfg
     if arch == "granite":
         assert [cfg[k] for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
                                  "logits_scaling")] == [3.0, 0.3, 0.05, 4.0]
@@ -1765,6 +1782,26 @@ def test_llama_like_gguf_runs_like_transformers(tmp_path, arch):
     for t in src.tensors():
         np.testing.assert_array_equal(src.load(t.name), sd[t.name].numpy(), err_msg=t.name)
     _runs_like_transformers(tmp_path, path, hf, tok.encode(_CORPUS[0]).ids[:20])
+
+
+def test_llama_gguf_with_rope_freqs_of_no_llama3_setting_is_refused(tmp_path, capsys):
+    """rope_freqs that no llama3 setting gives (here: one factor changed in the file) cannot be
+    turned back into the checkpoint's RoPE: a clear input error, not a model that rotates otherwise."""
+    import gguf
+
+    from kbitcli.cli.main import main
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    _llama_like_gguf(path, "llama3.1")
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight")
+    data = np.memmap(path, dtype=np.float32, mode="r+", offset=int(t.data_offset), shape=(int(t.n_elements),))
+    data[2] *= 1.5
+    data.flush()
+    del data
+    assert main(["quantize", str(path), str(tmp_path / "out"), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "rope_freqs are not llama3 factors kbit can rebuild" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1986,6 +2023,270 @@ def test_more_gguf_that_cannot_be_rebuilt_is_refused(tmp_path, arch, meta, messa
     _write(w)
     with pytest.raises(InputError, match=re.escape(message)):
         open_source(tmp_path / "m.gguf").config()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUFs of Llama 4 (stacked experts, llama.cpp's [expert, out, in] split into gate / up), gpt-oss
+# (stacked experts with biases stored as MXFP4, gate / up alternating in the checkpoint, attention
+# sinks), GLM-4 (fused gate / up, post-norms, partial rotary), GLM-4-9B's GlmForCausalLM (chatglm),
+# GLM-4.5 (DeepSeek-V3's routing, a dense first layer, a multi-token-prediction layer after the
+# model's), EXAONE 4 (sliding layers from sliding_window_pattern), OLMoE (experts stacked from the
+# checkpoint's per-expert tensors), OLMo (q / k permuted, clip_qkv), Nemotron (LayerNorm1P weights
+# + 1, partial rotary), MPT (ALiBi, clip_qkv, transformer.blocks) and Apertus (xIELU's scalars as
+# metadata, llama3 RoPE as rope_freqs). Each tiny checkpoint is written as llama.cpp's converter
+# writes it, its names from gguf-py's own tensor map.
+_NEW_GGUF = ["llama4", "gpt-oss", "glm4", "glm4moe", "chatglm", "exaone4", "olmoe", "olmo", "nemotron", "mpt",
+             "apertus"]
+
+
+def _new_model(arch: str, vocab: int):
+    """(model, the metadata llama.cpp's converter writes for it, beyond the sizes)."""
+    import transformers as tf
+
+    c = dict(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=12, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+             pad_token_id=1)
+    meta: dict = {"attention.layer_norm_rms_epsilon": 1e-6, "rope.dimension_count": 12}
+    if arch == "llama4":  # layers 1 and 3 MoE, layer 3 without rotary; F16 experts in layer 1; Scout's RoPE
+        cfg, cls = tf.Llama4TextConfig(**{**c, "num_hidden_layers": 4, "intermediate_size": 32},
+                                       intermediate_size_mlp=80, num_local_experts=4, num_experts_per_tok=1,
+                                       interleave_moe_layer_step=2, rms_norm_eps=1e-6,
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                                                        "original_max_position_embeddings": 8192}), \
+            tf.Llama4ForCausalLM
+        meta.update({"expert_count": 4, "expert_used_count": 1, "expert_feed_forward_length": 32,
+                     "interleave_moe_layer_step": 2, "rope.freq_base": 500000.0, "vocab_size": vocab})
+    elif arch == "gpt-oss":  # rows of 64 for MXFP4; every other layer slides (window 4); YaRN
+        cfg, cls = tf.GptOssConfig(**{**c, "hidden_size": 64, "intermediate_size": 64, "head_dim": 16},
+                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                   rms_norm_eps=1e-6), tf.GptOssForCausalLM
+        meta.update({"embedding_length": 64, "feed_forward_length": 64, "expert_feed_forward_length": 64,
+                     "attention.key_length": 16, "attention.value_length": 16, "rope.dimension_count": 16,
+                     "expert_count": 4, "expert_used_count": 2, "attention.sliding_window": 4,
+                     "rope.freq_base": 150000.0, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
+                     "rope.scaling.original_context_length": 4096})
+    elif arch == "glm4":  # half of each head rotated, q/k/v biases
+        cfg, cls = tf.Glm4Config(**c, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-6), \
+            tf.Glm4ForCausalLM
+        meta.update({"rope.dimension_count": 6, "rope.freq_base": 10000.0})
+    elif arch == "chatglm":  # ChatGLMModel: a context_length of n_embd, the base 10000 x rope_ratio
+        cfg, cls = tf.GlmConfig(**c, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-6), \
+            tf.GlmForCausalLM
+        meta.update({"context_length": 48, "rope.dimension_count": 6, "rope.freq_base": 10000.0})
+    elif arch == "glm4moe":  # layer 0 dense; a sigmoid router with its bias, renormalised and scaled
+        cfg, cls = tf.Glm4MoeConfig(**{**c, "intermediate_size": 80}, n_routed_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                                    use_qk_norm=True, partial_rotary_factor=0.5, attention_bias=True,
+                                    norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-6), \
+            tf.Glm4MoeForCausalLM
+        meta.update({"block_count": 3, "nextn_predict_layers": 1, "expert_count": 4, "expert_used_count": 2,
+                     "expert_feed_forward_length": 32, "expert_shared_count": 1, "leading_dense_block_count": 1,
+                     "expert_gating_func": 2, "expert_weights_scale": 2.5, "expert_weights_norm": True,
+                     "rope.dimension_count": 6, "rope.freq_base": 10000.0})
+    elif arch == "exaone4":  # layers 0-2 slide (window 4, with the rotary), layer 3 is global
+        cfg, cls = tf.Exaone4Config(**{**c, "num_hidden_layers": 4}, sliding_window=4, sliding_window_pattern=4,
+                                    rms_norm_eps=1e-6), tf.Exaone4ForCausalLM
+        meta.update({"block_count": 4, "attention.sliding_window": 4, "rope.freq_base": 10000.0,
+                     "attention.sliding_window_pattern": [True, True, True, False]})
+    elif arch == "olmoe":  # no renormalisation; OlmoeModel writes an epsilon of 1e-5
+        cfg, cls = tf.OlmoeConfig(**{**c, "intermediate_size": 32}, num_experts=4, num_experts_per_tok=2,
+                                  rms_norm_eps=1e-5), tf.OlmoeForCausalLM
+        meta.update({"feed_forward_length": 32, "expert_count": 4, "expert_used_count": 2,
+                     "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 10000.0})
+    elif arch == "olmo":  # q, k, v clipped to 0.3
+        cfg, cls = tf.OlmoConfig(**c, clip_qkv=0.3), tf.OlmoForCausalLM
+        meta = {"attention.layer_norm_epsilon": 1e-5, "attention.clamp_kqv": 0.3, "rope.dimension_count": 12,
+                "rope.freq_base": 10000.0}
+    elif arch == "mpt":  # ALiBi, q, k, v clipped to 0.3, tied; MPTModel writes 4 x d_model and eps 1e-5
+        cfg, cls = tf.MptConfig(vocab_size=vocab, d_model=48, n_heads=4, n_layers=2, max_seq_len=64,
+                                attn_config={"alibi_bias_max": 8, "clip_qkv": 0.3}, bos_token_id=0,
+                                eos_token_id=1), tf.MptForCausalLM
+        meta = {"feed_forward_length": 192, "attention.head_count_kv": None, "attention.layer_norm_epsilon": 1e-5,
+                "attention.clamp_kqv": 0.3, "attention.max_alibi_bias": 8.0}
+    elif arch == "apertus":  # ApertusConfig's llama3 RoPE (theta 12e6, factor 8), stored as rope_freqs
+        cfg, cls = tf.ApertusConfig(**c, rms_norm_eps=1e-6), tf.ApertusForCausalLM
+        meta.update({"rope.freq_base": 12000000.0})
+    else:  # Nemotron: half of each head rotated, squared ReLU
+        cfg, cls = tf.NemotronConfig(**c, partial_rotary_factor=0.5, norm_eps=1e-5), tf.NemotronForCausalLM
+        meta = {"attention.layer_norm_epsilon": 1e-5, "rope.dimension_count": 6, "rope.freq_base": 10000.0}
+    torch.manual_seed(19)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.15 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model, meta
+
+
+def _new_gguf(tmp_path: Path, arch: str, meta_update: dict | None = None, drop: str | None = None):
+    """A tiny transformers model of `arch` written into tmp_path/src/m.gguf as llama.cpp's converter
+    writes it (with meta_update's metadata, None: left out; without the tensor `drop`); returns
+    (model, its checkpoint, tokenizer, path)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    tok = _original_tokenizer("qwen2")
+    model, meta = _new_model(arch, tok.get_vocab_size())
+    c = model.config
+    mxfp4 = gguf.GGMLQuantizationType.MXFP4
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if arch == "gpt-oss" and name.endswith(("gate_up_proj", "down_proj")):  # the MXFP4 values
+                q = gguf.quants.quantize(p.transpose(-1, -2).numpy().copy(), mxfp4)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, mxfp4)).transpose(-1, -2))
+            if arch == "llama4" and ".layers.1.feed_forward.experts." in name:  # stored as F16
+                p.copy_(p.half().float())
+    model.save_pretrained(tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "m.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    sizes = {"block_count": c.num_hidden_layers, "context_length": 64, "embedding_length": c.hidden_size,
+             "feed_forward_length": 80, "attention.head_count": 4, "attention.head_count_kv": 2}
+    for k, v in {**sizes, **meta, **(meta_update or {})}.items():
+        if v is None:
+            continue
+        if isinstance(v, list):
+            w.add_array(f"{arch}.{k}", v)
+        elif isinstance(v, float):
+            w.add_float32(f"{arch}.{k}", v)
+        elif isinstance(v, str):
+            w.add_string(f"{arch}.{k}", v)
+        else:
+            w.add_uint32(f"{arch}.{k}", v)
+    _add_bpe_tokenizer(w, tok, "qwen2", False)
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                     c.num_hidden_layers)
+    experts: dict[str, dict] = {}  # OLMoE's per-expert tensors, stacked per block as the converter does
+    if arch == "apertus":  # ApertusModel: xIELU's scalars as metadata
+        for key in ("alpha_p", "alpha_n", "beta", "eps"):
+            w.add_array(f"xielu.{key}", [float(sd[f"model.layers.{i}.mlp.act_fn.{key}"].reshape(-1)[0])
+                                         for i in range(c.num_hidden_layers)])
+    if arch in ("apertus", "llama4"):  # LlamaModel: the llama3 RoPE as the factors rope_freqs
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        theta = c.rope_parameters["rope_theta"]
+        plain = 1.0 / theta ** (torch.arange(0, 12, 2, dtype=torch.float64) / 12)
+        scaled = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0].double()
+        w.add_tensor("rope_freqs.weight", (plain / scaled).float().numpy())
+    for name, a in sd.items():
+        if ".act_fn." in name:
+            continue
+        if arch == "olmo" and name.endswith(("q_proj.weight", "k_proj.weight")):  # OlmoModel: LlamaModel.permute
+            a = permute_qk(a, 4 if "q_proj" in name else 2)
+        if arch == "nemotron" and name.endswith("norm.weight"):  # NemotronModel: LayerNorm1P's weight + 1
+            a = a + np.float32(1.0)
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$", name)
+        if m:
+            experts.setdefault(f"model.layers.{m[1]}.mlp.experts.{m[3]}.weight", {})[int(m[2])] = a
+            continue
+        if ".experts.gate_up_proj" in name:  # [expert, in, out] -> [expert, out, in], gate / up apart
+            b = np.swapaxes(a, -1, -2) if a.ndim == 3 else a
+            gate, up = (b[:, ::2], b[:, 1::2]) if arch == "gpt-oss" else np.split(b, 2, axis=1)
+            kind = "bias" if name.endswith("_bias") else "weight"
+            i = name.split(".")[2]
+            for part, t in (("ffn_gate_exps", gate), ("ffn_up_exps", up)):
+                _add_new_tensor(w, arch, f"blk.{i}.{part}.{kind}", np.ascontiguousarray(t), name, drop)
+            continue
+        if ".experts.down_proj" in name:
+            kind = "bias" if name.endswith("_bias") else "weight"
+            t = a if kind == "bias" else np.ascontiguousarray(np.swapaxes(a, -1, -2))
+            _add_new_tensor(w, arch, f"blk.{name.split('.')[2]}.ffn_down_exps.{kind}", t, name, drop)
+            continue
+        if name.endswith("e_score_correction_bias"):  # the converter's rename
+            name = name.replace("_bias", ".bias")
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if name.endswith(".sinks"):  # GptOssModel.filter_tensors
+            gname += ".weight"
+        _add_new_tensor(w, arch, gname, a, name, drop)
+    for name, parts in experts.items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.stack([parts[e] for e in sorted(parts)]))
+    if arch == "glm4moe":  # a multi-token-prediction layer (Glm4MoeModel: after the model's layers)
+        w.add_tensor("blk.2.nextn.eh_proj.weight", np.zeros((48, 96), dtype=np.float32))
+        w.add_tensor("blk.2.attn_norm.weight", np.ones(48, dtype=np.float32))
+    _write(w)
+    return model, sd, tok, path
+
+
+def _add_new_tensor(w, arch: str, gname: str, a: np.ndarray, name: str, drop: str | None) -> None:
+    """gpt-oss's expert weights as MXFP4 (GptOssModel.repack_mxfp4); Llama 4's layer 1 experts as
+    F16; `drop` left out."""
+    import gguf
+
+    if gname == drop:
+        return
+    if arch == "gpt-oss" and "_exps." in gname and gname.endswith(".weight"):
+        mxfp4 = gguf.GGMLQuantizationType.MXFP4
+        w.add_tensor(gname, gguf.quants.quantize(a, mxfp4), raw_dtype=mxfp4)
+    elif arch == "llama4" and ".layers.1.feed_forward.experts." in name:
+        w.add_tensor(gname, a.astype(np.float16))
+    else:
+        w.add_tensor(gname, a)
+
+
+@pytest.mark.parametrize("arch", _NEW_GGUF)
+def test_new_gguf_runs_like_transformers(tmp_path, arch):
+    hf, sd, tok, path = _new_gguf(tmp_path, arch)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["model_type"], cfg["architectures"]) == (hf.config.model_type, [type(hf).__name__])
+    if arch in ("exaone4", "gpt-oss", "llama4"):
+        assert cfg["layer_types"] == hf.config.layer_types
+    if arch == "glm4moe":
+        assert cfg["num_hidden_layers"] == 2 and src.warnings == [
+            "the multi-token-prediction layers (blk.2) were skipped: Glm4MoeForCausalLM does not run them"]
+    assert {t.name for t in src.tensors()} == set(sd)  # Llama 4's and gpt-oss's experts stacked, as saved
+    for t in src.tensors():  # the checkpoint's names, shapes and layout
+        assert t.shape == sd[t.name].shape, t.name
+        tol = 1e-6 if arch == "nemotron" and t.name.endswith("norm.weight") else 0  # +1 taken off (float32)
+        np.testing.assert_allclose(src.load(t.name), sd[t.name], rtol=0, atol=tol, err_msg=t.name)
+        np.testing.assert_allclose(src.load_raw(t.name).astype(np.float32), sd[t.name], rtol=0, atol=tol,
+                                   err_msg=t.name)
+    if arch == "llama4":  # joined from F16 parts: F16; from F32 ones: F32
+        assert src.tensor("model.layers.1.feed_forward.experts.gate_up_proj").dtype == "float16"
+        assert src.tensor("model.layers.3.feed_forward.experts.down_proj").dtype == "float32"
+    if arch == "gpt-oss":  # from MXFP4: the dequantized values
+        assert src.tensor("model.layers.0.mlp.experts.gate_up_proj").dtype == "float32"
+    _runs_like_transformers(tmp_path, path, hf, tok.encode(_CORPUS[0]).ids[:20])
+
+
+@pytest.mark.parametrize("arch,meta,drop,message", [
+    ("llama4", {"attention.sliding_window": 0}, None, "only Llama 4's chunked attention"),
+    ("llama4", {"interleave_moe_layer_step": None}, None, "lacks the metadata 'llama4.interleave_moe_layer_step'"),
+    ("llama4", None, "blk.3.ffn_up_exps.weight", "block 3 has ffn_gate_exps without ffn_up_exps"),
+    ("gpt-oss", {"attention.sliding_window": None}, None, "lacks the metadata 'gpt-oss.attention.sliding_window'"),
+    ("gpt-oss", None, "blk.1.ffn_down_exps.weight", "lacks the weight for model.layers.1.mlp.experts.down_proj"),
+    ("mpt", {"attention.max_alibi_bias": 0.0}, None, "an mpt GGUF without ALiBi"),
+    ("apertus", {"rope.freq_base": 10000.0}, None, "this apertus GGUF's rope_freqs are not the llama3 factors"),
+    ("llama4", {"rope.freq_base": 10000.0}, None, "this llama4 GGUF's rope_freqs are not the llama3 factors"),
+    ("glm4moe", {"expert_gating_func": 1}, None, "GLM-4.5's router is a sigmoid (2)"),
+    ("gpt-oss", {"expert_feed_forward_length": 32}, None, "'blk.0.ffn_gate_exps.weight' has shape [4, 64, 64] but "
+                                                          "the metadata implies [4, 32, 64]"),
+])
+def test_new_gguf_that_cannot_be_rebuilt_is_refused(tmp_path, arch, meta, drop, message):
+    """A layout llama.cpp runs otherwise than the checkpoint class, missing metadata, and stacked
+    experts that do not fit are refused with a clear message."""
+    *_, path = _new_gguf(tmp_path, arch, meta, drop)
+    with pytest.raises(InputError, match=re.escape(message)):
+        open_source(path).config()
+
+
+def test_chatglm_gguf_of_thudm_layout_is_refused(tmp_path):
+    """ChatGLM's own layout (one attn_qkv: ChatGLMForConditionalGeneration, remote code) is refused."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "chatglm")
+    for k, v in {"block_count": 1, "context_length": 64, "embedding_length": 8, "feed_forward_length": 32,
+                 "attention.head_count": 2, "attention.head_count_kv": 2}.items():
+        w.add_uint32(f"chatglm.{k}", v)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.add_tensor("blk.0.attn_qkv.weight", np.zeros((24, 8), dtype=np.float32))
+    _write(w)
+    with pytest.raises(UnsupportedArchitectureError, match="only GLM-4's Hugging Face layout"):
+        open_source(tmp_path / "m.gguf")
 
 
 # -- checkpoints already quantized -------------------------------------------------------------

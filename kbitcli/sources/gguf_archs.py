@@ -7,14 +7,41 @@ attn_q_norm / attn_k_norm; gemma, gemma2, gemma3: norms shifted by 1, Gemma 2 an
 norms per block, Gemma 3 with q/k norms; phi3: the fused attn_qkv and gate/up ffn_up, LongRoPE
 factors as the tensors rope_factors_long / _short; granite: its four multipliers as metadata;
 olmo2: norms after the sublayers, q/k norms over all heads; starcoder2: LayerNorms with biases,
-output_norm.bias included, and the c_fc / c_proj MLP as ffn_up / ffn_down).
+output_norm.bias included, and the c_fc / c_proj MLP as ffn_up / ffn_down; glm4: gate/up in one
+ffn_up, post_attention_norm / post_ffw_norm after the sublayers (post_self_attn_layernorm /
+post_mlp_layernorm), the rotary on rope.dimension_count features; chatglm: GLM-4-9B's
+GlmForCausalLM (q/k/v biases, gate/up in one ffn_up, partial rotary; THUDM's own layout with one
+attn_qkv is refused); exaone4: norms after the sublayers only, q/k norms, the sliding layers from
+attention.sliding_window_pattern (a list); olmo: q/k permuted as llama's (OlmoModel), no norm
+weights, clip_qkv as attention.clamp_kqv; nemotron:
+LayerNorm1P weights + 1 (NemotronModel.modify_tensors, taken off as Gemma's), partial rotary, the
+squared-ReLU up / down MLP; apertus: attention_layernorm / feedforward_layernorm, q/k norms, xIELU's
+four scalars per layer stored as metadata arrays (xielu.alpha_p ...) and listed again as
+mlp.act_fn.*, the llama3 RoPE scaling read back from rope_freqs when those are the factors of
+ApertusConfig's settings (LLAMA3_SETTINGS), refused otherwise).
 Mixtures of experts: Mixtral (arch "llama" with {arch}.expert_count), qwen2moe (with a shared
-expert), qwen3moe and deepseek2. llama.cpp stacks the experts of a layer into one 3-D tensor per
-projection (ffn_gate_exps / ffn_up_exps / ffn_down_exps, [expert, rows, columns]; written with
+expert), qwen3moe, olmoe (q/k norms over all heads, never renormalised), glm4moe (GLM-4.5:
+DeepSeek-V3's sigmoid router with exp_probs_b, shared experts and leading dense layers, partial
+rotary; the nextn_predict_layers multi-token-prediction blocks after the model's are skipped) and
+deepseek2. llama.cpp stacks the experts of a layer into one 3-D tensor per projection
+(ffn_gate_exps / ffn_up_exps / ffn_down_exps, [expert, rows, columns]; written with
 --fuse-gate-up-exps, gate and up as one ffn_gate_up_exps, each expert's gate rows then its up
 rows); each expert is listed as its own 2-D tensor under its Hugging Face name, a view of its
 slice of the file (one expert is read at a time). Mixtral files from llama.cpp's older convert.py
 hold each expert apart (blk.N.ffn_gate.E.weight ...).
+llama4 and gpt-oss checkpoints hold their experts stacked themselves, with the input axis in the
+middle: gate_up_proj [expert, hidden, 2 x width], down_proj [expert, width, hidden]. Their converters
+transpose them to llama.cpp's [expert, out, in] and split gate_up_proj in two: Llama 4's gate then
+up halves (or one ffn_gate_up_exps), gpt-oss's alternating columns (gate, up, gate, ...), its biases
+alike (ffn_*_exps.bias); both are rebuilt as the checkpoint's 3-D tensors (JOINED: in their float
+type, or float32 from gpt-oss's MXFP4 blocks). Llama 4 (undo_permute = False: nothing permuted): a
+dense feed_forward except every interleave_moe_layer_step-th layer, the shared expert, and what
+llama.cpp fixes (chunks of 8192 on three layers of four, the others without rotary and with
+attention temperature tuning, the q/k L2 norm except with 128 experts), Scout's llama3 RoPE scaling
+read back from rope_freqs (LLAMA3_SETTINGS); a llama4 file without chunks (sliding_window 0,
+MobileLLM) is refused. gpt-oss: attn_sinks (self_attn.sinks), q/k/v/o
+biases, the router's bias, post_attention_norm before the MLP, every other layer sliding, YaRN
+without truncation (as its checkpoints; llama.cpp rounds the correction range).
 deepseek2 (DeepSeek-V2 / V3 / R1, Kimi-K2): multi-head latent attention (attn_q, or attn_q_a /
 attn_q_a_norm / attn_q_b; attn_kv_a_mqa, attn_kv_a_norm, attn_output), leading dense layers,
 shared experts (ffn_*_shexp), V3's routing bias exp_probs_b. Files converted since llama.cpp's
@@ -41,7 +68,9 @@ transformer.h.<i>, gpt_neox.layers.<i> ...), with what llama.cpp's converter rea
   all values; `load` and `load_raw` restore the checkpoint's order. Falcon-40B's two norms are
   attn_norm_2 (ln_attn) and attn_norm (ln_mlp);
 * starcoder (GPTBigCode) with its single key/value head, gpt2: c_attn as stored; llama.cpp
-  transposes GPT-2's Conv1D weights, which are transposed back (listed as float32 when quantized).
+  transposes GPT-2's Conv1D weights, which are transposed back (listed as float32 when quantized);
+* mpt (transformer.blocks.<i>): Wqkv as stored, ALiBi (attention.max_alibi_bias; a file without is
+  refused), clip_qkv from attention.clamp_kqv, biases when the file has them.
 Their converters store no RoPE base for phi2, stablelm and gptneox (llama.cpp's 10000 is used),
 and what llama.cpp's graphs decide from the tensors (StableLM's parallel block, Falcon's layout,
 Command R+'s q/k norms) is decided here the same way.
@@ -56,8 +85,10 @@ docs/adding-an-architecture.md):
    weights are not llama's seven; expected_shape for Hugging Face names it does not know yet.
 3. What the converter rearranged: PERMUTED_QK (it permutes attn_q / attn_k), GROUPED_QKV
    (query_key_value rows regrouped), TRANSPOSED, SPLIT (one tensor listed as several),
-   EXPERT_NAMES and MOE_ARCHITECTURES (stacked experts), GEMMA_ARCHITECTURES (norms shifted by 1),
-   _PARTIAL_ROTARY (rope.dimension_count below the head size).
+   EXPERT_NAMES and MOE_ARCHITECTURES (stacked experts), JOINED (a checkpoint tensor rebuilt from
+   several GGUF tensors, or rearranged beyond a transpose: stacked experts the checkpoint keeps
+   stacked, STACKED_MOE), SHIFTED_NORMS (norms + 1), _PARTIAL_ROTARY (rope.dimension_count below
+   the head size), LLAMA3_SETTINGS (the checkpoints' llama3 RoPE, stored only as rope_freqs).
 4. config.json: a branch in family_config, with a builder `_<family>_config(src)` for what
    llama.cpp stores under its own keys or fixes without storing; check_hparams for what llama.cpp
    refuses, or runs otherwise than the checkpoint, with an InputError.
@@ -81,7 +112,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe",
                            "qwen3moe", "granite", "olmo2", "smollm3", "starcoder2", "command-r", "cohere2", "phi2",
-                           "stablelm", "falcon", "starcoder", "gpt2", "bloom", "gptneox", "deepseek2")
+                           "stablelm", "falcon", "starcoder", "gpt2", "bloom", "gptneox", "deepseek2", "llama4",
+                           "gpt-oss", "glm4", "glm4moe", "chatglm", "exaone4", "olmoe", "olmo", "nemotron", "mpt",
+                           "apertus")
 #: GGUF architecture ("mixtral": "llama" with experts) -> (Hugging Face model_type, class)
 HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
            "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma": ("gemma", "GemmaForCausalLM"),
@@ -96,14 +129,26 @@ HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForC
            "starcoder": ("gpt_bigcode", "GPTBigCodeForCausalLM"), "gpt2": ("gpt2", "GPT2LMHeadModel"),
            "bloom": ("bloom", "BloomForCausalLM"), "gptneox": ("gpt_neox", "GPTNeoXForCausalLM"),
            # "deepseek3": deepseek2 with a sigmoid router
-           "deepseek2": ("deepseek_v2", "DeepseekV2ForCausalLM"), "deepseek3": ("deepseek_v3", "DeepseekV3ForCausalLM")}
+           "deepseek2": ("deepseek_v2", "DeepseekV2ForCausalLM"), "deepseek3": ("deepseek_v3", "DeepseekV3ForCausalLM"),
+           "llama4": ("llama4_text", "Llama4ForCausalLM"), "gpt-oss": ("gpt_oss", "GptOssForCausalLM"),
+           "glm4": ("glm4", "Glm4ForCausalLM"), "glm4moe": ("glm4_moe", "Glm4MoeForCausalLM"),
+           "exaone4": ("exaone4", "Exaone4ForCausalLM"),
+           "olmoe": ("olmoe", "OlmoeForCausalLM"), "olmo": ("olmo", "OlmoForCausalLM"),
+           "nemotron": ("nemotron", "NemotronForCausalLM"), "mpt": ("mpt", "MptForCausalLM"),
+           "apertus": ("apertus", "ApertusForCausalLM"), "chatglm": ("glm", "GlmForCausalLM")}
 #: llama.cpp's converter permutes the attn_q / attn_k rows of LlamaModel and its subclasses
-#: (LlamaModel.permute; Mixtral is "llama"), not of the others
-PERMUTED_QK = ("llama", "mixtral", "granite", "smollm3")
-MOE_ARCHITECTURES = ("mixtral", "qwen2moe", "qwen3moe", "deepseek2", "deepseek3")
+#: (LlamaModel.permute; Mixtral is "llama"; Llama4Model sets undo_permute = False), and OlmoModel's,
+#: not of the others
+PERMUTED_QK = ("llama", "mixtral", "granite", "smollm3", "olmo")
+MOE_ARCHITECTURES = ("mixtral", "qwen2moe", "qwen3moe", "deepseek2", "deepseek3", "olmoe", "llama4", "gpt-oss",
+                     "glm4moe")
 DEEPSEEK = ("deepseek2", "deepseek3")
-#: GemmaModel / Gemma2Model / Gemma3Model add 1 to every tensor whose name ends in norm.weight
+#: the mixtures of experts whose checkpoints hold the experts stacked, as 3-D tensors (JOINED)
+STACKED_MOE = ("llama4", "gpt-oss")
+#: GemmaModel / Gemma2Model / Gemma3Model add 1 to every tensor whose name ends in norm.weight, and
+#: NemotronModel to its LayerNorm1P weights (which scale by 1 + weight)
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+SHIFTED_NORMS = GEMMA_ARCHITECTURES + ("nemotron",)
 
 #: the tensors outside the blocks, without .weight / .bias (output_norm.bias: LayerNorms)
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -115,11 +160,14 @@ _ARCH_GLOBAL_NAMES = {"phi2": {**_GLOBAL_NAMES, "output_norm": "model.final_laye
                       "falcon-40b": _FALCON_GLOBALS,
                       "bloom": {**_FALCON_GLOBALS, "token_embd_norm": "transformer.word_embeddings_layernorm"},
                       "gptneox": {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm",
-                                  "output": "embed_out"}}
+                                  "output": "embed_out"},
+                      "mpt": {"token_embd": "transformer.wte", "output_norm": "transformer.norm_f",
+                              "output": "lm_head"}}
 #: where the blocks are, when not model.layers; these layouts name every block tensor in
 #: _ARCH_BLOCK_NAMES (no fallback to the llama names of _BLOCK_NAMES)
 _LAYER_PREFIX = {"starcoder": "transformer.h", "gpt2": "transformer.h", "falcon": "transformer.h",
-                 "falcon-40b": "transformer.h", "bloom": "transformer.h", "gptneox": "gpt_neox.layers"}
+                 "falcon-40b": "transformer.h", "bloom": "transformer.h", "gptneox": "gpt_neox.layers",
+                 "mpt": "transformer.blocks"}
 _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -153,13 +201,33 @@ _DEEPSEEK_NAMES = {"attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn
                    "ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate.e_score_correction",
                    "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
                    "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+# Llama 4: the feed-forward is `feed_forward` (a dense SwiGLU, or the router, the shared expert and
+# the stacked experts); gpt-oss: a norm after the attention (before the MLP), a sink logit per head
+_LLAMA4_NAMES = {"ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj",
+                 "ffn_down": "feed_forward.down_proj", "ffn_gate_inp": "feed_forward.router",
+                 "ffn_gate_shexp": "feed_forward.shared_expert.gate_proj",
+                 "ffn_up_shexp": "feed_forward.shared_expert.up_proj",
+                 "ffn_down_shexp": "feed_forward.shared_expert.down_proj"}
+_GPT_OSS_NAMES = {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks",
+                  "ffn_gate_inp": "mlp.router"}
+# GLM-4 (-0414): norms after the attention and after the MLP too; gate and up rows in one ffn_up
+_GLM4_NAMES = {"post_attention_norm": "post_self_attn_layernorm", "post_ffw_norm": "post_mlp_layernorm",
+               "ffn_up": "mlp.gate_up_proj"}
+# OLMo 2 and EXAONE 4: norms after the sublayers only
+_POST_NORM_NAMES = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 _ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES, "deepseek2": _DEEPSEEK_NAMES,
+                     "llama4": _LLAMA4_NAMES, "gpt-oss": _GPT_OSS_NAMES, "glm4": _GLM4_NAMES,
+                     "chatglm": {"ffn_up": "mlp.gate_up_proj"},
+                     "exaone4": _POST_NORM_NAMES, "olmoe": {"ffn_gate_inp": "mlp.gate"},
+                     "apertus": {"attn_norm": "attention_layernorm", "ffn_norm": "feedforward_layernorm"},
+                     # GLM-4.5: DeepSeek-V3's router and shared experts, one norm before the MLP
+                     "glm4moe": {**{k: v for k, v in _DEEPSEEK_NAMES.items() if k.startswith(("ffn", "exp"))},
+                                 "post_attention_norm": "post_attention_layernorm"},
                      "deepseek3": _DEEPSEEK_NAMES,
                      "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
                      "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},
                      "qwen2moe": _QWEN_MOE_NAMES, "qwen3moe": _QWEN_MOE_NAMES,
-                     "olmo2": {"post_attention_norm": "post_attention_layernorm",
-                               "post_ffw_norm": "post_feedforward_layernorm"},
+                     "olmo2": _POST_NORM_NAMES,
                      "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
                      "phi2": {"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"},
                      "starcoder": _GPT2_NAMES, "gpt2": _GPT2_NAMES, "falcon": _FALCON_NAMES,
@@ -168,7 +236,9 @@ _ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES, "deepseek
                      "bloom": {**_FALCON_NAMES, "ffn_norm": "post_attention_layernorm"},
                      "gptneox": {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
                                  "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
-                                 "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}}
+                                 "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
+                     "mpt": {"attn_norm": "norm_1", "attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj",
+                             "ffn_norm": "norm_2", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"}}
 #: GGUF tensors listed as several Hugging Face tensors, each a block of their rows (None: one row,
 #: as a vector): older phi2 files' fused attn_qkv (q, k, v rows), StableLM's per-head q/k norms
 #: (llama.cpp stacks them, StableLMModel._stack_qk_norm)
@@ -185,7 +255,7 @@ GROUPED_QKV = ("falcon", "falcon-40b", "bloom", "gptneox")
 #: GPT-2's Conv1D weights, which GPT2Model.modify_tensors transposes to [out, in]
 TRANSPOSED = {"gpt2": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
 #: the families whose rotary may cover part of each head (rope.dimension_count)
-_PARTIAL_ROTARY = ("phi3", "phi2", "stablelm", "gptneox")
+_PARTIAL_ROTARY = ("phi3", "phi2", "stablelm", "gptneox", "glm4", "glm4moe", "chatglm", "nemotron")
 #: the stacked experts: GGUF name -> Hugging Face name of expert {}
 _QWEN_EXPERTS = {"ffn_gate_exps": "mlp.experts.{}.gate_proj", "ffn_up_exps": "mlp.experts.{}.up_proj",
                  "ffn_down_exps": "mlp.experts.{}.down_proj"}
@@ -193,13 +263,73 @@ EXPERT_NAMES = {"mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
                             "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
                             "ffn_up_exps": "block_sparse_moe.experts.{}.w3"},
                 "qwen2moe": _QWEN_EXPERTS, "qwen3moe": _QWEN_EXPERTS, "deepseek2": _QWEN_EXPERTS,
-                "deepseek3": _QWEN_EXPERTS}
+                "deepseek3": _QWEN_EXPERTS, "olmoe": _QWEN_EXPERTS, "glm4moe": _QWEN_EXPERTS}
 #: --fuse-gate-up-exps: [expert, gate rows then up rows, columns]
 FUSED_EXPERTS = "ffn_gate_up_exps"
 #: older Mixtral files, one tensor an expert: blk.N.ffn_gate.E.weight ...
 PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_down|ffn_up)\.(\d+)\.weight$")
-#: attn_k_b / attn_v_b, which llama.cpp's converter splits from kv_b_proj (DeepseekV2Model.modify_tensors)
-KV_B_PARTS = ("attn_k_b", "attn_v_b")
+
+
+def _kv_b_shapes(hp: dict[str, Any]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    nh, r, nope, v = hp["n_head"], hp["kv_lora_rank"], hp["qk_nope"], hp["v_head_dim"]
+    return [(nh, r, nope), (nh, v, r)], (nh * (nope + v), r)
+
+
+def _gate_up_shapes(n: int) -> Any:
+    """n GGUF parts [expert, their share of 2 x expert width, hidden] -> [expert, hidden, 2 x width]"""
+    def shapes(hp: dict[str, Any]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+        e, h, i = hp["n_expert"], hp["n_embd"], hp["n_ff_exp"]
+        return [(e, 2 * i // n, h)] * n, (e, h, 2 * i)
+    return shapes
+
+
+def _down_shapes(hp: dict[str, Any]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    e, h, i = hp["n_expert"], hp["n_embd"], hp["n_ff_exp"]
+    return [(e, h, i)], (e, i, h)
+
+
+def _oss_bias_shapes(hp: dict[str, Any]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    e, i = hp["n_expert"], hp["n_ff_exp"]
+    return [(e, i), (e, i)], (e, 2 * i)
+
+
+def _swap_last(*parts: np.ndarray) -> np.ndarray:
+    """[expert, out, in] GGUF parts, one after the other on out -> the checkpoint's [expert, in, out]"""
+    return np.concatenate(parts, axis=1).transpose(0, 2, 1)
+
+
+def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gpt-oss's gate and up: the checkpoint alternates them (gate, up, gate, ...) on the out axis,
+    the last one of its weights [expert, in, out], the only one of its biases [expert, out]"""
+    both = np.stack([gate, up], axis=2)  # [expert, width, 2, (in)]
+    both = both.reshape(gate.shape[0], -1, *gate.shape[2:])
+    return both.transpose(0, 2, 1) if both.ndim == 3 else both
+
+
+#: Hugging Face tensors that llama.cpp's converter splits or rearranges beyond a transpose, rebuilt
+#: from their GGUF parts: layout -> [(Hugging Face name in the block, its GGUF parts in the block,
+#: ((the parts' shapes), its shape) from the hyperparameters, join(*parts) -> it)].
+#: DeepSeek: DeepseekV2Model.modify_tensors splits kv_b_proj into attn_k_b (each head's key rows,
+#: transposed: [head, kv_lora_rank, qk_nope]) and attn_v_b ([head, v_head_dim, kv_lora_rank]).
+#: Llama 4 and gpt-oss keep their experts stacked with the input axis in the middle; llama.cpp
+#: transposes them to [expert, out, in] and splits gate_up_proj into ffn_gate_exps / ffn_up_exps:
+#: Llama 4's gate then up (or, with --fuse-gate-up-exps, one ffn_gate_up_exps), gpt-oss's
+#: alternating (Llama4Model / GptOssModel.modify_tensors).
+JOINED: dict[str, list[tuple[str, tuple[str, ...], Any, Any]]] = {
+    "deepseek2": [("self_attn.kv_b_proj.weight", ("attn_k_b.weight", "attn_v_b.weight"), _kv_b_shapes,
+                   lambda k, v: np.concatenate([k.transpose(0, 2, 1), v], axis=1))],
+    "llama4": [("feed_forward.experts.gate_up_proj", ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
+                _gate_up_shapes(2), _swap_last),
+               ("feed_forward.experts.gate_up_proj", ("ffn_gate_up_exps.weight",), _gate_up_shapes(1), _swap_last),
+               ("feed_forward.experts.down_proj", ("ffn_down_exps.weight",), _down_shapes, _swap_last)],
+    "gpt-oss": [("mlp.experts.gate_up_proj", ("ffn_gate_exps.weight", "ffn_up_exps.weight"), _gate_up_shapes(2),
+                 _interleave),
+                ("mlp.experts.gate_up_proj_bias", ("ffn_gate_exps.bias", "ffn_up_exps.bias"), _oss_bias_shapes,
+                 _interleave),
+                ("mlp.experts.down_proj", ("ffn_down_exps.weight",), _down_shapes, _swap_last),
+                ("mlp.experts.down_proj_bias", ("ffn_down_exps.bias",),
+                 lambda hp: ([(hp["n_expert"], hp["n_embd"])], (hp["n_expert"], hp["n_embd"])), lambda b: b)]}
+JOINED["deepseek3"] = JOINED["deepseek2"]
 _LAYER_WEIGHTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _ATTENTION_WEIGHTS = _LAYER_WEIGHTS[:4]
@@ -213,14 +343,14 @@ _ARCH_LAYER_WEIGHTS = {"phi3": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.g
                        "falcon": _FALCON_LAYER_WEIGHTS, "falcon-40b": _FALCON_LAYER_WEIGHTS,
                        "bloom": _FALCON_LAYER_WEIGHTS, "starcoder": _GPT2_LAYER_WEIGHTS, "gpt2": _GPT2_LAYER_WEIGHTS,
                        "gptneox": ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
-                                   "mlp.dense_4h_to_h")}
+                                   "mlp.dense_4h_to_h"),
+                       "glm4": _ATTENTION_WEIGHTS + ("mlp.gate_up_proj", "mlp.down_proj"),
+                       "chatglm": _ATTENTION_WEIGHTS + ("mlp.gate_up_proj", "mlp.down_proj"),
+                       "nemotron": _ATTENTION_WEIGHTS + ("mlp.up_proj", "mlp.down_proj"),
+                       "apertus": _ATTENTION_WEIGHTS + ("mlp.up_proj", "mlp.down_proj"),
+                       "mpt": ("attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj")}
 #: Phi-3's LongRoPE factors (Phi3MiniModel.generate_extra_tensors): config values, not weights
 ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
-#: GGUF tensors with no Hugging Face counterpart: skipped, with this warning
-SKIPPED = {
-    "rope_freqs.weight": "rope_freqs.weight (llama.cpp's precomputed Llama-3 RoPE scaling) was skipped; "
-    "the rebuilt config has no rope_scaling for it",
-}
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 
@@ -252,6 +382,8 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     part = m and (names.get(m.group(2)) or (None if arch in _LAYER_PREFIX else _BLOCK_NAMES.get(m.group(2))))
     if part == "mlp.gate.e_score_correction":
         return f"{layer_prefix(arch)}.{m.group(1)}.mlp.gate.e_score_correction_bias"
+    if part == "self_attn.sinks":  # gpt-oss's parameter, which GptOssModel.filter_tensors names .weight
+        return f"{layer_prefix(arch)}.{m.group(1)}.{part}"
     return f"{layer_prefix(arch)}.{m.group(1)}.{part}.{m.group(3)}" if part else None
 
 
@@ -262,8 +394,22 @@ def layer_weights(src: GGUFSource, layer: int) -> tuple[str, ...]:
     if src.layout not in MOE_ARCHITECTURES:
         return _LAYER_WEIGHTS
     names = _ARCH_BLOCK_NAMES[src.layout]
+    if src.layout == "gpt-oss":
+        return _ATTENTION_WEIGHTS + ("self_attn.sinks", "mlp.router", "mlp.experts.gate_up_proj",
+                                     "mlp.experts.down_proj")
+    if src.layout == "llama4":  # llama.cpp: an MoE block on every n_moe_layer_step-th layer
+        if (layer + 1) % src.hparams["moe_step"]:
+            return _ATTENTION_WEIGHTS + tuple(_LLAMA4_NAMES[k] for k in ("ffn_gate", "ffn_up", "ffn_down"))
+        return _ATTENTION_WEIGHTS + tuple(v for k, v in names.items() if k.endswith(("inp", "shexp"))) + (
+            "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
     n = src.hparams["n_expert"]
     experts = tuple(name.format(e) for name in EXPERT_NAMES[src.layout].values() for e in range(n))
+    if src.layout == "glm4moe":
+        hp = src.hparams
+        if layer < hp["n_dense_lead"]:
+            return _LAYER_WEIGHTS
+        shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if hp["n_shared"] else ()
+        return _ATTENTION_WEIGHTS + ("mlp.gate",) + shared + experts
     if src.layout in DEEPSEEK:
         hp = src.hparams
         q = ("self_attn.q_a_proj", "self_attn.q_a_layernorm", "self_attn.q_b_proj") if hp["q_lora_rank"] else \
@@ -283,12 +429,23 @@ def moe_hparams(src: GGUFSource, hp: dict[str, Any]) -> dict[str, Any]:
     """The expert counts and widths of a mixture of experts."""
     a = src.arch
     moe = {"n_expert": int(src.need(f"{a}.expert_count")), "n_expert_used": int(src.need(f"{a}.expert_used_count"))}
-    # Mixtral's experts are n_ff wide; Qwen's as llama.cpp reads them (n_ff / k without the key)
-    moe["n_ff_exp"] = hp["n_ff"] if src.layout == "mixtral" else int(
+    # Mixtral's and OLMoE's experts are n_ff wide; Qwen's as llama.cpp reads them (n_ff / k without
+    # the key); Llama 4's dense layers are n_ff wide, its experts and shared expert n_ff_exp
+    moe["n_ff_exp"] = hp["n_ff"] if src.layout in ("mixtral", "olmoe") else int(
         src.meta(f"{a}.expert_feed_forward_length", 0) or hp["n_ff"] // moe["n_expert_used"])
     moe["n_ff_shexp"] = int(src.meta(f"{a}.expert_shared_feed_forward_length", 0) or hp["n_ff"])
+    if src.layout == "llama4":
+        moe.update(n_ff_shexp=moe["n_ff_exp"], moe_step=int(src.need(f"{a}.interleave_moe_layer_step")))
     if src.layout in DEEPSEEK:
         moe.update(_deepseek_hparams(src, hp))
+    if src.layout == "glm4moe":  # the multi-token-prediction layers come after the model's
+        nextn = int(src.meta(f"{a}.nextn_predict_layers", 0) or 0)
+        moe.update(n_layer=hp["n_layer"] - nextn, n_nextn=nextn,
+                   n_dense_lead=int(src.meta(f"{a}.leading_dense_block_count", 0) or 0),
+                   n_shared=int(src.meta(f"{a}.expert_shared_count", 0) or 0),
+                   weights_norm=bool(src.meta(f"{a}.expert_weights_norm", False)),
+                   weights_scale=f32(src.meta(f"{a}.expert_weights_scale", 0.0)) or 1.0)
+    if src.layout in DEEPSEEK or src.layout == "glm4moe":
         moe["n_ff_shexp"] = moe["n_ff_exp"] * moe["n_shared"]  # the shared experts as one MLP
     return moe
 
@@ -331,6 +488,22 @@ def check_hparams(src: GGUFSource, hp: dict[str, Any]) -> None:
                          "GPTBigCode only with multi-query attention (one key/value head)")
     if a == "bloom" and hp["n_ff"] != 4 * hp["n_embd"]:  # BloomConfig has no feed-forward size of its own
         raise InputError(f"{src.path}: a bloom GGUF with a feed-forward of {hp['n_ff']}, not 4 x {hp['n_embd']}")
+    if a == "llama4" and (hp["moe_step"] < 1 or src.meta(f"{a}.attention.sliding_window") == 0):
+        # sliding_window 0: MobileLLM's layout, which llama.cpp runs with its own rotary settings
+        raise InputError(f"{src.path}: a llama4 GGUF with interleave_moe_layer_step {hp['moe_step']} and "
+                         f"attention.sliding_window {src.meta(f'{a}.attention.sliding_window')}: only Llama 4's "
+                         "chunked attention with an MoE block every step >= 1 layers is supported")
+    if a == "mpt":  # MptForCausalLM: ALiBi always, q / k / v of n_head heads each, a whole MLP ratio
+        if not src.meta(f"{a}.attention.max_alibi_bias"):
+            raise InputError(f"{src.path}: an mpt GGUF without ALiBi (attention.max_alibi_bias 0 or none): "
+                             "MptForCausalLM has no other positions")
+        if hp["n_head_kv"] != hp["n_head"] or hp["n_ff"] % hp["n_embd"]:
+            raise InputError(f"{src.path}: an mpt GGUF with {hp['n_head_kv']} key/value heads for {hp['n_head']} and a "
+                             f"feed-forward of {hp['n_ff']} for {hp['n_embd']}: MptForCausalLM has as many key/value "
+                             "heads as query heads and a whole expansion_ratio")
+    if a == "glm4moe" and int(src.meta(f"{a}.expert_gating_func", 2) or 2) != 2:  # llama.cpp: sigmoid
+        raise InputError(f"{src.path}: a glm4moe GGUF with expert_gating_func {src.meta(f'{a}.expert_gating_func')}: "
+                         "GLM-4.5's router is a sigmoid (2)")
     if src.layout in DEEPSEEK:
         if hp["weights_norm"] and not hp["sigmoid"]:  # transformers' DeepSeek-V2 never renormalises
             raise InputError(f"{src.path}: a softmax-routed {a} GGUF with expert_weights_norm: llama.cpp "
@@ -357,7 +530,7 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
             shape = glob.get(gguf_base, (e,))
             return shape if name.endswith(".weight") else shape[:1]
     suffix = re.sub(r"(experts|norms)\.\d+\.", r"\1.E.", name.split(".", 3)[-1])
-    if src.arch == "olmo2" and suffix in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+    if src.arch in ("olmo2", "olmoe") and suffix in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
         return (q,) if suffix.startswith("self_attn.q") else (kv,)  # over all heads of a token
     if src.arch == "command-r" and suffix in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
         return (hp["n_head"] if suffix.startswith("self_attn.q") else hp["n_head_kv"], hp["head_dim"])
@@ -374,7 +547,11 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
                "mlp.shared_expert.gate_proj.weight": (fs, e), "mlp.shared_expert.up_proj.weight": (fs, e),
                "mlp.shared_expert.down_proj.weight": (e, fs), "mlp.shared_expert_gate.weight": (1, e),
                "mlp.shared_experts.gate_proj.weight": (fs, e), "mlp.shared_experts.up_proj.weight": (fs, e),
-               "mlp.shared_experts.down_proj.weight": (e, fs), "mlp.gate.e_score_correction_bias": (n,)}
+               "mlp.shared_experts.down_proj.weight": (e, fs), "mlp.gate.e_score_correction_bias": (n,),
+               "feed_forward.router.weight": (n, e), "feed_forward.shared_expert.gate_proj.weight": (fs, e),
+               "feed_forward.shared_expert.up_proj.weight": (fs, e),
+               "feed_forward.shared_expert.down_proj.weight": (e, fs), "mlp.router.weight": (n, e),
+               "mlp.router.bias": (n,)}
         if suffix in moe:
             return moe[suffix]
     return {
@@ -391,6 +568,14 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
         "mlp.gate_proj.weight": (f, e),
         "mlp.up_proj.weight": (f, e),
         "mlp.down_proj.weight": (e, f),
+        "feed_forward.gate_proj.weight": (f, e),
+        "feed_forward.up_proj.weight": (f, e),
+        "feed_forward.down_proj.weight": (e, f),
+        "self_attn.sinks": (hp["n_head"],),
+        "post_self_attn_layernorm.weight": (e,),
+        "attention_layernorm.weight": (e,),
+        "feedforward_layernorm.weight": (e,),
+        "post_mlp_layernorm.weight": (e,),
         "mlp.c_fc.weight": (f, e),
         "mlp.c_proj.weight": (e, f),
         "mlp.c_fc.bias": (f,),
@@ -428,7 +613,13 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
         "mlp.dense_h_to_4h.bias": (f,),
         "mlp.dense_4h_to_h.weight": (e, f),
         "mlp.dense_4h_to_h.bias": (e,),
-        **{f"{n}.{k}": (e,) for n in ("ln_1", "ln_2", "ln_attn", "ln_mlp") for k in ("weight", "bias")},
+        **{f"{n}.{k}": (e,) for n in ("ln_1", "ln_2", "ln_attn", "ln_mlp", "norm_1", "norm_2")
+           for k in ("weight", "bias")},
+        # MPT's
+        "attn.Wqkv.weight": (q + 2 * kv, e),
+        "attn.out_proj.weight": (e, q),
+        "ffn.up_proj.weight": (f, e),
+        "ffn.down_proj.weight": (e, f),
     }.get(suffix)
 
 
@@ -480,6 +671,15 @@ def family_config(src: GGUFSource) -> dict[str, Any]:
         cfg.update(_phi3_config(src))
     elif src.layout in DEEPSEEK:
         cfg.update(_deepseek_config(src, cfg.get("rope_scaling")))
+    elif a in STACKED_MOE:
+        cfg.update(_stacked_moe_config(src, cfg.get("rope_scaling")))
+    elif a == "glm4moe":  # DeepSeek-V3's sigmoid routing, in one group; part of each head rotated
+        cfg.update(n_routed_experts=hp["n_expert"], num_experts_per_tok=hp["n_expert_used"],
+                   moe_intermediate_size=hp["n_ff_exp"], n_shared_experts=hp["n_shared"],
+                   first_k_dense_replace=hp["n_dense_lead"], routed_scaling_factor=hp["weights_scale"],
+                   norm_topk_prob=hp["weights_norm"], n_group=1, topk_group=1,
+                   use_qk_norm="model.layers.0.self_attn.q_norm.weight" in src,
+                   partial_rotary_factor=int(hp["rope_dims"] or hp["head_dim"]) / hp["head_dim"])
     elif src.layout in MOE_ARCHITECTURES:
         cfg.update(_moe_config(src, cfg["attention_bias"]))
     elif a == "granite":
@@ -495,9 +695,31 @@ def family_config(src: GGUFSource) -> dict[str, Any]:
     elif a in ("command-r", "cohere2", "phi2", "stablelm"):  # LayerNorms
         del cfg["rms_norm_eps"]
         cfg.update(_cohere_config(src) if a in ("command-r", "cohere2") else _stablelm_config(src))
+    elif a in ("glm4", "chatglm"):  # the rotary on the first rope.dimension_count features of each head
+        cfg["partial_rotary_factor"] = int(hp["rope_dims"] or hp["head_dim"]) / hp["head_dim"]
+    elif a == "exaone4":  # a window on the layers attention.sliding_window_pattern marks, if any
+        window = src.meta(f"{a}.attention.sliding_window")
+        cfg["sliding_window"] = int(window) if window else None
+        cfg["layer_types"] = ["sliding_attention" if window and s else "full_attention" for s in _sliding(src)]
+    elif a in ("olmo", "nemotron"):  # LayerNorms: OLMo's without weights (eps 1e-5), Nemotron's LayerNorm1P
+        del cfg["rms_norm_eps"]
+        if a == "olmo":
+            clip = src.meta(f"{a}.attention.clamp_kqv")
+            cfg["clip_qkv"] = f32(clip) if clip else None
+        else:  # llama.cpp's Nemotron: squared ReLU, the rotary on part of each head
+            cfg.update(norm_eps=hp["norm_eps"], hidden_act="relu2",
+                       partial_rotary_factor=int(hp["rope_dims"] or hp["head_dim"]) / hp["head_dim"])
+    elif a == "apertus":
+        cfg.update(hidden_act="xielu", rope_scaling=llama3_rope(src))
     elif a == "smollm3":  # llama.cpp: no rotary on every 4th layer (n_no_rope_layer_step), no window
         cfg.update(no_rope_layer_interval=4, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(hp["n_layer"])],
                    use_sliding_window=False)
+    if src.rope_freqs is not None and (cfg.get("rope_scaling") or {}).get("rope_type") != "llama3":
+        if cfg.get("rope_scaling"):
+            raise InputError(f"{src.path}: the GGUF has both rope_freqs (llama3 scaling) and a "
+                             f"{cfg['rope_scaling']['rope_type']} RoPE scaling in its metadata; kbit cannot tell "
+                             "which the checkpoint used")
+        cfg["rope_scaling"] = llama3_rope(src)  # Llama 3.1-3.3, EXAONE 4, ...
     return cfg
 
 
@@ -511,19 +733,110 @@ def _cohere_config(src: GGUFSource) -> dict[str, Any]:
     if a == "command-r":
         cfg["use_qk_norm"] = "model.layers.0.self_attn.q_norm.weight" in src
         return cfg
+    cfg.update(sliding_window=int(src.meta(f"{a}.attention.sliding_window")),
+               layer_types=["sliding_attention" if s else "full_attention" for s in _sliding(src)])
+    return cfg
+
+
+def _sliding(src: GGUFSource) -> list[bool]:
+    """Which layers slide: attention.sliding_window_pattern, a list or every n-th layer full, or by
+    default (llama.cpp's Cohere 2 and EXAONE 4) three of every four."""
+    a, n = src.arch, src.hparams["n_layer"]
     pattern = src.meta(f"{a}.attention.sliding_window_pattern", 4)
-    n = hp["n_layer"]
     if isinstance(pattern, list):
         if len(pattern) != n:
             raise InputError(f"{src.path}: {a}.attention.sliding_window_pattern has {len(pattern)} entries for "
                              f"{n} layers")
-        sliding = [bool(p) for p in pattern]
-    else:  # llama_hparams::set_swa_pattern: the last layer of every `pattern` is full (0: all slide)
-        every = int(pattern)
-        sliding = [every == 0 or i % every < every - 1 for i in range(n)]
-    cfg.update(sliding_window=int(src.meta(f"{a}.attention.sliding_window")),
-               layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
-    return cfg
+        return [bool(p) for p in pattern]
+    every = int(pattern)  # llama_hparams::set_swa_pattern: the last layer of every `pattern` is full (0: all slide)
+    return [every == 0 or i % every < every - 1 for i in range(n)]
+
+
+#: the llama3 RoPE scaling of the checkpoints (Llama 4 Scout's; ApertusConfig's defaults), which
+#: llama.cpp's converter stores only as the factors rope_freqs (LlamaModel.generate_extra_tensors)
+LLAMA3_SETTINGS = {"llama4": {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                              "original_max_position_embeddings": 8192},
+                   "apertus": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}}
+
+
+def _llama3_factors(theta: float, dim: int, factor: float, low_freq_factor: float, high_freq_factor: float,
+                   original_max_position_embeddings: int) -> np.ndarray:
+    """What the llama3 RoPE scaling divides each rotary frequency by (the factors llama.cpp's
+    converter stores as rope_freqs): 1 below a wavelength of context / high_freq_factor, `factor`
+    above context / low_freq_factor, a smooth blend between."""
+    freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * np.pi / freq
+    ctx = original_max_position_embeddings
+    with np.errstate(divide="ignore", invalid="ignore"):  # no blend when the two factors are equal
+        smooth = (ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blend = 1.0 / ((1.0 - smooth) / factor + smooth)
+    return np.where(wavelen < ctx / high_freq_factor, 1.0, np.where(wavelen > ctx / low_freq_factor, factor, blend))
+
+
+#: the llama3 settings tried for the other families' rope_freqs (Llama 3.1 / 3.3: factor 8, 3.2:
+#: factor 32, EXAONE 4: 16, all with low 1, high 4 and a context of 8192); the factor itself is
+#: read from the largest stored value, and any of these thresholds that reproduces every stored
+#: factor gives the same rotary
+_LLAMA3_LOW, _LLAMA3_HIGH = (1.0, 2.0), (1.0, 2.0, 4.0, 8.0)
+_LLAMA3_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def llama3_rope(src: GGUFSource) -> dict[str, Any]:
+    """The RoPE of a file whose llama3 scaling llama.cpp's converter stored only as the factors
+    rope_freqs: the settings that give exactly those factors (a family with known settings,
+    LLAMA3_SETTINGS: those; else the factor from the largest value and the thresholds searched),
+    an InputError when none does (the checkpoint's RoPE cannot be told from them); without
+    rope_freqs, no scaling."""
+    a, hp = src.arch, src.hparams
+    base = {"rope_theta": hp["rope_theta"]}
+    if src.rope_freqs is None:
+        return {**base, "rope_type": "default"}
+    dim, freqs = int(hp["rope_dims"] or hp["head_dim"]), src.rope_freqs
+    if a in LLAMA3_SETTINGS:
+        candidates = [LLAMA3_SETTINGS[a]]
+    else:
+        top = float(freqs.max()) if freqs.size else 1.0  # the factor, rounded to float32 in the file
+        candidates = [{"factor": factor, "low_freq_factor": lo, "high_freq_factor": hi,
+                       "original_max_position_embeddings": ctx}
+                      for factor in dict.fromkeys((round(top, 3), top))
+                      for ctx in _LLAMA3_CONTEXTS for lo in _LLAMA3_LOW for hi in _LLAMA3_HIGH if hi >= lo]
+    for settings in candidates:
+        want = _llama3_factors(hp["rope_theta"], dim, **settings)
+        if freqs.shape == want.shape and np.allclose(freqs, want, rtol=1e-6, atol=0):
+            return {**base, "rope_type": "llama3", **settings}
+    what = f"the llama3 factors of {candidates[0]}" if a in LLAMA3_SETTINGS else "llama3 factors kbit can rebuild"
+    raise InputError(f"{src.path}: this {a} GGUF's rope_freqs are not {what}: the checkpoint's RoPE scaling "
+                     "cannot be told from them")
+
+
+def _stacked_moe_config(src: GGUFSource, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """Llama 4's and gpt-oss's experts and what llama.cpp fixes for them. Llama 4 (llama-model.cpp):
+    an MoE block every interleave_moe_layer_step-th layer, the rotary on three of every four layers,
+    which attend in chunks of 8192 positions, the others with attention temperature tuning (floor
+    8192, scale 0.1), and the L2 q/k norm except on the 128-expert model (Maverick). gpt-oss: every
+    other layer slides, starting with the first; its clamped SwiGLU (limit 7); its YaRN as the
+    checkpoints set it (without truncation of the correction range)."""
+    a, hp = src.arch, src.hparams
+    n, k = hp["n_expert"], hp["n_expert_used"]
+    if a == "llama4":
+        step, rope = hp["moe_step"], [int((i + 1) % 4 != 0) for i in range(hp["n_layer"])]
+        return {"intermediate_size": hp["n_ff_exp"], "intermediate_size_mlp": hp["n_ff"], "num_local_experts": n,
+                "num_experts_per_tok": k, "interleave_moe_layer_step": step,
+                "moe_layers": [i for i in range(hp["n_layer"]) if (i + 1) % step == 0],
+                "no_rope_layers": rope, "no_rope_layer_interval": 4, "use_qk_norm": n != 128,
+                "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+                "layer_types": ["chunked_attention" if r else "full_attention" for r in rope],
+                "rope_scaling": llama3_rope(src)}
+    rs: dict[str, Any] = {"rope_type": "default", "rope_theta": hp["rope_theta"]}
+    if rope_scaling and rope_scaling["type"] == "yarn":
+        rs = {**rope_scaling, "rope_theta": hp["rope_theta"], "truncate": False,
+              "beta_fast": f32(src.meta(f"{a}.rope.scaling.yarn_beta_fast", 32.0)),
+              "beta_slow": f32(src.meta(f"{a}.rope.scaling.yarn_beta_slow", 1.0))}
+    return {"num_local_experts": n, "num_experts_per_tok": k, "intermediate_size": hp["n_ff_exp"],
+            "sliding_window": int(src.need(f"{a}.attention.sliding_window")),
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(hp["n_layer"])],
+            "swiglu_limit": 7.0, "rope_scaling": rs}
 
 
 def _stablelm_config(src: GGUFSource) -> dict[str, Any]:
@@ -556,6 +869,13 @@ def _gpt_config(src: GGUFSource) -> dict[str, Any]:
         return {**cfg, "activation_function": "gelu_pytorch_tanh", "multi_query": True}
     if a == "bloom":
         return {"hidden_size": e, "n_layer": hp["n_layer"], "n_head": hp["n_head"], "layer_norm_epsilon": eps}
+    if a == "mpt":  # ALiBi (MptForCausalLM has no other positions), biases when the file has them
+        clip = src.meta(f"{a}.attention.clamp_kqv")
+        return {"d_model": e, "n_heads": hp["n_head"], "n_layers": hp["n_layer"], "expansion_ratio": hp["n_ff"] // e,
+                "max_seq_len": hp["n_ctx"], "layer_norm_epsilon": eps,
+                "no_bias": "transformer.blocks.0.attn.Wqkv.bias" not in src,
+                "attn_config": {"alibi": True, "alibi_bias_max": f32(src.meta(f"{a}.attention.max_alibi_bias")),
+                                "clip_qkv": f32(clip) if clip else None}}
     cfg = {"hidden_size": e, "num_hidden_layers": hp["n_layer"], "num_attention_heads": hp["n_head"],
            "max_position_embeddings": hp["n_ctx"], "rope_theta": hp["rope_theta"]}
     if a == "gptneox":
@@ -611,6 +931,8 @@ def _moe_config(src: GGUFSource, bias: bool) -> dict[str, Any]:
     if src.layout == "mixtral":
         return {"num_local_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"],
                 "sliding_window": None}
+    if src.layout == "olmoe":  # llama.cpp's OLMoE never renormalises
+        return {"num_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"], "norm_topk_prob": False}
     cfg: dict[str, Any] = {"num_experts": hp["n_expert"], "num_experts_per_tok": hp["n_expert_used"],
                            "moe_intermediate_size": hp["n_ff_exp"], "norm_topk_prob": src.layout == "qwen3moe",
                            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}

@@ -6,10 +6,12 @@
   checked against what the architecture expects.
 * llama.cpp's converter permutes the rows of attn_q / attn_k (weights and biases) so that rotary
   pairs sit next to each other; `load` and `load_raw` undo it.
-* It adds 1 to every Gemma norm weight (Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the
-  weight); `load` and `load_raw` subtract it again (those tensors read as float32).
-* It splits DeepSeek's kv_b_proj into attn_k_b / attn_v_b (newer files); `load` and `load_raw`
-  put the two back together.
+* It adds 1 to every Gemma and Nemotron norm weight (their norms scale by 1 + weight, llama.cpp's
+  by the weight); `load` and `load_raw` subtract it again (those tensors read as float32).
+* It splits DeepSeek's kv_b_proj into attn_k_b / attn_v_b (newer files), and transposes and splits
+  the stacked experts of Llama 4 and gpt-oss; `load` and `load_raw` put them back together
+  (gguf_archs.JOINED).
+* Apertus's xIELU scalars, which it stores as metadata, are listed as tensors of their values.
 * config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json and
   generation_config.json are rebuilt from the GGUF metadata.
 
@@ -20,6 +22,7 @@ Supported tokenizers: byte-level BPE (tokenizer.ggml.model = "gpt2") and Sentenc
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -67,6 +70,13 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@dataclasses.dataclass
+class _Value:
+    """A value from the metadata, listed as a tensor: what _add needs of a GGUF tensor."""
+    name: str
+    tensor_type: Any
+
+
 class GGUFSource(BaseSource):
     kind = "gguf"
 
@@ -109,12 +119,18 @@ class GGUFSource(BaseSource):
         self.layout = "mixtral" if self.arch == "llama" and experts else self.arch
         if self.arch == "deepseek2" and self.meta("deepseek2.expert_gating_func") == 2:
             self.layout = "deepseek3"
+        if self.arch == "chatglm" and any(t.name == "blk.0.attn_qkv.weight" for t in r.tensors):
+            raise UnsupportedArchitectureError(
+                f"{path} is a ChatGLM model in THUDM's own layout (one attn_qkv; ChatGLMForConditionalGeneration, "
+                "trust_remote_code); only GLM-4's Hugging Face layout (GlmForCausalLM: attn_q / attn_k / attn_v) "
+                "is supported")
         if self.arch == "falcon" and any(t.name == "blk.0.attn_norm_2.weight" for t in r.tensors):
             self.layout = "falcon-40b"  # a norm for the attention and one for the MLP
         if experts and self.layout not in archs.MOE_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 f"{path} is a mixture-of-experts {self.arch} model ({self.arch}.expert_count = {experts}); "
-                "the supported mixtures of experts are Mixtral (llama), qwen2moe and qwen3moe"
+                "the supported mixtures of experts are Mixtral (llama), "
+                + ", ".join(m for m in archs.MOE_ARCHITECTURES[1:] if m in archs.SUPPORTED_ARCHITECTURES)
             )
         self.hparams = self._hparams()
         self._by_name: dict[str, tuple[Any, np.ndarray]] = {}  # name -> (GGUF tensor, its data)
@@ -123,20 +139,37 @@ class GGUFSource(BaseSource):
         self._transposed: set[str] = set()
         self._shifted: set[str] = set()
         self._as_float32: set[str] = set()  # listed as float32: values computed from the file's
-        self._kv_b: dict[str, tuple[Any, Any]] = {}  # DeepSeek's kv_b_proj -> (attn_k_b, attn_v_b)
-        kv_parts: dict[str, dict[str, Any]] = {}  # layer -> {"attn_k_b": tensor, "attn_v_b": tensor}
+        #: the tensors rebuilt from several GGUF tensors (archs.JOINED): name -> (the GGUF tensors,
+        #: their shapes, join)
+        self._joined: dict[str, tuple[list[Any], list[tuple[int, ...]], Any]] = {}
+        joined = archs.JOINED.get(self.layout, [])
+        joined_parts = {part for _, parts, _, _ in joined for part in parts}
+        collected: dict[str, dict[str, Any]] = {}  # block -> {GGUF part: tensor}
+        mtp: set[int] = set()
         #: Phi-3's LongRoPE factors, read from their tensors: "long_factor" / "short_factor" -> values
         self.rope_factors: dict[str, list[float]] = {}
+        #: rope_freqs (llama.cpp's llama3 scaling factors), read back into rope_scaling (archs.llama3_rope)
+        self.rope_freqs: np.ndarray | None = None
         hp = self.hparams
         for t in r.tensors:
             if t.name in archs.ROPE_FACTORS and self.arch == "phi3":
                 factors = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
                 self.rope_factors[archs.ROPE_FACTORS[t.name]] = [archs.f32(v) for v in factors]
                 continue
+            if t.name == "rope_freqs.weight":
+                self.rope_freqs = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
+                continue
             ttype = t.tensor_type.name
             dtype = _FLOAT_TYPES.get(ttype) or _INT_TYPES.get(ttype) or ttype
             shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+            block = re.match(r"blk\.(\d+)\.", t.name)
+            if hp.get("n_nextn") and block and int(block.group(1)) >= hp["n_layer"]:
+                mtp.add(int(block.group(1)))  # GLM-4.5's multi-token-prediction layers: not the model's
+                continue
             m = archs.BLOCK_RE.match(t.name)
+            if m and f"{m.group(2)}.{m.group(3)}" in joined_parts:
+                collected.setdefault(m.group(1), {})[f"{m.group(2)}.{m.group(3)}"] = t
+                continue
             experts = archs.EXPERT_NAMES.get(self.layout, {})
             expert = experts.get(m.group(2)) if m else None
             if m and m.group(2) == archs.FUSED_EXPERTS and experts:  # each expert's gate rows, then its up rows
@@ -153,21 +186,15 @@ class GGUFSource(BaseSource):
                 name = experts[f"{old.group(2)}_exps"].format(int(old.group(3)))
                 self._add(t, f"model.layers.{old.group(1)}.{name}.weight", shape, dtype, int(t.n_bytes), t.data)
                 continue
-            if m and m.group(2) in archs.KV_B_PARTS and self.layout in archs.DEEPSEEK and m.group(3) == "weight":
-                kv_parts.setdefault(m.group(1), {})[m.group(2)] = t
-                continue
             split = archs.SPLIT.get(self.layout, {}).get(m.group(2)) if m else None
             if split:
                 self._add_rows(t, m, split(hp), shape, dtype)
                 continue
             name = archs.hf_name(t.name, self.layout)
             if name is None:
-                if t.name in archs.SKIPPED:
-                    self.warnings.append(archs.SKIPPED[t.name])
-                    continue
                 raise InputError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face {self.layout} counterpart")
             nbytes = int(t.n_bytes)
-            if self.arch in archs.GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+            if self.arch in archs.SHIFTED_NORMS and name.endswith("norm.weight"):
                 self._shifted.add(name)
                 self._as_float32.add(name)
                 dtype, nbytes = "float32", 4 * int(np.prod(shape))  # the shifted values, computed in float32
@@ -182,16 +209,22 @@ class GGUFSource(BaseSource):
             transposed = (m is not None and m.group(3) == "weight"
                           and m.group(2) in archs.TRANSPOSED.get(self.layout, ()))
             self._add(t, name, shape, dtype, nbytes, t.data, transposed)
-        for layer, parts in kv_parts.items():
-            self._add_kv_b(layer, parts)
+        for layer, parts in collected.items():
+            self._add_joined(layer, parts, joined)
+        if self.arch == "apertus":
+            self._add_xielu()
+        if mtp:
+            span = f"blk.{min(mtp)}" + (f" to blk.{max(mtp)}" if len(mtp) > 1 else "")
+            self.warnings.append(f"the multi-token-prediction layers ({span}) were skipped: "
+                                 f"{archs.HF_ARCH[self.layout][1]} does not run them")
         if archs.global_names(self.layout)["token_embd"] + ".weight" not in self._infos:
             raise InputError(f"{path}: the GGUF has no token_embd.weight")
         if len(self.rope_factors) == 1:
             raise InputError(f"{path}: the GGUF has only one of rope_factors_long / rope_factors_short")
         prefix = archs.layer_prefix(self.layout)
         for i in range(hp["n_layer"]):
-            for part in archs.layer_weights(self, i):
-                if f"{prefix}.{i}.{part}.weight" not in self._infos:
+            for part in archs.layer_weights(self, i):  # a stacked expert tensor or a sink: no .weight
+                if f"{prefix}.{i}.{part}.weight" not in self._infos and f"{prefix}.{i}.{part}" not in self._infos:
                     raise InputError(f"{path}: the GGUF lacks the weight for {prefix}.{i}.{part}")
 
     def _add(self, t: Any, name: str, shape: tuple[int, ...], dtype: str, nbytes: int, data: np.ndarray,
@@ -226,46 +259,77 @@ class GGUFSource(BaseSource):
                 self._add(t, f"model.layers.{m.group(1)}.{name.format(e)}.{m.group(3)}", (rows, shape[2]), dtype,
                           int(t.n_bytes) // n // k, t.data[e][j * rows:(j + 1) * rows])
 
-    def _add_kv_b(self, layer: str, parts: dict[str, Any]) -> None:
-        """List DeepSeek's kv_b_proj of `layer` rebuilt from attn_k_b ([head, kv_lora_rank, qk_nope]:
-        each head's key rows, transposed) and attn_v_b ([head, v_head_dim, kv_lora_rank]): per head,
-        its key rows then its value rows. Its dtype is theirs when both hold the same float type,
-        float32 otherwise (the dequantized values)."""
-        hp = self.hparams
-        nh, r, nope, v = hp["n_head"], hp["kv_lora_rank"], hp["qk_nope"], hp["v_head_dim"]
-        if set(parts) != set(archs.KV_B_PARTS):
-            raise InputError(f"{self.path}: block {layer} has {', '.join(parts)} without "
-                             f"{', '.join(sorted(set(archs.KV_B_PARTS) - set(parts)))}")
-        k_b, v_b = parts["attn_k_b"], parts["attn_v_b"]
-        for t, want in ((k_b, (nh, r, nope)), (v_b, (nh, v, r))):
-            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-            if shape != want:
-                raise InputError(f"{self.path}: GGUF tensor {t.name!r} has shape {list(shape)} but the metadata "
-                                 f"implies {list(want)}")
-        name = f"model.layers.{layer}.self_attn.kv_b_proj.weight"
-        types = {k_b.tensor_type.name, v_b.tensor_type.name}
-        shape = (nh * (nope + v), r)
-        if len(types) == 1 and types <= set(_FLOAT_TYPES):
-            dtype, nbytes = _FLOAT_TYPES[k_b.tensor_type.name], int(k_b.n_bytes) + int(v_b.n_bytes)
-        else:
-            dtype, nbytes = "float32", 4 * int(np.prod(shape))
-            self._as_float32.add(name)
-        self._add(k_b, name, shape, dtype, nbytes, k_b.data)
-        self._kv_b[name] = (k_b, v_b)
-
-    def _rebuild_kv_b(self, name: str, raw: bool) -> np.ndarray:
-        """kv_b_proj from its two parts: their float32 values, or their stored values (raw)."""
-        hp = self.hparams
-        nh, r, nope, v = hp["n_head"], hp["kv_lora_rank"], hp["qk_nope"], hp["v_head_dim"]
-        parts = []
-        for t, shape in zip(self._kv_b[name], ((nh, r, nope), (nh, v, r))):
-            if raw:  # the same float type: its values as stored (bfloat16 as its bits)
-                data = np.asarray(t.data)
-                parts.append((data.view(np.uint16) if t.tensor_type.name == "BF16" else data).reshape(shape))
+    def _add_joined(self, layer: str, parts: dict[str, Any], specs: list) -> None:
+        """List the tensors of block `layer` rebuilt from its GGUF `parts` ({"attn_k_b.weight": tensor,
+        ...}) as archs.JOINED `specs` say. Their dtype is the parts' when all hold the same float
+        type (the join only moves values), float32 otherwise (the dequantized values: MXFP4 ...)."""
+        left = dict(parts)
+        for suffix, names, shapes, join in specs:
+            present = [n for n in names if n in left]
+            if not present:
+                continue
+            if len(present) < len(names):
+                have = ", ".join(n.removesuffix(".weight") for n in names if n in left)
+                lack = ", ".join(n.removesuffix(".weight") for n in names if n not in left)
+                raise InputError(f"{self.path}: block {layer} has {have} without {lack}")
+            tensors = [left.pop(n) for n in names]
+            part_shapes, shape = shapes(self.hparams)
+            for t, want in zip(tensors, part_shapes):
+                got = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+                if got != tuple(want):
+                    raise InputError(f"{self.path}: GGUF tensor {t.name!r} has shape {list(got)} but the metadata "
+                                     f"implies {list(want)}")
+            name = f"{archs.layer_prefix(self.layout)}.{layer}.{suffix}"
+            types = {t.tensor_type.name for t in tensors}
+            if len(types) == 1 and types <= set(_FLOAT_TYPES):
+                dtype, nbytes = _FLOAT_TYPES[types.pop()], sum(int(t.n_bytes) for t in tensors)
             else:
-                parts.append(self._gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape))
-        k_b, v_b = parts
-        return np.ascontiguousarray(np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(nh * (nope + v), r))
+                dtype, nbytes = "float32", 4 * int(np.prod(shape))
+                self._as_float32.add(name)
+            self._add(tensors[0], name, shape, dtype, nbytes, tensors[0].data)
+            self._joined[name] = (tensors, part_shapes, join)
+
+    def _add_xielu(self) -> None:
+        """Apertus's xIELU scalars (mlp.act_fn.alpha_p, alpha_n [1], beta, eps []), which
+        ApertusModel.modify_tensors stores as metadata, one value a layer (xielu.alpha_p ...): listed
+        as float32 tensors of those values."""
+        n = self.hparams["n_layer"]
+        for key, shape in (("alpha_p", (1,)), ("alpha_n", (1,)), ("beta", ()), ("eps", ())):
+            values = self.meta(f"xielu.{key}")
+            if not isinstance(values, list) or len(values) != n:
+                raise InputError(f"{self.path}: the GGUF lacks the metadata 'xielu.{key}' (a value for each of the "
+                                 f"{n} layers)")
+            for i, v in enumerate(values):
+                name = f"model.layers.{i}.mlp.act_fn.{key}"
+                value = _Value(name, self._gguf.GGMLQuantizationType.F32)
+                self._add(value, name, shape, "float32", 4, np.array(v, dtype=np.float32).reshape(shape))
+
+    def _rebuild(self, info: SourceTensor, raw: bool) -> np.ndarray:
+        """A joined tensor from its parts: their float32 values, or their stored values (raw: the same
+        float type; bfloat16 as its bits). Stacked experts are joined expert by expert, so that the
+        temporaries are one expert's."""
+        tensors, shapes, join = self._joined[info.name]
+
+        def parts(index: slice) -> list[np.ndarray]:
+            out = []
+            for t, shape in zip(tensors, shapes):
+                data = np.asarray(t.data)[index]
+                shape = (data.shape[0], *shape[1:])
+                if raw:
+                    out.append((data.view(np.uint16) if t.tensor_type.name == "BF16" else data).reshape(shape))
+                else:
+                    out.append(self._gguf.quants.dequantize(data, t.tensor_type).astype(np.float32).reshape(shape))
+            return out
+
+        if len(info.shape) < 3 or any(s[0] != info.shape[0] for s in shapes):
+            return np.ascontiguousarray(join(*parts(slice(None))).reshape(info.shape))
+        w: np.ndarray | None = None
+        for e in range(info.shape[0]):
+            one = join(*parts(slice(e, e + 1))).reshape(info.shape[1:])
+            if w is None:
+                w = np.empty(info.shape, dtype=one.dtype)
+            w[e] = one
+        return w
 
     def _add_rows(self, t: Any, m: re.Match, parts: list[tuple[str, int | None]], shape: tuple[int, ...],
                   dtype: str) -> None:
@@ -344,8 +408,8 @@ class GGUFSource(BaseSource):
     # -- data -----------------------------------------------------------------------------
     def _load_float(self, info: SourceTensor) -> np.ndarray:
         t, data = self._tensor(info)
-        if info.name in self._kv_b:
-            return self._rebuild_kv_b(info.name, raw=False)
+        if info.name in self._joined:
+            return self._rebuild(info, raw=False)
         transposed = info.name in self._transposed
         out = np.empty(info.shape[::-1] if transposed else info.shape, dtype=np.float32)  # as the file holds it
         # Dequantize a few MB of rows at a time: dequantize's temporaries stay small, and the
@@ -372,11 +436,11 @@ class GGUFSource(BaseSource):
         return np.ascontiguousarray(w)
 
     def _load_raw(self, info: SourceTensor) -> np.ndarray:
-        if info.name in self._as_float32:  # Gemma's norms less llama.cpp's 1, quantized transposed weights
+        if info.name in self._as_float32:  # norms less llama.cpp's 1, quantized transposed or joined weights
             return self._load_float(info)
         _, data = self._tensor(info)
-        if info.name in self._kv_b:
-            return self._rebuild_kv_b(info.name, raw=True)
+        if info.name in self._joined:
+            return self._rebuild(info, raw=True)
         data = np.array(data)  # copy out of the memory map
         transposed = info.name in self._transposed  # float values: transposed back below
         shape = info.shape[::-1] if transposed else info.shape  # as the file holds it
