@@ -22,6 +22,14 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "arcee": ("ArceeForCausalLM",),
     "ernie4_5": ("Ernie4_5ForCausalLM",),
     "seed_oss": ("SeedOssForCausalLM",),
+    "glm": ("GlmForCausalLM",),
+    "glm4": ("Glm4ForCausalLM",),
+    "exaone4": ("Exaone4ForCausalLM",),
+    "olmo": ("OlmoForCausalLM",),
+    "helium": ("HeliumForCausalLM",),
+    "ministral": ("MinistralForCausalLM",),
+    "ministral3": ("Ministral3ForCausalLM",),
+    "cwm": ("CwmForCausalLM",),
     "gpt2": ("GPT2LMHeadModel",),
     "gpt_neox": ("GPTNeoXForCausalLM",),
     "opt": ("OPTForCausalLM",),
@@ -39,11 +47,29 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("Qwen3MoeForCausalLM",),
     "deepseek_v2": ("DeepseekV2ForCausalLM",),
     "deepseek_v3": ("DeepseekV3ForCausalLM",),
+    "olmoe": ("OlmoeForCausalLM",),
+    "phimoe": ("PhimoeForCausalLM",),
+    "glm4_moe": ("Glm4MoeForCausalLM",),
+    "dots1": ("Dots1ForCausalLM",),
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM",),
+    "hunyuan_v1_moe": ("HunYuanMoEV1ForCausalLM",),
+    "gpt_oss": ("GptOssForCausalLM",),
+    "llama4_text": ("Llama4ForCausalLM",),
+    "granitemoe": ("GraniteMoeForCausalLM",),
+    "granitemoeshared": ("GraniteMoeSharedForCausalLM",),
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
     "cohere": ("CohereForCausalLM",),
     "cohere2": ("Cohere2ForCausalLM",),
+    "nemotron": ("NemotronForCausalLM",),
+    "hunyuan_v1_dense": ("HunYuanDenseV1ForCausalLM",),
+    "apertus": ("ApertusForCausalLM",),
+    "internlm3": ("InternLM3ForCausalLM",),
+    "vaultgemma": ("VaultGemmaForCausalLM",),
+    "persimmon": ("PersimmonForCausalLM",),
+    "mpt": ("MptForCausalLM",),
+    "codegen": ("CodeGenForCausalLM",),
     # multimodal checkpoints: kbit runs their language model, text only (MULTIMODAL_TEXT)
     "gemma3": ("Gemma3ForConditionalGeneration",),
     "llava": ("LlavaForConditionalGeneration",),
@@ -53,19 +79,36 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "smolvlm": ("SmolVLMForConditionalGeneration",),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration",),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration",),
+    "llama4": ("Llama4ForConditionalGeneration",),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration",),
+    "vipllava": ("VipLlavaForConditionalGeneration",),
+    "video_llava": ("VideoLlavaForConditionalGeneration",),
+    "llava_next_video": ("LlavaNextVideoForConditionalGeneration",),
+    "aya_vision": ("AyaVisionForConditionalGeneration",),
+    "cohere2_vision": ("Cohere2VisionForConditionalGeneration",),
+    "internvl": ("InternVLForConditionalGeneration",),
+    "idefics2": ("Idefics2ForConditionalGeneration",),
+    "deepseek_vl": ("DeepseekVLForConditionalGeneration",),
+    "janus": ("JanusForConditionalGeneration",),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration",),
+    "glm4v": ("Glm4vForConditionalGeneration",),
 }
 
 #: the multimodal model_types above -> the model_type of their language model when config.json's
 #: text_config names none (what their configuration classes assume)
 MULTIMODAL_TEXT: dict[str, str] = {
     "gemma3": "gemma3_text", "llava": "llama", "llava_next": "llama", "mistral3": "mistral", "idefics3": "llama",
-    "smolvlm": "llama", "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text",
+    "smolvlm": "llama", "qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "llama4": "llama4_text",
+    "llava_onevision": "qwen2", "vipllava": "llama", "video_llava": "llama", "llava_next_video": "llama",
+    "aya_vision": "cohere2", "cohere2_vision": "cohere2", "internvl": "qwen2", "idefics2": "mistral",
+    "deepseek_vl": "llama", "janus": "llama", "qwen3_vl": "qwen3_vl_text", "glm4v": "glm4v_text",
 }
 #: the language models kbit runs inside them: text_config model_type -> the supported model_type
 #: that runs it (Qwen2-VL's text model is Qwen2: for text only its M-RoPE is the plain rotary)
 LANGUAGE_MODELS: dict[str, str] = {
     "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3_text", "qwen2_vl_text": "qwen2",
-    "qwen2_5_vl_text": "qwen2",
+    "qwen2_5_vl_text": "qwen2", "llama4_text": "llama4_text", "cohere2": "cohere2", "qwen3": "qwen3",
+    "qwen3_vl_text": "qwen3", "glm4v_text": "glm4", "ministral3": "ministral3",
 }
 
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(SUPPORTED_ARCHITECTURES)

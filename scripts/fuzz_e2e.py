@@ -38,7 +38,12 @@ VOCAB = 100
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt",
          "bloom", "smollm3", "granite", "olmo2", "olmo3", "stablelm", "phi", "starcoder2", "mixtral", "qwen2_moe",
          "qwen3_moe", "deepseek_v2", "deepseek_v3", "gptj", "gpt_neo", "gpt_bigcode", "falcon", "cohere", "cohere2",
-         "llava", "mistral3", "idefics3", "qwen2_5_vl", "arcee", "ernie4_5", "seed_oss")
+         "llava", "mistral3", "idefics3", "qwen2_5_vl", "llava_onevision", "video_llava", "aya_vision", "internvl",
+         "idefics2", "janus", "qwen3_vl", "glm4v", "arcee", "ernie4_5", "seed_oss",
+         "olmoe", "phimoe", "glm4_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
+         "nemotron", "hunyuan_v1_dense", "apertus", "internlm3", "vaultgemma", "persimmon", "mpt", "codegen",
+         "gpt_oss", "glm", "glm4", "exaone4", "olmo", "helium", "ministral", "ministral3", "cwm",
+         "granitemoe")
 
 
 def model_for(r: random.Random, arch: str):
@@ -102,6 +107,75 @@ def model_for(r: random.Random, arch: str):
         return tf.SeedOssConfig(head_dim=r.choice([8, 16, 32]), attention_bias=r.random() < .7,
                                 attention_out_bias=r.random() < .3, tie_word_embeddings=r.random() < .3,
                                 **dec), tf.SeedOssForCausalLM
+    if arch == "nemotron":
+        return tf.NemotronConfig(head_dim=r.choice([8, 16, 32]), attention_bias=r.random() < .3,
+                                 mlp_bias=r.random() < .3, tie_word_embeddings=r.random() < .3,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                  "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])},
+                                 **dec), tf.NemotronForCausalLM
+    if arch == "hunyuan_v1_dense":
+        rp = r.choice([{"rope_type": "default", "rope_theta": 1e4},
+                       {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 1e4}])
+        return tf.HunYuanDenseV1Config(head_dim=r.choice([8, 16, 32]), attention_bias=r.random() < .3,
+                                       tie_word_embeddings=r.random() < .5, rope_parameters=rp, **dec), \
+            tf.HunYuanDenseV1ForCausalLM
+    if arch == "apertus":
+        return tf.ApertusConfig(attention_bias=r.random() < .3, tie_word_embeddings=r.random() < .3, **dec), \
+            tf.ApertusForCausalLM
+    if arch == "internlm3":
+        from test_runner import _internlm3_class
+        bias = r.random() < .3
+        return tf.InternLM3Config(head_dim=r.choice([8, 16, 32]), qkv_bias=bias, bias=bias,
+                                  tie_word_embeddings=r.random() < .3, **dec), _internlm3_class()
+    if arch == "vaultgemma":
+        dec.update(head_dim=r.choice([8, 16, 32]), sliding_window=r.choice([3, 5, 64]),
+                   query_pre_attn_scalar=r.choice([8, 16, 24]))
+        return tf.VaultGemmaConfig(attn_logit_softcapping=r.choice([2.0, 50.0]),
+                                   final_logit_softcapping=r.choice([5.0, 30.0]), **dec), tf.VaultGemmaForCausalLM
+    if arch == "persimmon":
+        return tf.PersimmonConfig(hidden_size=H, intermediate_size=inter, num_hidden_layers=L,
+                                  num_attention_heads=heads, qk_layernorm=r.random() < .6, tie_word_embeddings=r.random() < .3,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                   "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])},
+                                  max_position_embeddings=128, **common), tf.PersimmonForCausalLM
+    if arch == "mpt":
+        attn = {"clip_qkv": r.choice([None, 0.5, 8.0]), "softmax_scale": r.choice([None, 0.2])}
+        return tf.MptConfig(d_model=H, n_heads=heads, n_layers=L, max_seq_len=128, attn_config=attn,
+                            tie_word_embeddings=r.random() < .7, **common), tf.MptForCausalLM
+    if arch == "codegen":  # heads not a multiple of 4 split across CodeGen's four qkv groups too
+        return tf.CodeGenConfig(n_embd=H, n_layer=L, n_head=heads, rotary_dim=r.choice([2, 8, hd]), n_positions=64,
+                                n_ctx=64, n_inner=inter if r.random() < .5 else None,
+                                tie_word_embeddings=r.random() < .3, **common), tf.CodeGenForCausalLM
+    if arch in ("glm", "glm4"):
+        rp = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])}
+        return (tf.GlmConfig if arch == "glm" else tf.Glm4Config)(
+            head_dim=r.choice([8, 16, 32]), attention_bias=r.random() < .7, tie_word_embeddings=r.random() < .3,
+            rope_parameters=rp, **dec), (tf.GlmForCausalLM if arch == "glm" else tf.Glm4ForCausalLM)
+    if arch == "exaone4":
+        window = r.choice([3, 6, None])
+        kw = dict(sliding_window_pattern=r.choice([2, 4])) if window else dict(layer_types=["full_attention"] * L)
+        return tf.Exaone4Config(sliding_window=window, tie_word_embeddings=r.random() < .5, **kw, **dec), \
+            tf.Exaone4ForCausalLM
+    if arch == "olmo":
+        return tf.OlmoConfig(clip_qkv=r.choice([None, 0.5, 8.0]), attention_bias=r.random() < .3,
+                             tie_word_embeddings=r.random() < .5, **dec), tf.OlmoForCausalLM
+    if arch == "helium":  # its o_proj is hidden x hidden: head_dim is hidden_size / heads
+        return tf.HeliumConfig(head_dim=hd, attention_bias=r.random() < .3, mlp_bias=r.random() < .3,
+                               tie_word_embeddings=r.random() < .3, **dec), tf.HeliumForCausalLM
+    if arch == "ministral":  # transformers' MinistralModel builds a window mask whatever the layers: it needs one
+        types = [r.choice(["sliding_attention", "full_attention"]) for _ in range(L)]
+        return tf.MinistralConfig(head_dim=r.choice([8, 16, 32]), sliding_window=r.choice([3, 6]), layer_types=types,
+                                  tie_word_embeddings=r.random() < .3, **dec), tf.MinistralForCausalLM
+    if arch == "ministral3":
+        rp = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "beta_fast": 32.0, "beta_slow": 1.0,
+              "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": r.choice([4, 16]),
+              "llama_4_scaling_beta": r.choice([0.1, 0.5])}
+        return tf.Ministral3Config(head_dim=r.choice([8, 16, 32]), sliding_window=r.choice([None, 4]),
+                                   rope_parameters=rp, tie_word_embeddings=r.random() < .3, **dec), \
+            tf.Ministral3ForCausalLM
+    if arch == "cwm":
+        return tf.CwmConfig(head_dim=r.choice([8, 16, 32]), sliding_window=r.choice([3, 6]),
+                            tie_word_embeddings=r.random() < .3, **dec), tf.CwmForCausalLM
     if arch == "stablelm":
         return tf.StableLmConfig(use_qkv_bias=r.random() < .5, qk_layernorm=r.random() < .5,
                                  use_parallel_residual=r.random() < .5, **dec), tf.StableLmForCausalLM
@@ -124,6 +198,55 @@ def model_for(r: random.Random, arch: str):
         return tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=r.choice([24, 48]),
                                  head_dim=r.choice([8, 16]), norm_topk_prob=r.random() < .5,
                                  mlp_only_layers=r.choice([[], [0]]), **dec), tf.Qwen3MoeForCausalLM
+    if arch == "olmoe":
+        return tf.OlmoeConfig(num_experts=r.choice([2, 4]), num_experts_per_tok=r.choice([1, 2]),
+                              norm_topk_prob=r.random() < .5, attention_bias=r.random() < .3,
+                              tie_word_embeddings=r.random() < .3, **dec), tf.OlmoeForCausalLM
+    if arch == "phimoe":
+        return tf.PhimoeConfig(num_local_experts=r.choice([2, 4]), num_experts_per_tok=2,
+                               sliding_window=r.choice([None, 5]), attention_bias=r.random() < .5,
+                               lm_head_bias=r.random() < .5, router_jitter_noise=r.choice([0.01, 0.3]), **dec), \
+            tf.PhimoeForCausalLM
+    if arch == "glm4_moe":
+        return tf.Glm4MoeConfig(head_dim=hd, n_routed_experts=4, num_experts_per_tok=r.choice([1, 2]),
+                                n_group=r.choice([1, 2]), topk_group=1, n_shared_experts=r.choice([1, 2]),
+                                moe_intermediate_size=r.choice([24, 48]), first_k_dense_replace=r.choice([0, 1]),
+                                routed_scaling_factor=r.choice([1.0, 2.5]), norm_topk_prob=r.random() < .5,
+                                use_qk_norm=r.random() < .5, attention_bias=r.random() < .5,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                 "partial_rotary_factor": r.choice([0.5, 1.0])},
+                                **dec), tf.Glm4MoeForCausalLM
+    if arch == "dots1":
+        return tf.Dots1Config(n_routed_experts=4, num_experts_per_tok=r.choice([1, 2]), n_group=r.choice([1, 2]),
+                              topk_group=1, n_shared_experts=r.choice([1, 2]), moe_intermediate_size=r.choice([24, 48]),
+                              first_k_dense_replace=r.choice([0, 1]), routed_scaling_factor=r.choice([1.0, 2.5]),
+                              norm_topk_prob=r.random() < .5, attention_bias=r.random() < .5,
+                              sliding_window=r.choice([None, 5]), max_window_layers=r.choice([0, 1]), **dec), \
+            tf.Dots1ForCausalLM
+    if arch == "ernie4_5_moe":
+        return tf.Ernie4_5_MoeConfig(moe_num_experts=4, moe_k=r.choice([1, 2]), moe_intermediate_size=r.choice([24, 48]),
+                                     moe_num_shared_experts=r.choice([0, 1, 2]), moe_layer_start_index=r.choice([0, 1]),
+                                     moe_layer_interval=r.choice([1, 2]), tie_word_embeddings=r.random() < .7,
+                                     **dec), tf.Ernie4_5_MoeForCausalLM
+    if arch == "hunyuan_v1_moe":
+        return tf.HunYuanMoEV1Config(head_dim=hd, num_experts=r.choice([2, 4]), moe_topk=r.choice([1, 2]),
+                                     attention_bias=r.random() < .5, tie_word_embeddings=r.random() < .3,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e4}, **dec), \
+            tf.HunYuanMoEV1ForCausalLM
+    if arch == "granitemoe":  # with a shared expert or none (GraniteMoeShared's class either way)
+        return tf.GraniteMoeSharedConfig(num_local_experts=r.choice([2, 4]), num_experts_per_tok=r.choice([1, 2]),
+                                         shared_intermediate_size=r.choice([0, 48]),
+                                         embedding_multiplier=r.choice([1.0, 4.0]), residual_multiplier=r.choice([1.0, 0.3]),
+                                         attention_multiplier=r.choice([0.05, 0.2]), logits_scaling=r.choice([1.0, 3.0]),
+                                         tie_word_embeddings=r.random() < .3, **dec), tf.GraniteMoeSharedForCausalLM
+    if arch == "llama4_text":
+        # stacked experts weighed before the expert, NoPE layers with temperature tuning, chunked attention
+        return tf.Llama4TextConfig(head_dim=hd, intermediate_size_mlp=r.choice([48, 96]), num_local_experts=r.choice([2, 4]),
+                                   num_experts_per_tok=r.choice([1, 2]), interleave_moe_layer_step=r.choice([1, 2]),
+                                   no_rope_layer_interval=r.choice([2, 4]), attention_chunk_size=r.choice([3, 8, None]),
+                                   use_qk_norm=r.random() < .7, attn_temperature_tuning=r.random() < .7,
+                                   floor_scale=r.choice([2, 8192]), attn_scale=r.choice([0.1, 0.5]),
+                                   tie_word_embeddings=r.random() < .3, **dec), tf.Llama4ForCausalLM
     if arch in ("deepseek_v2", "deepseek_v3"):
         # multi-head latent attention (every head its own key and value: no grouped-query setting),
         # a dense first layer or none, a YaRN rotary with DeepSeek's mscale_all_dim or the default
@@ -144,6 +267,14 @@ def model_for(r: random.Random, arch: str):
                                        **dec), tf.DeepseekV2ForCausalLM
         return tf.DeepseekV3Config(n_group=r.choice([1, 2]), topk_group=1, norm_topk_prob=r.random() < .5,
                                    rope_interleave=r.random() < .7, **dec), tf.DeepseekV3ForCausalLM
+    if arch == "gpt_oss":
+        # attention sinks, sliding-window layers, YaRN (truncated or not), stacked experts with biases
+        # (a width of 2*I on gate_up_proj's quantized axis), the SwiGLU clamp low enough to matter or not
+        rp = {"rope_type": "yarn", "factor": r.choice([1.0, 4.0]), "rope_theta": 1e4, "beta_fast": 32.0,
+              "beta_slow": 1.0, "truncate": r.random() < .5, "original_max_position_embeddings": 32}
+        return tf.GptOssConfig(head_dim=hd, num_local_experts=r.choice([2, 4]), num_experts_per_tok=r.choice([1, 2]),
+                               sliding_window=r.choice([3, 6]), swiglu_limit=r.choice([0.5, 7.0]),
+                               attention_bias=r.random() < .8, rope_parameters=rp, **dec), tf.GptOssForCausalLM
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=H, n_layer=L, n_head=heads, n_positions=64,
                              n_inner=inter if r.random() < .5 else None,
@@ -214,6 +345,55 @@ def model_for(r: random.Random, arch: str):
                                                                          fullatt_block_indexes=[0]),
                                    tie_word_embeddings=r.random() < .5, image_token_id=99, video_token_id=98,
                                    vision_start_token_id=97), tf.Qwen2_5_VLForConditionalGeneration
+    if arch in ("llava_onevision", "video_llava"):
+        text = dict(model_type=r.choice(["llama", "mistral", "qwen2"]), tie_word_embeddings=r.random() < .5, **dec)
+        clip = dict(model_type="clip_vision_model", **vision)
+        if arch == "llava_onevision":
+            return tf.LlavaOnevisionConfig(text_config=text, vision_config=clip, image_token_index=99,
+                                           video_token_index=98), tf.LlavaOnevisionForConditionalGeneration
+        return tf.VideoLlavaConfig(text_config=text, vision_config=clip, image_token_index=99,
+                                   video_token_index=98), tf.VideoLlavaForConditionalGeneration
+    if arch == "aya_vision":  # run_case scales transformers' logits by logit_scale (its wrapper drops it)
+        text = dict(model_type="cohere2", sliding_window=r.choice([3, 6, 64]), logit_scale=r.choice([0.0625, 0.5]),
+                    **dec)
+        return tf.AyaVisionConfig(text_config=text, vision_config=dict(model_type="siglip_vision_model", **vision),
+                                  tie_word_embeddings=r.random() < .7, image_token_index=99), \
+            tf.AyaVisionForConditionalGeneration
+    if arch == "internvl":
+        mt = r.choice(["qwen2", "qwen3", "llama"])
+        text = dict(model_type=mt, **dec, **(dict(head_dim=hd) if mt == "qwen3" else {}))
+        return tf.InternVLConfig(text_config=text, vision_config=dict(vision, image_size=[28, 28], patch_size=[14, 14]),
+                                 tie_word_embeddings=r.random() < .5, image_token_id=99), \
+            tf.InternVLForConditionalGeneration
+    if arch == "idefics2":
+        perceiver = dict(hidden_size=H, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                         resampler_head_dim=8, num_key_value_heads=1)
+        return tf.Idefics2Config(text_config=dict(model_type="mistral", sliding_window=r.choice([None, 5]), **dec),
+                                 vision_config=vision, perceiver_config=perceiver,
+                                 tie_word_embeddings=r.random() < .3, image_token_id=99), \
+            tf.Idefics2ForConditionalGeneration
+    if arch == "janus":
+        return tf.JanusConfig(text_config=dict(model_type="llama", **dec), vision_config=dict(vision, projection_dim=H),
+                              vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32,
+                                             channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4,
+                                             projection_dim=H, image_token_embed_dim=H),
+                              tie_word_embeddings=r.random() < .5, image_token_id=99), tf.JanusForConditionalGeneration
+    if arch in ("qwen3_vl", "glm4v"):  # M-RoPE sections: half the rotary's features
+        partial = r.choice([0.5, 1.0]) if arch == "glm4v" else 1.0
+        t = int(hd * partial) // 2
+        rp = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [t - 2 * (t // 3), t // 3, t // 3]}
+        if arch == "glm4v":
+            text = dict(rope_parameters=dict(rp, partial_rotary_factor=partial), **dec)
+            return tf.Glm4vConfig(text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=37,
+                                                                       num_heads=2, out_hidden_size=H, patch_size=14),
+                                  tie_word_embeddings=r.random() < .5, image_token_id=99, video_token_id=98), \
+                tf.Glm4vForConditionalGeneration
+        text = dict(head_dim=hd, rope_parameters=dict(rp, mrope_interleaved=True), **dec)
+        return tf.Qwen3VLConfig(text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=37,
+                                                                     num_heads=2, out_hidden_size=H, patch_size=14,
+                                                                     deepstack_visual_indexes=[0]),
+                                tie_word_embeddings=r.random() < .5, image_token_id=99, video_token_id=98,
+                                vision_start_token_id=97), tf.Qwen3VLForConditionalGeneration
     raise SystemExit(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -273,6 +453,8 @@ def run_case(r: random.Random, arch: str, d: Path) -> str:
     with torch.no_grad():
         # eager experts: torch's grouped_mm (transformers' default on MoE) wants 16-byte aligned widths
         ref = cls.from_pretrained(deq, dtype=torch.float32, experts_implementation="eager").eval()(ids).logits[0]
+    if arch == "aya_vision":
+        ref = ref * cfg.text_config.logit_scale
     err = (ref - b).abs().max().item()
     if err > 2e-3 * max(1.0, ref.abs().max().item()):
         return f"transformers on the dequantized checkpoint differs from the runner by {err:.3g}"

@@ -137,6 +137,11 @@ def test_default_recipe_keeps_moe_routers():
         assert (recipe.spec_for(name, (8, 64), True) is None) == (name in kept), name
     assert recipe.spec_for("model.layers.3.mlp.shared_expert_gate.weight", (1, 64), True) is None
     assert recipe.spec_for("model.layers.3.mlp.shared_expert_gate.weight", (2, 64), True) is None  # by name too
+    # GLM-4.5's (DeepSeek-V3's) routing bias: 1-D, never quantized by default
+    assert recipe.spec_for("model.layers.3.mlp.gate.e_score_correction_bias", (8,), True) is None
+    # Hunyuan MoE's router (mlp.gate.wg); its experts and shared MLP are quantized
+    assert recipe.spec_for("model.layers.3.mlp.gate.wg.weight", (8, 64), True) is None
+    assert recipe.spec_for("model.layers.3.mlp.shared_mlp.gate_proj.weight", (8, 64), True) is not None
     ruled = Recipe.build(QuantSpec(4, "nf", 64), ["*.gate.weight=8:int"])
     assert ruled.spec_for(kept[0], (8, 64), True).label() == "8:int:b64:fp16"
 

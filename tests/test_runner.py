@@ -119,6 +119,125 @@ def _configs():
                                               attention_bias=True, attention_out_bias=False,
                                               max_position_embeddings=128, **common),
                              tf.SeedOssForCausalLM),
+        # Nemotron: LayerNorm1P (weight + 1), up -> ReLU² -> down, the rotary on half of each head (the default)
+        "nemotron": lambda: (tf.NemotronConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128, **common), tf.NemotronForCausalLM),
+        # ... with biases everywhere, head_dim 24 with a quarter rotated, tied embeddings
+        "nemotron-bias": lambda: (tf.NemotronConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=4, head_dim=24,
+                                                    attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                                    rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                     "partial_rotary_factor": 0.25},
+                                                    max_position_embeddings=128, **common), tf.NemotronForCausalLM),
+        # Hunyuan dense: q/k RMSNorms after the rotary, the NTK-alpha RoPE of its Hub configs, biases
+        "hunyuan_v1_dense": lambda: (tf.HunYuanDenseV1Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                             attention_bias=True,
+                                                             rope_parameters={"rope_type": "dynamic", "alpha": 1000.0,
+                                                                              "factor": 1.0, "rope_theta": 1e4},
+                                                             max_position_embeddings=128, **common),
+                                     tf.HunYuanDenseV1ForCausalLM),
+        # Apertus: xIELU, q/k norms before the rotary, attention_layernorm / feedforward_layernorm, the
+        # llama3 RoPE of ApertusConfig's default
+        "apertus": lambda: (tf.ApertusConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                             max_position_embeddings=128, **common), tf.ApertusForCausalLM),
+        # InternLM3: Llama under its own model_type and class (transformers runs it as Llama), biases
+        "internlm3": lambda: (tf.InternLM3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                                 qkv_bias=True, bias=True, max_position_embeddings=128, **common),
+                              _internlm3_class()),
+        # VaultGemma: Gemma 2 with two norms a block; windows of 4 on layers 0 and 2, soft-capping
+        "vaultgemma": lambda: (tf.VaultGemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                   sliding_window=4, query_pre_attn_scalar=24,
+                                                   attn_logit_softcapping=5.0, final_logit_softcapping=8.0,
+                                                   max_position_embeddings=128, **common), tf.VaultGemmaForCausalLM),
+        # Persimmon: per-head fused query_key_value, shared q/k LayerNorms, ReLU², half the head rotated
+        "persimmon": lambda: (tf.PersimmonConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, max_position_embeddings=128, **common),
+                              tf.PersimmonForCausalLM),
+        # ... without the q/k LayerNorms, a quarter rotated, tied embeddings
+        "persimmon-plain": lambda: (tf.PersimmonConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                       num_attention_heads=4, qk_layernorm=False,
+                                                       tie_word_embeddings=True,
+                                                       rope_parameters={"rope_type": "default", "rope_theta": 2e4,
+                                                                        "partial_rotary_factor": 0.25},
+                                                       max_position_embeddings=128, **common),
+                                    tf.PersimmonForCausalLM),
+        # MPT: ALiBi with MPT's slopes, Wqkv clamped to clip_qkv, no biases, tied
+        "mpt": lambda: (tf.MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                     attn_config={"clip_qkv": 1.0}, **common), tf.MptForCausalLM),
+        # ... 6 heads (slopes interleaved as MPT does), its own softmax_scale, untied
+        "mpt-6heads": lambda: (tf.MptConfig(d_model=48, n_heads=6, n_layers=2, max_seq_len=64,
+                                            attn_config={"softmax_scale": 0.2}, tie_word_embeddings=False,
+                                            **common), tf.MptForCausalLM),
+        # CodeGen: GPT-J with qkv_proj in four groups of [q, v, k]; 8 heads (two per group), 8 of 16 features
+        # rotated
+        "codegen": lambda: (tf.CodeGenConfig(n_embd=128, n_layer=2, n_head=8, rotary_dim=8, n_positions=64, n_ctx=64,
+                                             **common), tf.CodeGenForCausalLM),
+        # GLM-4: fused gate_up_proj, GLM's pairwise rotary on half of each head (the default), q/k/v
+        # biases (the default); head_dim 24 (hidden_size / heads is 16)
+        "glm": lambda: (tf.GlmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                     max_position_embeddings=128, **common), tf.GlmForCausalLM),
+        # GLM-4-0414: GLM-4 with norms on the sublayers' outputs too
+        "glm4": lambda: (tf.Glm4Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=128, **common), tf.Glm4ForCausalLM),
+        # ... without biases, tied, a quarter of each head rotated, another theta
+        "glm4-tied": lambda: (tf.Glm4Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                                            attention_bias=False, tie_word_embeddings=True,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 5e4,
+                                                             "partial_rotary_factor": 0.25},
+                                            max_position_embeddings=128, **common), tf.Glm4ForCausalLM),
+        # EXAONE 4.0: norms after the sublayers, q/k norms, windows (4) on layers 0-2 (the default pattern)
+        # and layer 3 global without positions
+        "exaone4": lambda: (tf.Exaone4Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                             max_position_embeddings=128, **common), tf.Exaone4ForCausalLM),
+        # ... EXAONE 4.0 1.2B: no window, every layer global and rotated; tied, llama3 RoPE
+        "exaone4-global": lambda: (tf.Exaone4Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=4, sliding_window=None,
+                                                    layer_types=["full_attention"] * 2, tie_word_embeddings=True,
+                                                    rope_parameters=llama3, max_position_embeddings=128, **common),
+                                   tf.Exaone4ForCausalLM),
+        # OLMo 1: LayerNorms without parameters, q/k/v clipped (clip_qkv 1.0 clips many of these values)
+        "olmo": lambda: (tf.OlmoConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, clip_qkv=1.0,
+                                       max_position_embeddings=128, **common), tf.OlmoForCausalLM),
+        # ... biases on the four attention projections, tied, no clipping
+        "olmo-bias": lambda: (tf.OlmoConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, attention_bias=True, tie_word_embeddings=True,
+                                            max_position_embeddings=128, **common), tf.OlmoForCausalLM),
+        # Helium: RMSNorms with the weight in float32, GLM's pairwise rotary, biases on q/k/v and the MLP
+        "helium": lambda: (tf.HeliumConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           attention_bias=True, mlp_bias=True,
+                                           max_position_embeddings=128, **common), tf.HeliumForCausalLM),
+        # Ministral: Mistral with windows (4) on the layers layer_types marks (0 and 2)
+        "ministral": lambda: (tf.MinistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                 sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                                              "sliding_attention"],
+                                                 max_position_embeddings=128, **common), tf.MinistralForCausalLM),
+        # Ministral 3: the queries scaled by position (Llama 4's temperature; original_max_position_embeddings
+        # 4, so that it grows within the prompts), YaRN, a window of 5 on every layer, head_dim 24
+        "ministral3": lambda: (tf.Ministral3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                                   sliding_window=5,
+                                                   rope_parameters={"rope_type": "yarn", "rope_theta": 1e6,
+                                                                    "factor": 16.0, "original_max_position_embeddings": 4,
+                                                                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                                                                    "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5},
+                                                   max_position_embeddings=128, **common), tf.Ministral3ForCausalLM),
+        # CWM: CwmConfig's layer pattern (layer 0 global, 1-3 windowed), the llama3 RoPE
+        "cwm": lambda: (tf.CwmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                     rope_parameters=llama3, max_position_embeddings=128, **common),
+                        tf.CwmForCausalLM),
         # Phi-3: stored-fused qkv_proj / gate_up_proj, partial rotary (Phi-4-mini), a window
         "phi3": lambda: (tf.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
@@ -184,6 +303,99 @@ def _configs():
             rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                              "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.8},
             **{**_deepseek(), "num_hidden_layers": 2}, **common), tf.DeepseekV3ForCausalLM),
+        # OLMoE (models/olmoe.py): q/k norms over the whole projections, softmax top 2 of 8, not renormalised
+        "olmoe": lambda: (tf.OlmoeConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                                         num_experts_per_tok=2, max_position_embeddings=128, **common),
+                          tf.OlmoeForCausalLM),
+        # Phi-3.5-MoE (models/phimoe.py): SparseMixer (router_jitter_noise 0.3: several experts within the
+        # threshold, so the masked softmaxes matter), LayerNorms, biased attention and lm_head, a window,
+        # LongRoPE's short factors and mscale (the test stays within original_max_position_embeddings)
+        "phimoe": lambda: (tf.PhimoeConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, router_jitter_noise=0.3, sliding_window=5,
+                                           attention_bias=True, lm_head_bias=True, max_position_embeddings=128,
+                                           rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                            "original_max_position_embeddings": 64,
+                                                            "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 4.0],
+                                                            "long_factor": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0],
+                                                            "short_mscale": 1.2, "long_mscale": 1.2},
+                                           **common), tf.PhimoeForCausalLM),
+        # GLM-4.5 (models/glm4_moe.py): a dense first layer, DeepSeek-V3's sigmoid router with its correction
+        # bias in 4 groups of which 2 are kept, renormalised (the default) times 2.5, a shared expert, per-head
+        # q/k norms, q/k/v biases, the rotary on half of each head (the default)
+        "glm4_moe": lambda: (tf.Glm4MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+                                              topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
+                                              attention_bias=True, max_position_embeddings=128, **common),
+                             tf.Glm4MoeForCausalLM),
+        # ... GLM-4.5-Air's one group, no q/k norms, not renormalised, two shared experts, every layer sparse
+        "glm4_moe-air": lambda: (tf.Glm4MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2,
+                                                  first_k_dense_replace=0, norm_topk_prob=False,
+                                                  max_position_embeddings=128, **common), tf.Glm4MoeForCausalLM),
+        # dots.llm1 (models/glm4_moe.py): GLM's MoE with Qwen3's attention (per-head q/k norms, o_proj biased
+        # too), a window on layer 2 (from max_window_layers), renormalised, 2 groups of 4 of which 1 is kept
+        "dots1": lambda: (tf.Dots1Config(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+                                         topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                                         routed_scaling_factor=1.5, attention_bias=True, sliding_window=5,
+                                         max_window_layers=2, max_position_embeddings=128, **common),
+                          tf.Dots1ForCausalLM),
+        # ERNIE 4.5 MoE (models/ernie4_5_moe.py): softmax router choosing with its correction bias (random,
+        # non-zero: make_tiny), renormalised; a dense layer 0 (moe_layer_start_index 1), a shared expert
+        "ernie4_5_moe": lambda: (tf.Ernie4_5_MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                                       num_hidden_layers=3, num_attention_heads=4,
+                                                       num_key_value_heads=2, moe_num_experts=6, moe_k=2,
+                                                       moe_num_shared_experts=1, max_position_embeddings=128,
+                                                       **common), tf.Ernie4_5_MoeForCausalLM),
+        # Hunyuan MoE (models/hunyuan_v1_moe.py): Hunyuan's attention (q/k norms after the rotary, biases),
+        # a float32 softmax router, top 2 of 4 renormalised, the shared MLP on every token
+        "hunyuan_v1_moe": lambda: (tf.HunYuanMoEV1Config(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                         num_experts=4, moe_topk=2, attention_bias=True,
+                                                         max_position_embeddings=128,
+                                                         rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                                         **common), tf.HunYuanMoEV1ForCausalLM),
+        # gpt-oss (models/gpt_oss.py): attention sinks, a window on layers 0 and 2, YaRN (not truncated),
+        # a router with a bias, stacked experts with biases, a SwiGLU clamp low enough to matter
+        "gpt_oss": lambda: (tf.GptOssConfig(
+            hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5, swiglu_limit=1.0,
+            max_position_embeddings=128, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                          "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                          "original_max_position_embeddings": 32},
+            **common), tf.GptOssForCausalLM),
+        # Llama 4 (models/llama4.py): chunks of 5 positions on the rotary layers (0-2), the NoPE layer 3
+        # with a temperature that grows every 3 positions, stacked experts on layers 1 and 3 with the
+        # router weight on the input, dense layers of intermediate_size_mlp, llama3 RoPE scaling
+        "llama4_text": lambda: (tf.Llama4TextConfig(
+            hidden_size=64, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+            attention_chunk_size=5, floor_scale=3, attn_scale=0.5, max_position_embeddings=128,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            **common), tf.Llama4ForCausalLM),
+        # Granite MoE: Granite's multipliers, a router over the top-2 logits, experts stacked [E, out, in];
+        # GraniteMoeShared: plus a shared expert
+        "granitemoe": lambda: (tf.GraniteMoeConfig(
+            hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0, residual_multiplier=0.5,
+            attention_multiplier=0.1, logits_scaling=2.0, max_position_embeddings=128, **common),
+            tf.GraniteMoeForCausalLM),
+        "granitemoeshared": lambda: (tf.GraniteMoeSharedConfig(
+            hidden_size=64, intermediate_size=32, shared_intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=1,
+            residual_multiplier=0.5, max_position_embeddings=128, **common), tf.GraniteMoeSharedForCausalLM),
+        # top-2 routing, no q/k norm, no temperature tuning, every layer sparse
+        "llama4_text-top2": lambda: (tf.Llama4TextConfig(
+            hidden_size=64, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, use_qk_norm=False,
+            attn_temperature_tuning=False, no_rope_layer_interval=2, attention_chunk_size=4,
+            max_position_embeddings=128, **common), tf.Llama4ForCausalLM),
         # StableLM 2: per-head q/k LayerNorms, parallel residual, q/k/v biases, GQA, partial rotary
         "stablelm": lambda: (tf.StableLmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2, qk_layernorm=True,
@@ -251,6 +463,14 @@ def _configs():
         "mistral3": lambda: (tf.Mistral3Config(text_config=dict(model_type="mistral", sliding_window=None, **_mm_text()),
                                                vision_config=dict(model_type="pixtral", head_dim=16, **_mm_vision()),
                                                image_token_index=99), tf.Mistral3ForConditionalGeneration),
+        # Ministral 3 (3B-14B): Mistral3ForConditionalGeneration around Ministral 3 (queries scaled by position)
+        "mistral3-ministral3": lambda: (tf.Mistral3Config(
+            text_config=dict(model_type="ministral3", head_dim=16, rope_parameters={
+                "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 4,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5},
+                **_mm_text()),
+            vision_config=dict(model_type="pixtral", head_dim=16, **_mm_vision()), image_token_index=99),
+            tf.Mistral3ForConditionalGeneration),
         # Idefics3 and SmolVLM: Llama under model.text_model
         "idefics3": lambda: (tf.Idefics3Config(text_config=dict(model_type="llama", **_mm_text()),
                                                vision_config=_mm_vision(), image_token_id=99, scale_factor=2),
@@ -270,6 +490,81 @@ def _configs():
                                                                       fullatt_block_indexes=[0]),
                                                    image_token_id=99, video_token_id=98, vision_start_token_id=97,
                                                    tie_word_embeddings=True), tf.Qwen2_5_VLForConditionalGeneration),
+        # Qwen3-VL: Qwen3 (q/k norms, head_dim 16) with interleaved M-RoPE, the plain rotary for text only;
+        # its deepstack layers add to image positions only
+        "qwen3_vl": lambda: (tf.Qwen3VLConfig(
+            text_config=dict(head_dim=16, rope_parameters=dict(_MROPE, mrope_interleaved=True), **_mm_text()),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=37, num_heads=2, out_hidden_size=64,
+                               patch_size=14, deepstack_visual_indexes=[0, 1]),
+            image_token_id=99, video_token_id=98, vision_start_token_id=97, tie_word_embeddings=True),
+            tf.Qwen3VLForConditionalGeneration),
+        # GLM-4.1V: GLM-4-0414 with interleaved M-RoPE (the plain rotary for text only) on half of each head,
+        # head_dim hidden_size / heads (16); and Glm4vTextConfig's default, the rotary on the whole head
+        "glm4v": lambda: (tf.Glm4vConfig(
+            text_config=dict(rope_parameters=dict(_MROPE, mrope_section=[1, 1, 2], partial_rotary_factor=0.5),
+                             **_mm_text()), vision_config=_GLM4V_VISION, image_token_id=99, video_token_id=98),
+            tf.Glm4vForConditionalGeneration),
+        "glm4v-full-rotary": lambda: (tf.Glm4vConfig(text_config=dict(rope_parameters=_MROPE, **_mm_text()),
+                                                     vision_config=_GLM4V_VISION, image_token_id=99, video_token_id=98,
+                                                     tie_word_embeddings=True), tf.Glm4vForConditionalGeneration),
+        # LLaVA-OneVision: Qwen2, tied by its text_config (transformers 5 then ties the wrapper)
+        "llava_onevision": lambda: (tf.LlavaOnevisionConfig(
+            text_config=dict(model_type="qwen2", tie_word_embeddings=True, **_mm_text()),
+            vision_config=dict(model_type="siglip_vision_model", **_mm_vision()), image_token_index=99,
+            video_token_index=98), tf.LlavaOnevisionForConditionalGeneration),
+        # VipLlava, Video-LLaVA: Llama; LLaVA-NeXT-Video: Mistral with a window
+        "vipllava": lambda: (tf.VipLlavaConfig(text_config=dict(model_type="llama", **_mm_text()),
+                                               vision_config=dict(model_type="clip_vision_model", **_mm_vision()),
+                                               vision_feature_layers=[-2, -1], image_token_index=99),
+                             tf.VipLlavaForConditionalGeneration),
+        "video_llava": lambda: (tf.VideoLlavaConfig(text_config=dict(model_type="llama", **_mm_text()),
+                                                    vision_config=dict(model_type="clip_vision_model", **_mm_vision()),
+                                                    image_token_index=99, video_token_index=98),
+                                tf.VideoLlavaForConditionalGeneration),
+        "llava_next_video": lambda: (tf.LlavaNextVideoConfig(
+            text_config=dict(model_type="mistral", sliding_window=5, **_mm_text()),
+            vision_config=dict(model_type="clip_vision_model", **_mm_vision()), image_token_index=99,
+            video_token_index=98), tf.LlavaNextVideoForConditionalGeneration),
+        # Aya Vision and Command A Vision: Cohere 2 (windows of 4 on layers 0-2), tied by the wrappers'
+        # default; the second with a head of its own; logit_scale 0.25 (_cohere2_vision_class)
+        "aya_vision": lambda: (tf.AyaVisionConfig(text_config=dict(model_type="cohere2", sliding_window=4,
+                                                                   logit_scale=0.25, **_mm_text(num_hidden_layers=4)),
+                                                  vision_config=dict(model_type="siglip_vision_model", **_mm_vision()),
+                                                  image_token_index=99),
+                               _cohere2_vision_class(tf.AyaVisionForConditionalGeneration)),
+        "cohere2_vision": lambda: (tf.Cohere2VisionConfig(
+            text_config=dict(model_type="cohere2", sliding_window=4, logit_scale=0.25, **_mm_text(num_hidden_layers=4)),
+            vision_config=dict(model_type="siglip_vision_model", **_mm_vision()), image_token_id=99,
+            tie_word_embeddings=False), _cohere2_vision_class(tf.Cohere2VisionForConditionalGeneration)),
+        # InternVL (the -hf checkpoints): Qwen3 (q/k norms, head_dim 16), untied; tied by default around Qwen2
+        "internvl": lambda: (tf.InternVLConfig(text_config=dict(model_type="qwen3", **_mm_text(head_dim=16)),
+                                               vision_config=dict(_mm_vision(), image_size=[28, 28],
+                                                                  patch_size=[14, 14]),
+                                               image_token_id=99, tie_word_embeddings=False),
+                             tf.InternVLForConditionalGeneration),
+        "internvl-qwen2": lambda: (tf.InternVLConfig(text_config=dict(model_type="qwen2", **_mm_text()),
+                                                     vision_config=dict(_mm_vision(), image_size=[28, 28],
+                                                                        patch_size=[14, 14]),
+                                                     image_token_id=99), tf.InternVLForConditionalGeneration),
+        # Idefics2: Mistral under model.text_model, as Idefics3's Llama
+        "idefics2": lambda: (tf.Idefics2Config(text_config=dict(model_type="mistral", sliding_window=5, **_mm_text()),
+                                               vision_config=_mm_vision(),
+                                               perceiver_config=dict(hidden_size=64, resampler_n_latents=4,
+                                                                     resampler_depth=1, resampler_n_heads=2,
+                                                                     resampler_head_dim=8, num_key_value_heads=1),
+                                               image_token_id=99), tf.Idefics2ForConditionalGeneration),
+        # DeepSeek-VL (tied by default) and Janus (its image generation parts are not loaded either): Llama
+        "deepseek_vl": lambda: (tf.DeepseekVLConfig(
+            text_config=dict(model_type="llama", **_mm_text()),
+            vision_config=dict(model_type="siglip_vision_model", **_mm_vision()), image_token_id=99),
+            tf.DeepseekVLForConditionalGeneration),
+        "janus": lambda: (tf.JanusConfig(text_config=dict(model_type="llama", **_mm_text()),
+                                         vision_config=dict(_mm_vision(), projection_dim=64),
+                                         vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32,
+                                                        channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4,
+                                                        projection_dim=64, image_token_embed_dim=64),
+                                         image_token_id=99, tie_word_embeddings=False),
+                          tf.JanusForConditionalGeneration),
         # Cohere (Command-R): parallel block, float32 LayerNorms, interleaved rotary, q/k norms, logit_scale, tied
         "cohere": lambda: (tf.CohereConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
@@ -340,6 +635,29 @@ def _configs():
     }
 
 
+def _cohere2_vision_class(wrapper: type):
+    """Builds Aya Vision's or Command A Vision's wrapper with its head's logits multiplied by the
+    Cohere 2 text model's logit_scale, as Cohere2ForCausalLM (and vLLM's wrappers) do: transformers
+    5's wrappers apply a head of their own and drop it. (A hook, not a subclass: save_pretrained
+    names a subclass's tensors otherwise.)"""
+
+    def build(cfg):
+        m = wrapper(cfg)
+        m.lm_head.register_forward_hook(lambda _, __, out: out * cfg.text_config.logit_scale)
+        return m
+    return build
+
+
+def _internlm3_class():
+    """InternLM3ForCausalLM as the Hub's config.json names it: transformers runs InternLM3Config with
+    its Llama classes (the saved config then names this class, model_type internlm3)."""
+    import transformers as tf
+
+    class InternLM3ForCausalLM(tf.LlamaForCausalLM):
+        config_class = tf.InternLM3Config
+    return InternLM3ForCausalLM
+
+
 def _deepseek() -> dict:
     """The sizes the tiny DeepSeek models share (a large rms_norm_eps: the q_a / kv_a norms keep 1e-6)."""
     return dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -349,12 +667,14 @@ def _deepseek() -> dict:
 
 
 _MROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+_GLM4V_VISION = dict(depth=1, hidden_size=32, intermediate_size=37, num_heads=2, out_hidden_size=64, patch_size=14)
 
 
-def _mm_text() -> dict:
-    """The language model of a tiny multimodal test model."""
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+def _mm_text(**kw) -> dict:
+    """The language model of a tiny multimodal test model (kw: other sizes)."""
+    return {**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=0), **kw}
 
 
 def _mm_vision() -> dict:
@@ -527,7 +847,9 @@ def _convert(src: Path, out: Path, spec: QuantSpec = QuantSpec(4, "nf", 64)) -> 
                                   "granite", "olmo2", "stablelm", "phi-qk", "starcoder2", "mixtral", "qwen2_moe",
                                   "qwen3_moe", "llava", "qwen2_5_vl", "cohere", "cohere2", "gptj", "gpt_neo",
                                   "gpt_bigcode", "falcon-40b", "deepseek_v2-lite", "deepseek_v3", "arcee",
-                                  "ernie4_5", "seed_oss"])
+                                  "ernie4_5", "seed_oss", "gpt_oss", "olmoe", "phimoe", "glm4_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
+                                  "nemotron", "apertus", "persimmon", "mpt", "codegen", "glm4", "exaone4", "olmo",
+                                  "granitemoe", "granitemoeshared"])
 def test_kbit_packed_equals_dequantize_on_load(arch, tiny, tmp_path):
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
@@ -587,6 +909,36 @@ def _expert_rows_of_a_decode_step(model, moes) -> list[int]:
     return runs
 
 
+@pytest.mark.parametrize("arch,routers", [
+    ("olmoe", ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]),
+    ("phimoe", ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.gate.weight"]),
+    ("glm4_moe", [f"model.layers.{i}.mlp.gate.{w}" for i in (1, 2) for w in ("e_score_correction_bias", "weight")]),
+    ("ernie4_5_moe", [f"model.layers.{i}.mlp.{w}" for i in (1, 2)
+                      for w in ("gate.weight", "moe_statics.e_score_correction_bias")]),
+    ("hunyuan_v1_moe", ["model.layers.0.mlp.gate.wg.weight", "model.layers.1.mlp.gate.wg.weight"])])
+def test_olmoe_phimoe_glm4_moe_kbit_routers_kept_experts_packed(arch, routers, tiny, tmp_path):
+    """OLMoE, Phi-3.5-MoE, GLM-4.5 and ERNIE 4.5 MoE under the default recipe: the routers (and the
+    correction biases: GLM's 1-D, ERNIE's [1, experts]) stay unquantized, every expert and
+    shared-expert projection is packed;
+    a decode step of one sequence runs the 2 chosen experts of each MoE layer, one row each."""
+    from kbitformat.io import KbitReader
+    folder, _ = tiny(arch)
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 32))
+    reader = KbitReader(out)
+    names = reader.names()
+    assert sorted(n for n in names if ".gate." in n or "moe_statics" in n) == routers
+    assert not any(reader.is_quantized(n) for n in routers)
+    experts = [n for n in names if ("experts." in n or "shared_mlp." in n) and n.endswith((".w1.weight", ".w2.weight", ".w3.weight",
+                                                                    "_proj.weight"))]
+    assert len(experts) == 2 * 3 * {"olmoe": 8, "phimoe": 4, "glm4_moe": 8 + 1, "ernie4_5_moe": 6 + 1,
+                                    "hunyuan_v1_moe": 4 + 1}[arch]
+    assert all(reader.is_quantized(n) for n in experts)
+    model, _, _ = load(out)
+    moes = [m for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.ModuleList)]
+    assert len(moes) == 2
+    assert _expert_rows_of_a_decode_step(model, moes) == [1] * (2 * 2)
+
+
 def test_deepseek_kbit_routers_kept_experts_packed(tiny, tmp_path):
     """DeepSeek-V3 under the default recipe: the routers (mlp.gate.weight and the 1-D
     e_score_correction_bias) stay unquantized, every expert, shared expert and MLA projection is
@@ -607,6 +959,68 @@ def test_deepseek_kbit_routers_kept_experts_packed(tiny, tmp_path):
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert len(moes) == 2
     assert _expert_rows_of_a_decode_step(model, moes) == [1] * (2 * 2)  # k = 2 experts a layer, one row each
+
+
+def test_gpt_oss_kbit_stacked_experts_packed(tiny, tmp_path, monkeypatch):
+    """gpt-oss under the default recipe: the stacked experts (3-D gate_up_proj, down_proj) are
+    quantized, their biases, the routers and the sinks kept; the runner keeps each quantized stacked
+    tensor packed (KbitStacked) and a decode step of one sequence dequantizes only the k chosen
+    experts' rows e*R..(e+1)*R of each."""
+    from kbitformat.io import KbitReader
+    from kbitcli.runner.layers import KbitStacked
+    folder, _ = tiny("gpt_oss")
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 32))
+    reader = KbitReader(out)
+    names = reader.names()
+    stacked = [n for n in names if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(stacked) == 2 * 3 and all(reader.is_quantized(n) for n in stacked)
+    assert reader.recipe("model.layers.0.mlp.experts.gate_up_proj")["shape"] == [4, 64, 64]
+    kept = [n for n in names if n.endswith(("_bias", "router.weight", "router.bias", "sinks"))]
+    assert len(kept) == 5 * 3 and not any(reader.is_quantized(n) for n in kept)
+    model, _, _ = load(out)
+    layers = {m.packed: m for m in model.modules() if isinstance(m, KbitStacked)}
+    assert len(layers) == 6 and model.kbit_info["packed"] == 6 + 4 * 3
+    rows = []
+    real = KbitLinear.dequantized
+
+    def spy(self, start=0, stop=None):
+        if self in layers:
+            rows.append((layers[self].shape[1], start, stop))
+        return real(self, start, stop)
+    monkeypatch.setattr(KbitLinear, "dequantized", spy)
+    cache = KVCache(model.num_layers)
+    chosen = []  # the experts the routers choose in the decode step, layer by layer
+    with torch.no_grad():
+        model(torch.tensor([_ids(6, 8)]), cache=cache)
+        rows.clear()
+        for layer in model.model.layers:
+            layer.mlp.router.register_forward_hook(lambda mod, inp, o: chosen.append(sorted(o[1][0].tolist())))
+        model(torch.tensor([[7]]), cache=cache)
+    assert all(len(es) == 2 for es in chosen) and len(chosen) == 3
+    want = [(R, e * R, (e + 1) * R) for es in chosen for e in es for R in (64, 32)]
+    assert rows == want
+
+
+@pytest.mark.parametrize("arch", ["granitemoe", "granitemoeshared"])
+def test_granitemoe_kbit_stacked_experts_packed_router_kept(arch, tiny, tmp_path):
+    """Granite MoE under the default recipe: the stacked experts (3-D input_linear / output_linear
+    [E, out, in]) quantized and kept packed, the router (router.layer) unquantized, the shared
+    expert's projections quantized as any linear layer."""
+    from kbitformat.io import KbitReader
+    from kbitcli.runner.layers import KbitStacked
+    folder, _ = tiny(arch)
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 32))
+    reader = KbitReader(out)
+    for i in range(2):
+        pre = f"model.layers.{i}."
+        assert reader.is_quantized(pre + "block_sparse_moe.input_linear.weight")
+        assert reader.recipe(pre + "block_sparse_moe.output_linear.weight")["shape"] == [4, 64, 32]
+        assert not reader.is_quantized(pre + "block_sparse_moe.router.layer.weight")
+        if arch == "granitemoeshared":
+            assert reader.is_quantized(pre + "shared_mlp.input_linear.weight")
+    model, _, _ = load(out)
+    moe = model.model.layers[0].block_sparse_moe
+    assert isinstance(moe.input_linear.weight, KbitStacked) and isinstance(moe.output_linear.weight, KbitStacked)
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2-lite", "deepseek_v3"])
@@ -998,6 +1412,105 @@ def test_deepseek_hub_config_and_mtp_layer(tiny, tmp_path):
         assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
 
 
+def test_glm4_moe_hub_config_and_mtp_layer(tiny, tmp_path):
+    """GLM-4.5 as the Hub files spell it (a top-level rope_theta, no partial_rotary_factor: half of
+    each head rotates by default) and a multi-token-prediction layer stored after the last layer,
+    which is ignored."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = tiny("glm4_moe")
+    d = tmp_path / "hub"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    cfg.pop("partial_rotary_factor", None)
+    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+    tensors["model.layers.3.mlp.experts.0.up_proj.weight"] = torch.zeros(32, 64)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    model, _, _ = load(d)
+    ids = _ids(12, 1)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_llama4_config_defaults():
+    """A Llama 4 config.json naming nothing gets Llama4TextConfig's defaults and derived lists
+    (NoPE every 4th layer, chunked attention on the others, every layer sparse)."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    _, a = build_args({"model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"]})
+    ref = tf.Llama4TextConfig()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "num_local_experts",
+                "num_experts_per_tok", "moe_layers", "no_rope_layers", "layer_types", "attention_chunk_size",
+                "floor_scale", "attn_scale", "attn_temperature_tuning", "use_qk_norm", "tie_word_embeddings",
+                "max_position_embeddings"):
+        assert getattr(a, key) == getattr(ref, key), key
+    assert a.rope["rope_theta"] == ref.rope_parameters["rope_theta"]
+
+
+def test_ernie4_5_moe_mtp_tensors_and_transformers_names(tiny, tmp_path):
+    """ERNIE 4.5 MoE with the multi-token-prediction tensors the Hub checkpoints store (ignored) and
+    the expert count and k under transformers' names (num_experts, num_experts_per_tok)."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = tiny("ernie4_5_moe")
+    d = tmp_path / "hub"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_experts"], cfg["num_experts_per_tok"] = cfg.pop("moe_num_experts"), cfg.pop("moe_k")
+    (d / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.mtp_block.0.mlp.gate_proj.weight"] = torch.zeros(96, 64)
+    tensors["model.mtp_linear_proj.0.weight"] = torch.zeros(64, 128)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    model, _, _ = load(d)
+    ids = _ids(12, 1)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_llama4_checkpoint_runs_its_language_model(tmp_path):
+    """A Llama4ForConditionalGeneration checkpoint (Scout, Maverick) runs its language model: the
+    vision model and projector are stored but not loaded; the logits are those of transformers'
+    language model inside the wrapper (the wrapper's own forward fails on text alone in
+    transformers 5.24), straight and after a 4-bit conversion that keeps the stacked experts packed."""
+    import transformers as tf
+    from kbitcli.runner.layers import KbitStacked
+    cfg = tf.Llama4Config(
+        text_config=dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                         interleave_moe_layer_step=2, attention_chunk_size=5, floor_scale=3, max_position_embeddings=128,
+                         vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, **_mm_vision()),
+        image_token_index=99)
+    torch.manual_seed(0)
+    hf = tf.Llama4ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(0.15 * torch.randn_like(p))
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder)
+    _write_tokenizer(folder)
+    ids = _ids(12, 1)
+    ref = _hf_logits(hf.language_model, ids)
+    model, _, _ = load(folder)
+    assert model.language_model_type == "llama4_text"
+    assert not any("vision" in n or "projector" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - ref).abs().max().item() < TOL
+    out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "affine", 32))
+    packed, _, _ = load(out)
+    experts = packed.model.layers[1].feed_forward.experts
+    assert isinstance(experts.gate_up_proj, KbitStacked) and isinstance(experts.down_proj, KbitStacked)
+    dense, _, _ = load(out, dequantize_on_load=True)
+    _set_fused_gemv(packed, False)  # the dequantize + matmul path, as test_kbit_packed_equals_dequantize_on_load
+    with torch.no_grad():
+        q = packed(torch.tensor([ids]))[0]
+        assert torch.equal(q, dense(torch.tensor([ids]))[0])
+    assert 0 < (q - ref).abs().max().item() < 0.5 * ref.abs().max().item()
+
+
 @pytest.mark.parametrize("arch", ["deepseek_v2-lite", "deepseek_v3"])
 def test_deepseek_cache_holds_the_compressed_kv(arch, tiny):
     """The KV cache keeps MLA's compressed kv and the shared rotated key, one "head" of
@@ -1032,6 +1545,33 @@ def test_deepseek_bfloat16_same_bits_as_transformers(arch, tiny):
     assert torch.equal(gate.weight, stored["model.layers.1.mlp.gate.weight"])
     if arch == "deepseek_v3":
         assert torch.equal(gate.e_score_correction_bias, stored["model.layers.1.mlp.gate.e_score_correction_bias"])
+    ids = torch.tensor([_ids(12, 1)])
+    with torch.no_grad():
+        assert torch.equal(model(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "phimoe", "glm4_moe", "dots1", "hunyuan_v1_moe"])
+def test_olmoe_phimoe_glm4_moe_bfloat16_same_bits_as_transformers(arch, tiny):
+    """In bfloat16 the logits equal transformers' (eager experts) bit for bit: OLMoE's q/k norms
+    round before their weight, Phi-3.5-MoE's SparseMixer softmaxes run in bfloat16 and GLM's
+    router in float32."""
+    folder, _ = tiny(arch)
+    hf = _configs()[arch]()[1].from_pretrained(folder, dtype=torch.bfloat16, experts_implementation="eager").eval()
+    model, _, _ = load(folder, dtype="bfloat16")
+    ids = torch.tensor([_ids(12, 1)])
+    with torch.no_grad():
+        assert torch.equal(model(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["olmo", "helium", "glm4", "exaone4", "ministral3"])
+def test_dense_bfloat16_same_bits_as_transformers(arch, tiny):
+    """Where these models round differently from Llama, the runner rounds as transformers does: in
+    bfloat16 the logits are transformers' bit for bit (OLMo's float32 LayerNorms and float32 rotary
+    tables, Helium's norms multiplying in float32, GLM's pairwise rotary in the compute dtype,
+    Ministral 3's query scale rounded to it)."""
+    folder, _ = tiny(arch)
+    hf = _configs()[arch]()[1].from_pretrained(folder, dtype=torch.bfloat16).eval()
+    model, _, _ = load(folder, dtype="bfloat16")
     ids = torch.tensor([_ids(12, 1)])
     with torch.no_grad():
         assert torch.equal(model(ids), hf(ids).logits)
@@ -1093,6 +1633,215 @@ def test_llamalike_config_defaults(arch, cls):
     assert (a.qkv_bias, a.o_bias, a.mlp_bias) == (
         (bias, bias, bias) if bias is not None
         else (ref.attention_bias, getattr(ref, "attention_out_bias", ref.attention_bias), ref.mlp_bias))
+
+
+@pytest.mark.parametrize("arch,cls", [("granitemoe", "GraniteMoeConfig"), ("granitemoeshared", "GraniteMoeSharedConfig")])
+def test_granitemoe_config_defaults(arch, cls):
+    """A Granite MoE config.json naming only the sizes gets the configuration class's defaults."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, vocab_size=VOCAB)
+    _, a = build_args({"model_type": arch, **sizes})
+    ref = getattr(tf, cls)(**sizes)
+    for key in ("num_local_experts", "num_experts_per_tok", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
+                "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+        assert getattr(a, key) == getattr(ref, key), key
+    assert a.shared_intermediate_size == (getattr(ref, "shared_intermediate_size", None) or 0)
+    assert a.rope["rope_theta"] == ref.rope_parameters["rope_theta"]
+
+
+@pytest.mark.parametrize("arch,cls", [("olmoe", "OlmoeConfig"), ("phimoe", "PhimoeConfig"),
+                                      ("glm4_moe", "Glm4MoeConfig"), ("dots1", "Dots1Config"),
+                                      ("ernie4_5_moe", "Ernie4_5_MoeConfig"), ("hunyuan_v1_moe", "HunYuanMoEV1Config")])
+def test_moe_config_defaults(arch, cls):
+    """A config.json naming only the sizes gets the transformers configuration class's defaults
+    (experts and their routing, key/value heads, epsilon, RoPE theta and rotary fraction)."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    # 8 heads: Phimoe's and Glm4Moe's default of 8 key/value heads must divide them
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, vocab_size=VOCAB)
+    if arch == "dots1":  # Dots1Config has no default expert counts; its 32 key/value heads need 32 heads;
+        # a window (its default 4096) on the layers from max_window_layers on
+        sizes.update(num_attention_heads=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                     max_window_layers=1)
+    _, a = build_args({"model_type": arch, **sizes})
+    ref = getattr(tf, cls)(**sizes)
+    assert a.num_key_value_heads == ref.num_key_value_heads and a.rms_norm_eps == ref.rms_norm_eps
+    assert a.rope["rope_theta"] == ref.rope_parameters["rope_theta"]
+    assert a.rope["partial_rotary_factor"] == ref.rope_parameters.get("partial_rotary_factor", 1.0)
+    if arch == "ernie4_5_moe":  # transformers' names: num_experts (moe_num_experts), num_experts_per_tok (moe_k)
+        assert (a.moe_num_experts, a.moe_k, a.moe_intermediate_size, a.moe_num_shared_experts, a.moe_layer_start_index,
+                a.moe_layer_end_index, a.moe_layer_interval, a.moe_norm_min, a.head_dim) == (
+            ref.num_experts, ref.num_experts_per_tok, ref.moe_intermediate_size, ref.moe_num_shared_experts,
+            ref.moe_layer_start_index, ref.moe_layer_end_index, ref.moe_layer_interval, ref.moe_norm_min,
+            ref.hidden_size // ref.num_attention_heads)
+        assert a.tie_word_embeddings == ref.tie_word_embeddings
+        return
+    if arch == "hunyuan_v1_moe":
+        assert (a.num_experts, a.moe_topk, a.tie_word_embeddings, a.qkv_bias, a.head_dim) == (
+            ref.num_experts, ref.moe_topk, ref.tie_word_embeddings, ref.attention_bias,
+            ref.head_dim or ref.hidden_size // ref.num_attention_heads)
+        return
+    assert a.num_experts_per_tok == ref.num_experts_per_tok and a.tie_word_embeddings == ref.tie_word_embeddings
+    if arch == "dots1":
+        assert a.layer_types == ["full_attention", "sliding_attention"] and (a.layer_types, a.sliding_window) == (ref.layer_types, ref.sliding_window)
+        assert (a.qkv_bias, a.o_bias) == (ref.attention_bias, ref.attention_bias)
+        assert (a.n_group, a.topk_group, a.norm_topk_prob, a.routed_scaling_factor, a.first_k_dense_replace,
+                a.moe_intermediate_size) == (ref.n_group, ref.topk_group, ref.norm_topk_prob,
+                                             ref.routed_scaling_factor, ref.first_k_dense_replace,
+                                             ref.moe_intermediate_size)
+    elif arch == "glm4_moe":
+        assert (a.n_routed_experts, a.n_shared_experts, a.moe_intermediate_size, a.first_k_dense_replace, a.n_group,
+                a.topk_group, a.norm_topk_prob, a.routed_scaling_factor, a.use_qk_norm) == (
+            ref.n_routed_experts, ref.n_shared_experts, ref.moe_intermediate_size, ref.first_k_dense_replace,
+            ref.n_group, ref.topk_group, ref.norm_topk_prob, ref.routed_scaling_factor, ref.use_qk_norm)
+    else:
+        assert a.num_experts == ref.num_local_experts and a.moe_intermediate_size == ref.intermediate_size
+        assert a.qkv_bias == ref.attention_bias
+    if arch == "olmoe":
+        assert a.norm_topk_prob == ref.norm_topk_prob and a.clip_qkv == ref.clip_qkv
+    if arch == "phimoe":
+        assert (a.router_jitter_noise, a.lm_head_bias, a.sliding_window) == (
+            ref.router_jitter_noise, ref.lm_head_bias, ref.sliding_window)
+
+
+@pytest.mark.parametrize("arch,cls", [("nemotron", "NemotronConfig"), ("hunyuan_v1_dense", "HunYuanDenseV1Config"),
+                                      ("apertus", "ApertusConfig"), ("internlm3", "InternLM3Config"),
+                                      ("vaultgemma", "VaultGemmaConfig"), ("persimmon", "PersimmonConfig")])
+def test_config_defaults_of_llama_and_gemma_variants(arch, cls):
+    """A config.json naming only the sizes gets the configuration class's defaults: head_dim, key/value
+    heads, epsilon, activation, tied head, biases, context, the RoPE settings (Nemotron's and Persimmon's
+    partial rotary, Apertus's llama3), Persimmon's q/k LayerNorms, VaultGemma's Gemma 2 settings."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+    _, a = build_args({"model_type": arch, **sizes})
+    ref = getattr(tf, cls)(**sizes)
+    assert a.head_dim == (getattr(ref, "head_dim", None) or 16)
+    assert a.num_key_value_heads == (getattr(ref, "num_key_value_heads", None) or 4)
+    eps = next(getattr(ref, k) for k in ("norm_eps", "layer_norm_eps", "rms_norm_eps") if hasattr(ref, k))
+    assert a.rms_norm_eps == eps
+    assert a.hidden_act == getattr(ref, "hidden_activation", None) or ref.hidden_act
+    assert a.tie_word_embeddings == ref.tie_word_embeddings
+    assert a.max_position_embeddings == ref.max_position_embeddings
+    assert a.rope == {**ref.rope_parameters, "partial_rotary_factor": ref.rope_parameters.get("partial_rotary_factor", 1.0)}
+    if arch != "persimmon":  # which has biases on every projection
+        assert (a.qkv_bias, a.o_bias, a.mlp_bias) == (ref.attention_bias, ref.attention_bias,
+                                                      getattr(ref, "mlp_bias", False))
+    if arch == "persimmon":
+        assert a.qk_layernorm is True and ref.qk_layernorm is True
+    if arch == "vaultgemma":
+        assert (a.query_pre_attn_scalar, a.attn_logit_softcapping, a.final_logit_softcapping, a.sliding_window,
+                a.layer_types) == (ref.query_pre_attn_scalar, ref.attn_logit_softcapping, ref.final_logit_softcapping,
+                                   ref.sliding_window, ref.layer_types)
+
+
+@pytest.mark.parametrize("arch,cls", [("gemma", "GemmaConfig"), ("gemma2", "Gemma2Config"),
+                                      ("gemma3_text", "Gemma3TextConfig"), ("vaultgemma", "VaultGemmaConfig")])
+def test_gemma_config_default_key_value_heads(arch, cls):
+    """A Gemma config.json without num_key_value_heads gets its configuration class's (Gemma 16,
+    the later ones 4), not one per attention head."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=16, vocab_size=VOCAB)
+    _, a = build_args({"model_type": arch, **sizes})
+    assert a.num_key_value_heads == getattr(tf, cls)(**sizes).num_key_value_heads
+
+
+def test_config_defaults_of_mpt_and_codegen():
+    """MPT's and CodeGen's configs naming only the sizes get MptConfig's (a 4 x MLP, 2048 positions, a tied
+    head, ALiBi's bias_max 8, the 1/sqrt(head_dim) scale) and CodeGenConfig's defaults (GPT-J's)."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    _, m = build_args({"model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": VOCAB})
+    ref = tf.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB)
+    assert (m.expansion_ratio, m.max_seq_len, m.tie_word_embeddings, m.layer_norm_epsilon) == \
+        (ref.expansion_ratio, ref.max_seq_len, ref.tie_word_embeddings, ref.layer_norm_epsilon)
+    assert m.scale == 16 ** -0.5 and ref.attn_config.softmax_scale is None and ref.attn_config.alibi_bias_max == 8
+    _, c = build_args({"model_type": "codegen", "n_embd": 256, "n_head": 4, "n_layer": 2, "vocab_size": VOCAB})
+    ref = tf.CodeGenConfig(n_embd=256, n_head=4, n_layer=2, vocab_size=VOCAB)
+    assert (c.rotary_dim, c.n_positions, c.tie_word_embeddings, c.activation_function, c.n_inner) == \
+        (ref.rotary_dim, ref.n_positions, ref.tie_word_embeddings, ref.activation_function, 4 * 256)
+
+
+def test_apertus_scalar_tensors_keep_their_shape(tiny, tmp_path, capsys):
+    """xIELU's stored beta and eps (mlp.act_fn.*) are 0-d tensors: the kbit folder keeps them 0-d, so that
+    kbit verify accepts it against the source (they were once stored as [1])."""
+    folder, _ = tiny("apertus")
+    out = _convert(folder, tmp_path / "kbit")
+    assert _run(capsys, ["verify", str(out), "--against", str(folder)]) == 0
+
+
+def test_internlm3_config_keys_and_hub_class(tiny, tmp_path):
+    """InternLM3's Hub config.json names its biases qkv_bias and bias and its class InternLM3ForCausalLM
+    (transformers runs it as Llama); one bias setting for both, as transformers requires."""
+    from kbitcli.runner.models import build_args
+    folder, hf = tiny("internlm3")
+    d = tmp_path / "hub"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architectures"] == ["InternLM3ForCausalLM"]
+    cfg["qkv_bias"], cfg["bias"] = cfg.pop("attention_bias"), cfg.pop("mlp_bias")
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load(d)
+    ids = _ids(12, 4)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
+    with pytest.raises(InputError, match="one bias setting"):
+        build_args({**cfg, "bias": False})
+
+
+@pytest.mark.parametrize("arch,name,sizes", [
+    ("glm", "Glm", {}), ("glm4", "Glm4", {}), ("exaone4", "Exaone4", {"hidden_size": 128, "num_attention_heads": 64}),
+    ("olmo", "Olmo", {}),
+    ("helium", "Helium", {"hidden_size": 2560, "num_attention_heads": 20}),
+    # MinistralConfig's head_dim None fails in transformers' attention
+    ("ministral", "Ministral", {"num_attention_heads": 8, "head_dim": 8}),
+    ("ministral3", "Ministral3", {"num_attention_heads": 8}), ("cwm", "Cwm", {"num_attention_heads": 8})])
+def test_dense_config_defaults(arch, name, sizes):
+    """A config.json naming only the sizes gets the configuration class's defaults (key/value heads,
+    head_dim, epsilon, tied head, context, RoPE, windows per layer), and the model has transformers'
+    parameters, name for name and shape for shape (the biases, norms and fused projections)."""
+    import transformers as tf
+    from kbitcli.runner.models import build_args
+    sizes = dict(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+                      vocab_size=VOCAB), **sizes)
+    module, a = build_args({"model_type": arch, **sizes})
+    ref = getattr(tf, f"{name}Config")(**sizes, pad_token_id=0)  # GLM's default is past this vocabulary
+    assert a.num_key_value_heads == ref.num_key_value_heads and a.tie_word_embeddings == ref.tie_word_embeddings
+    assert a.head_dim == (getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads)
+    assert a.max_position_embeddings == ref.max_position_embeddings
+    assert a.rms_norm_eps == getattr(ref, "rms_norm_eps", 1e-5)  # OLMo's LayerNorms: 1e-5
+    rp = ref.rope_parameters
+    assert (a.rope["rope_type"], a.rope["rope_theta"], a.rope["partial_rotary_factor"], a.rope.get("factor")) == \
+        (rp["rope_type"], rp["rope_theta"], rp.get("partial_rotary_factor", 1.0), rp.get("factor"))
+    window = getattr(ref, "sliding_window", None)
+    types = getattr(ref, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * 5
+    assert [a.window(i) for i in range(5)] == [window if t == "sliding_attention" else None for t in types]
+    with torch.device("meta"):
+        hf = getattr(tf, f"{name}ForCausalLM")(ref)
+        ours = module.Model(a)
+    assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in hf.named_parameters()}
+    if arch == "exaone4":  # the rotary on the windowed layers only
+        assert [layer.self_attn.rope for layer in ours.model.layers] == [t == "sliding_attention" for t in types]
+
+
+@pytest.mark.parametrize("arch,change,msg", [
+    ("exaone4", {"sliding_window_pattern": "LLLG"}, "needs layer_types"),
+    ("exaone4", {"layer_types": ["full_attention"]}, "layer_types has 1 entries for 2 layers"),
+    ("olmo", {"clip_qkv": -1.0}, "clip_qkv must be a positive number"),
+    ("ministral", {"layer_types": ["sliding_attention"] * 3}, "layer_types has 3 entries"),
+    ("ministral3", {"rope_parameters": {"rope_type": "yarn", "factor": 16.0, "rope_theta": 1e6,
+                                        "original_max_position_embeddings": 16}}, "llama_4_scaling_beta"),
+    ("cwm", {"layer_types": ["full_attention"] * 3}, "layer_types has 3 entries"),
+    ("glm", {"num_key_value_heads": 3}, "not a multiple of num_key_value_heads")])
+def test_dense_bad_configs(arch, change, msg):
+    """Configs these modules cannot run are refused with a message naming the field."""
+    from kbitcli.runner.models import build_args
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=VOCAB)
+    with pytest.raises(InputError, match=msg):
+        build_args({"model_type": arch, **sizes, **change})
 
 
 def test_olmo3_config_before_rope_per_layer_type(tiny, tmp_path):
@@ -1172,8 +1921,22 @@ def test_multimodal_text_defaults_are_the_configuration_classes():
     for name, defaults in TEXT_DEFAULTS.items():
         cfg = CONFIG_MAPPING[name]()
         for key, value in defaults.items():
-            got = cfg.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(cfg, key)
+            # the rotaries of transformers read partial_rotary_factor from rope_parameters, 1 when absent
+            got = cfg.rope_parameters.get(key, 1.0) if key in ("rope_theta", "partial_rotary_factor") \
+                else getattr(cfg, key)
             assert got == value, (name, key)
+
+
+def test_multimodal_wrappers_are_the_configuration_classes():
+    """Each wrapper's default language model (MULTIMODAL_TEXT) and head tie (multimodal.WRAPPERS:
+    what transformers 5 reads when config.json names none) are its configuration class's."""
+    from transformers import CONFIG_MAPPING
+    from kbitcli.architectures import MULTIMODAL_TEXT
+    from kbitcli.runner.models.multimodal import WRAPPERS
+    assert set(WRAPPERS) == set(MULTIMODAL_TEXT)
+    for mt, text in MULTIMODAL_TEXT.items():
+        cfg = CONFIG_MAPPING[mt]()
+        assert (cfg.text_config.model_type, cfg.tie_word_embeddings) == (text, WRAPPERS[mt].tied), mt
 
 
 def _sparse_text_config(cfg: dict) -> dict:
@@ -1192,6 +1955,13 @@ def _sparse_text_config(cfg: dict) -> dict:
                "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
      "model.language_model.stray.weight"),
     ("idefics3", {}, "model.text_model.stray.weight"),
+    ("video_llava", {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+                     "image_tower.": "model.image_tower.", "video_tower.": "model.video_tower.",
+                     "multi_modal_projector.": "model.multi_modal_projector."}, "model.language_model.stray.weight"),
+    # InternVL (Qwen3's defaults) in the Hub names; Command A Vision (Cohere 2's), whose Hub names are
+    # transformers 5's
+    ("internvl", {}, "language_model.model.stray.weight"),
+    ("cohere2_vision", {}, "model.language_model.stray.weight"),
     # Qwen2-VL: Qwen2's own names in the Hub files -> transformers 5's
     ("qwen2_vl", {"model.": "model.language_model.", "visual.": "model.visual."}, "model.language_model.stray.weight")])
 def test_multimodal_sparse_text_config_and_names(arch, rename, stray, tiny, tmp_path):
@@ -1221,6 +1991,23 @@ def test_multimodal_sparse_text_config_and_names(arch, rename, stray, tiny, tmp_
     save_file(sd, str(d / "model.safetensors"))
     with pytest.raises(InputError, match="stray"):
         load(d)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_vl", "internvl-qwen2"])
+def test_multimodal_head_tied_by_the_wrappers_default(arch, tiny, tmp_path):
+    """A config.json that names no tie_word_embeddings (as transformers 4 saved those equal to the
+    default) of a wrapper whose configuration class ties the head (text_config's says untied): the
+    head is the embedding, as in transformers 5."""
+    folder, hf = tiny(arch)
+    d = tmp_path / "tied"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("tie_word_embeddings") is True and cfg["text_config"]["tie_word_embeddings"] is False
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load(d)
+    ids = _ids(12, 11)
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - _hf_logits(hf, ids)).abs().max().item() < TOL
 
 
 def test_qwen2_vl_flat_config(tiny, tmp_path):
@@ -1355,12 +2142,13 @@ def test_stablelm_phi_configs_before_rope_parameters(arch, rope, tiny, tmp_path)
 
 
 @pytest.mark.parametrize("arch,per_layer", [("stablelm", 7), ("phi-qk", 6), ("starcoder2", 6), ("gptj-tied", 6),
-                                            ("gpt_neo", 6), ("gpt_bigcode", 4), ("falcon-rw", 4)])
+                                            ("gpt_neo", 6), ("gpt_bigcode", 4), ("falcon-rw", 4), ("apertus", 6),
+                                            ("persimmon", 4), ("mpt", 4), ("codegen", 4)])
 def test_default_recipe_quantizes_the_block_linears(arch, per_layer, tiny):
     """kbit quantize's default recipe picks exactly the weights of transformers' linear layers
     inside the numbered blocks; LayerNorm weights and biases (StableLM's per-head q/k norms
     too), the projections' biases, the embedding and Phi's and GPT-J's biased lm_head stay as they are
-    (the blocks are model.layers.<i> or transformer.h.<i>)."""
+    (the blocks are model.layers.<i>, transformer.h.<i> or MPT's transformer.blocks.<i>)."""
     from safetensors import safe_open
 
     from kbitcli.recipe import Recipe
@@ -1370,7 +2158,7 @@ def test_default_recipe_quantizes_the_block_linears(arch, per_layer, tiny):
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     chosen = {k for k, shape in stored.items() if recipe.spec_for(k, shape, True) is not None}
     linears = {f"{n}.weight" for n, m in hf.named_modules()
-               if isinstance(m, torch.nn.Linear) and (".layers." in n or ".h." in n)}
+               if isinstance(m, torch.nn.Linear) and (".layers." in n or ".h." in n or ".blocks." in n)}
     assert chosen == linears and len(linears) == per_layer * hf.config.num_hidden_layers
 
 
@@ -1515,6 +2303,21 @@ def test_cli_key_value_heads_that_do_not_divide_the_heads(arch, tiny, tmp_path, 
     ("deepseek_v3", {"n_group": 3}, "8 experts in n_group 3 groups, of which topk_group 2 are kept, cannot give"),
     ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not deepseek_v3's ('sigmoid')"),
     ("deepseek_v3", {"n_group": 8, "topk_group": 4}, "deepseek_v3 ranks each expert group by its two best experts"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv (8.0) is not supported for olmoe"),
+    ("olmoe", {"num_experts_per_tok": 9}, "num_experts_per_tok (9) is more than the 8 experts"),
+    ("phimoe", {"num_experts_per_tok": 3}, "phimoe's SparseMixer routing picks 2 experts, not num_experts_per_tok 3"),
+    ("phimoe", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 64,
+                                    "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "short_mscale": 1.0,
+                                    "long_mscale": 1.2}},
+     "phimoe's RoPE scaling needs equal short_mscale and long_mscale, got 1.0 and 1.2"),
+    ("glm4_moe", {"n_group": 3}, "8 experts in n_group 3 groups, of which topk_group 2 are kept, cannot give"),
+    ("glm4_moe", {"n_shared_experts": 0}, "n_shared_experts must be a positive integer for a glm4_moe model"),
+    ("glm4_moe", {"first_k_dense_replace": -1}, "first_k_dense_replace must be a non-negative integer"),
+    ("dots1", {"n_shared_experts": None}, "n_shared_experts must be a positive integer for a dots1 model"),
+    ("ernie4_5_moe", {"moe_k": 7}, "moe_k (7) is more than the 6 experts of this ernie4_5_moe model"),
+    ("ernie4_5_moe", {"use_bias": True}, "use_bias is not supported for ernie4_5_moe"),
+    ("hunyuan_v1_moe", {"moe_topk": [2, 2]}, "per-layer num_experts / moe_topk lists are not supported"),
+    ("hunyuan_v1_moe", {"moe_topk": 5}, "moe_topk (5) is more than the 4 experts"),
 ])
 def test_cli_bad_moe_config(arch, change, msg, tiny, tmp_path, capsys):
     folder, _ = tiny(arch)
@@ -1536,6 +2339,14 @@ def test_cli_bad_moe_config(arch, change, msg, tiny, tmp_path, capsys):
     ("gpt_neo", {"attention_types": [[["global", "local"], 1]]}, "attention_types must give each of the 3 layers"),
     ("gpt_bigcode", {"n_head": 5}, "n_embd (64) is not a multiple of n_head (5)"),
     ("falcon-40b", {"num_kv_heads": 3}, "num_attention_heads (4) is not a multiple of num_kv_heads (3)"),
+    ("mpt", {"n_heads": 5}, "d_model (64) is not a multiple of n_heads (5)"),
+    ("mpt", {"attn_config": {"alibi": False, "qk_ln": True}},
+     "this mpt model uses alibi false, qk_ln, which kbit's runner (as transformers' MPT) does not support"),
+    ("mpt", {"no_bias": False}, "this mpt model uses no_bias false"),
+    ("codegen", {"n_embd": 66, "n_head": 2}, "n_embd (66) must be a multiple of 4 for a codegen model"),
+    ("codegen", {"rotary_dim": 24}, "rotary_dim must be an even positive integer of at most the head size (16) for a "
+                                    "codegen model"),
+    ("internlm3", {"mlp_bias": False}, "an internlm3 model has one bias setting for the attention and the MLP"),
 ])
 def test_cli_bad_gptj_neo_bigcode_falcon_config(arch, change, msg, tiny, tmp_path, capsys):
     folder, _ = tiny(arch)

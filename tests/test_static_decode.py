@@ -115,7 +115,9 @@ def test_static_cache_errors(tiny_model):
         KVCache(2, 8).start_static(torch.ones((1, 0), dtype=torch.long))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                                  "olmoe", "phimoe", "glm4_moe", "dots1", "ernie4_5_moe",
+                                  "hunyuan_v1_moe"])
 def test_moe_models_decode_without_cuda_graphs(arch, tiny_model):
     """An MoE layer reads on the host which experts its tokens chose (a CUDA graph cannot capture
     that): on a GPU, auto decodes MoE models dynamically and graph is refused by name; static

@@ -58,6 +58,15 @@ def positive(args, *fields_: str, arch: str = "model") -> None:
             raise InputError(f"config.json: {name} must be a positive integer for a {arch} model, got {v!r}")
 
 
+def per_layer(args, *fields_: str) -> None:
+    """Each of the per-layer lists `fields_` (layer_types, no_rope_layers, ...) that is set has one
+    entry a layer."""
+    for name in fields_:
+        v = getattr(args, name)
+        if v is not None and len(v) != args.num_hidden_layers:
+            raise InputError(f"config.json: {name} has {len(v)} entries for {args.num_hidden_layers} layers")
+
+
 def grouped_heads(args) -> None:
     """num_key_value_heads defaults to num_attention_heads, and must divide it."""
     args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads

@@ -19,10 +19,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from kbitcli.errors import InputError
-
 from . import llama
-from .base import apply_rotary_interleaved
+from .base import apply_rotary_interleaved, per_layer
 
 
 @dataclass
@@ -49,9 +47,7 @@ class ModelArgs(llama.ModelArgs):
                 every = int(cfg.get("sliding_window_pattern") or 4)
                 a.layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
                                  for i in range(a.num_hidden_layers)]
-            if len(a.layer_types) != a.num_hidden_layers:
-                raise InputError(f"config.json: layer_types has {len(a.layer_types)} entries for "
-                                 f"{a.num_hidden_layers} layers")
+            per_layer(a, "layer_types")
         return a
 
 

@@ -117,26 +117,13 @@ class ModelArgs(llama.ModelArgs):
                 raise InputError(f"config.json: {name} must be a non-negative integer for a {mt} model, got {v!r}")
         if a.qk_rope_head_dim % 2:
             raise InputError(f"config.json: qk_rope_head_dim must be even (rotated pairs), got {a.qk_rope_head_dim}")
-        if a.num_experts_per_tok > a.n_routed_experts:
-            raise InputError(f"config.json: num_experts_per_tok ({a.num_experts_per_tok}) is more than the "
-                             f"{a.n_routed_experts} experts of this {mt} model")
         scoring = "softmax" if mt == "deepseek_v2" else "sigmoid"
         if a.scoring_func not in (None, scoring):
             raise InputError(f"config.json: scoring_func {a.scoring_func!r} is not {mt}'s ({scoring!r})")
         if mt == "deepseek_v2" and a.topk_method not in _TOPK_METHODS:
             raise InputError(f"config.json: topk_method {a.topk_method!r} is not supported for {mt} "
                              f"(supported: {', '.join(_TOPK_METHODS)})")
-        if a.grouped:
-            positive(a, "n_group", "topk_group", arch=mt)
-            size = a.n_routed_experts // a.n_group  # experts a group
-            if (a.n_routed_experts % a.n_group or a.topk_group > a.n_group
-                    or size * a.topk_group < a.num_experts_per_tok):
-                raise InputError(f"config.json: {a.n_routed_experts} experts in n_group {a.n_group} groups, of which "
-                                 f"topk_group {a.topk_group} are kept, cannot give num_experts_per_tok "
-                                 f"{a.num_experts_per_tok} experts")
-            if mt == "deepseek_v3" and size < 2:
-                raise InputError(f"config.json: {mt} ranks each expert group by its two best experts; "
-                                 f"{a.n_routed_experts} experts in n_group {a.n_group} groups leave one a group")
+        check_routing(a, mt)
         return a
 
     @property
@@ -165,6 +152,25 @@ class ModelArgs(llama.ModelArgs):
     def sparse(self, layer: int) -> bool:
         """Whether the layer's feed-forward is the MoE block (else a dense llama.MLP)."""
         return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+
+def check_routing(a, mt: str) -> None:
+    """InputError unless the router's settings (a: n_routed_experts, num_experts_per_tok, v3, grouped,
+    n_group, topk_group) can choose num_experts_per_tok experts."""
+    if a.num_experts_per_tok > a.n_routed_experts:
+        raise InputError(f"config.json: num_experts_per_tok ({a.num_experts_per_tok}) is more than the "
+                         f"{a.n_routed_experts} experts of this {mt} model")
+    if a.grouped:
+        positive(a, "n_group", "topk_group", arch=mt)
+        size = a.n_routed_experts // a.n_group  # experts a group
+        if (a.n_routed_experts % a.n_group or a.topk_group > a.n_group
+                or size * a.topk_group < a.num_experts_per_tok):
+            raise InputError(f"config.json: {a.n_routed_experts} experts in n_group {a.n_group} groups, of which "
+                             f"topk_group {a.topk_group} are kept, cannot give num_experts_per_tok "
+                             f"{a.num_experts_per_tok} experts")
+        if a.v3 and size < 2:
+            raise InputError(f"config.json: {mt} ranks each expert group by its two best experts; "
+                             f"{a.n_routed_experts} experts in n_group {a.n_group} groups leave one a group")
 
 
 class Attention(nn.Module):

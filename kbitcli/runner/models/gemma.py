@@ -37,6 +37,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma3_text": {"query_pre_attn_scalar": 256, "attn_logit_softcapping": None, "final_logit_softcapping": None,
                     "sliding_window": 4096},
 }
+_DEFAULTS["vaultgemma"] = _DEFAULTS["gemma2"]  # VaultGemmaConfig's are Gemma2Config's (vaultgemma.py)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class ModelArgs:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
         mt = str(cfg.get("model_type") or "gemma")
+        # the configuration classes' key/value heads: GemmaConfig 16, the others 4
+        cfg = {"num_key_value_heads": 16 if mt == "gemma" else 4, **cfg}
         a = args_from_config(cls, cfg, arch=mt)
         a.model_type = mt
         grouped_heads(a)
@@ -84,7 +87,7 @@ class ModelArgs:
         act = a.hidden_act if mt == "gemma" else (a.hidden_activation or "gelu_pytorch_tanh")
         a.hidden_act = "gelu_pytorch_tanh" if act == "gelu" else act
         if a.layer_types is None:
-            every = {"gemma2": 2, "gemma3_text": int(cfg.get("sliding_window_pattern") or 6)}.get(mt)
+            every = {"gemma2": 2, "vaultgemma": 2, "gemma3_text": int(cfg.get("sliding_window_pattern") or 6)}.get(mt)
             a.layer_types = ["sliding_attention" if every and (i + 1) % every else "full_attention"
                              for i in range(a.num_hidden_layers)]
         if mt == "gemma3_text":

@@ -42,7 +42,7 @@ class ModelArgs(gpt2.ModelArgs):
         r = a.rotary_dim
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > hd:
             raise InputError(f"config.json: rotary_dim must be an even positive integer of at most the head size "
-                             f"({hd}) for a gptj model, got {r!r}")
+                             f"({hd}) for a {cls.arch} model, got {r!r}")
         return a
 
 
@@ -65,16 +65,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, step, cache: KVCache | None):
         B, S, E = x.shape
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).split(E, dim=-1)
-        q, k, v = (t.view(B, S, self.nh, self.hd).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, S, self.nh, self.hd).transpose(1, 2) for t in self.project(x))
         if cos is not None:
             q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         return self.out_proj(self.attend(q, k, v, step))
+
+    def project(self, x):
+        """The queries, keys and values of x [B, S, n_embd] (CodeGen: from its fused layer)."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).chunk(3, dim=-1)
 
     def attend(self, q, k, v, step):
         return attention(q, k, v, step, self.scale)
@@ -92,10 +94,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    attention_class: type[nn.Module] = Attention  # (CodeGen gives its own)
+
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(a.n_embd, eps=a.layer_norm_epsilon)
-        self.attn = Attention(a, layer)
+        self.attn = self.attention_class(a, layer)
         self.mlp = MLP(a)
 
     def forward(self, x, cos, sin, step, cache):
@@ -104,10 +108,10 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, a: ModelArgs) -> None:
+    def __init__(self, a: ModelArgs, block: type[nn.Module] = Block) -> None:
         super().__init__()
         self.wte = nn.Embedding(a.vocab_size, a.n_embd)
-        self.h = nn.ModuleList(Block(a, i) for i in range(a.n_layer))
+        self.h = nn.ModuleList(block(a, i) for i in range(a.n_layer))
         self.ln_f = nn.LayerNorm(a.n_embd, eps=a.layer_norm_epsilon)
 
 
@@ -115,12 +119,14 @@ _BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")  # the causal-mask buffers 
 
 
 class Model(nn.Module):
+    block_class: type[nn.Module] = Block  # (CodeGen gives its own)
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.num_layers = args.n_layer
         self.context_length = args.n_positions  # transformers' sin/cos table ends there
-        self.transformer = Body(args)
+        self.transformer = Body(args, self.block_class)
         self.rotary = Rotary.from_settings(rope_settings({}), args.rotary_dim)  # base 10000, fixed
         self.tied = bool(args.tie_word_embeddings)
         if self.tied:  # the embedding matrix with the head's own bias (lm_head.bias)

@@ -109,22 +109,30 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, step, cache: KVCache | None):
         B, S, _ = x.shape
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
+        q, k, v = self.project(x)
         q, k = self.norm_qk(q.view(B, S, self.nh, self.hd), k.view(B, S, self.nkv, self.hd))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, S, self.nkv, self.hd).transpose(1, 2)
-        if cos is not None:  # None: a layer without positions (SmolLM3's NoPE layers)
-            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        q, k = self.position(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         return self.output(self.attend(q, k, v, step))
 
+    def project(self, x):
+        """The queries, keys and values of x [B, S, hidden] (Persimmon: from its per-head fused layer)."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
+
     def norm_qk(self, q, k):
         """The q/k norms of each head ([B, S, heads, head_dim]), when the model has them."""
         return (q, k) if self.q_norm is None else (self.q_norm(q), self.k_norm(k))
+
+    def position(self, q, k, cos, sin):
+        """The rotary of the queries and keys [B, heads, S, head_dim] (HunYuan: then its q/k norms)."""
+        if cos is None:  # a layer without positions (SmolLM3's NoPE layers)
+            return q, k
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
     def rotate(self, x, cos, sin):
         """The rotary of the queries or keys [B, heads, S, head_dim] (Cohere: its interleaved form)."""

@@ -13,6 +13,9 @@ is Qwen3's, with q_norm / k_norm) whose feed-forward is a sparse MoE block.
 * Qwen: the layers in `mlp_only_layers`, or off every `decoder_sparse_step`-th, have a dense
   llama.MLP of `intermediate_size` (the experts' width is `moe_intermediate_size`).
 
+olmoe.py (OLMoE) and phimoe.py (Phi-3.5-MoE) are entries here (_DEFAULTS, _ALL_SPARSE,
+_MIXTRAL_NAMES) with their own attention / norms / router in their modules.
+
 Only the experts that some token chose are computed (a decode step of one sequence reads k
 experts' weights). Grouping the tokens by expert reads the expert counts on the host once per
 MoE layer, which a CUDA graph cannot capture: these models set `cuda_graphs = False`, so
@@ -39,7 +42,14 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
                   "shared_expert_intermediate_size": 5632, "max_window_layers": 28},
     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+    "olmoe": {"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5},
+    "phimoe": {"num_experts": 16, "num_experts_per_tok": 2, "num_key_value_heads": 8, "rope_theta": 1e6,
+               "rms_norm_eps": 1e-5},
 }
+#: the model_types whose every layer is the MoE block, its experts of intermediate_size (olmoe.py, phimoe.py)
+_ALL_SPARSE = ("mixtral", "olmoe", "phimoe")
+#: the model_types that store the block as block_sparse_moe, its experts as w1 / w3 / w2 (phimoe.py)
+_MIXTRAL_NAMES = ("mixtral", "phimoe")
 
 
 @dataclass
@@ -63,8 +73,8 @@ class ModelArgs(llama.ModelArgs):
             cfg.setdefault("num_experts", cfg["num_local_experts"])
         a = super().from_config({**_DEFAULTS[mt], **cfg, "model_type": mt})
         a.qkv_bias = bool(cfg.get("qkv_bias", True)) if mt == "qwen2_moe" else bool(a.attention_bias)
-        if mt == "mixtral":
-            a.moe_intermediate_size = a.intermediate_size  # Mixtral's experts are the only MLPs
+        if mt in _ALL_SPARSE:
+            a.moe_intermediate_size = a.intermediate_size  # the experts are the only MLPs
         positive(a, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", arch=mt)
         if mt == "qwen2_moe":
             positive(a, "shared_expert_intermediate_size", arch=mt)
@@ -93,7 +103,7 @@ class ModelArgs(llama.ModelArgs):
 
     def sparse(self, layer: int) -> bool:
         """Whether the layer's feed-forward is the MoE block (else a dense llama.MLP)."""
-        if self.model_type == "mixtral":
+        if self.model_type in _ALL_SPARSE:
             return True
         return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
@@ -125,10 +135,12 @@ class MixtralExpert(nn.Module):
         return self.w2(self.act(gate) * up)
 
 
-def run_experts(experts: nn.ModuleList, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def run_experts(experts: nn.ModuleList, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                weigh_inputs: bool = False) -> torch.Tensor:
     """The routed experts' output for tokens x [N, hidden] that chose the experts `chosen` [N, k]
     with `weights` [N, k]: each chosen expert runs once over the tokens that chose it, and the
-    weighted outputs are summed in expert order (as transformers does). The (token, choice) pairs
+    weighted outputs are summed in expert order (as transformers does); with weigh_inputs the
+    weight multiplies the token before the expert instead (Llama 4). The (token, choice) pairs
     are grouped by expert with one read of the counts on the host."""
     top_k = chosen.shape[-1]
     flat = chosen.flatten()
@@ -139,7 +151,8 @@ def run_experts(experts: nn.ModuleList, x: torch.Tensor, chosen: torch.Tensor, w
     for expert, n in zip(experts, torch.bincount(flat, minlength=len(experts)).tolist()):
         if n:
             idx = tokens[start:start + n]
-            y = expert(x[idx]) * weights[start:start + n, None]
+            w = weights[start:start + n, None]
+            y = expert(x[idx] * w) if weigh_inputs else expert(x[idx]) * w
             out.index_add_(0, idx, y.to(x.dtype))
             start += n
     return out
@@ -181,12 +194,15 @@ class Block(llama.Block):
     """llama.Block whose feed-forward is a SparseMoe: Mixtral's block_sparse_moe, Qwen's mlp (a
     dense llama.MLP on Qwen's layers that are not sparse)."""
 
+    #: the class of the MoE block (a variant's module gives its own)
+    moe_class: type[nn.Module] = SparseMoe
+
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__(a, layer)
-        self.ffn = "block_sparse_moe" if a.model_type == "mixtral" else "mlp"  # the checkpoint's name
+        self.ffn = "block_sparse_moe" if a.model_type in _MIXTRAL_NAMES else "mlp"  # the checkpoint's name
         if a.sparse(layer):
             del self.mlp
-            setattr(self, self.ffn, SparseMoe(a))
+            setattr(self, self.ffn, self.moe_class(a))
 
     def forward(self, x, cos, sin, step, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)

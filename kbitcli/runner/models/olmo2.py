@@ -11,10 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kbitcli.errors import InputError
-
 from . import llama
-from .base import RMSNorm, rope_settings
+from .base import RMSNorm, per_layer, rope_settings
 
 
 @dataclass
@@ -33,9 +31,7 @@ class ModelArgs(llama.ModelArgs):
         if a.layer_types is None:
             a.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
                              for i in range(a.num_hidden_layers)]
-        if len(a.layer_types) != a.num_hidden_layers:
-            raise InputError(f"config.json: layer_types has {len(a.layer_types)} entries for "
-                             f"{a.num_hidden_layers} layers")
+        per_layer(a, "layer_types")
         return a
 
     @property

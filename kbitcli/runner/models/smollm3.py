@@ -7,10 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kbitcli.errors import InputError
-
 from . import llama
-from .base import positive
+from .base import per_layer, positive
 
 
 @dataclass
@@ -24,10 +22,7 @@ class ModelArgs(llama.ModelArgs):
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
         a = super().from_config({**cfg, "model_type": "smollm3"})
         positive(a, "no_rope_layer_interval", arch="smollm3")
-        for key in ("no_rope_layers", "layer_types"):
-            got = getattr(a, key)
-            if got is not None and len(got) != a.num_hidden_layers:
-                raise InputError(f"config.json: {key} has {len(got)} entries for {a.num_hidden_layers} layers")
+        per_layer(a, "no_rope_layers", "layer_types")
         return a
 
     def rope_layer(self, layer: int) -> bool:
