@@ -156,10 +156,12 @@ def test_cuda_graph_decode(arch, spec, tiny, cuda, tmp_path, monkeypatch):
             assert all(m.fused_gemv for m in model.modules() if isinstance(m, KbitLinear) and m.layout == "out_in")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text", "granitemoe"])
 def test_moe_decode_on_cuda(arch, tiny, cuda, tmp_path):
     """4-bit MoE models on the GPU: auto decodes dynamically (their expert grouping reads the
-    host, no CUDA graphs), static steps give the same greedy tokens, and so does the CPU."""
+    host, no CUDA graphs), static steps give the same greedy tokens, and so does the CPU
+    (gpt-oss, Llama 4 and Granite MoE: stacked experts, dequantized by rows on the GPU;
+    DeepSeek-V3: the compressed latent KV cache)."""
     from kbitcli.runner import generate_ids, load
     folder, _ = tiny(arch)
     out = _convert(folder, tmp_path / "kbit", QuantSpec(4, "nf", 64))

@@ -849,6 +849,164 @@ def test_unknown_pre_tokenizer_warns(tmp_path):
     assert any("some-future-model" in w for w in src.warnings)
 
 
+# Text that tells the families' splits apart: digit runs of 1, 3, 4 and more digits, contractions
+# ('s 'll 'RE), CamelCase, punctuation runs, a slash before a newline, runs of spaces, tabs and
+# newlines, CJK, kana, Hangul, full-width punctuation, accented Latin, emoji and mixed scripts.
+_PRE_CORPUS = [
+    "Call 7, 123, 4567 or 1234567890 now! It's John's; we'll see. THEY'RE HERE'S iPhone McDonald XMLHttpRequest",
+    "path/to/file/\nfoo(bar)...!!! ?? --> a+=b;  {x: [1,2]}\t\t\ttab  \n\n  \n",
+    "東京は日本の首都です。ひらがなとカタカナ！서울은 한국의 수도입니다。（全角）“quote”",
+    "Ça a été très façile — naïve Ångström ÉCOLE élève 😀👍🏽 x²+y³ Ελληνικά ΑΒΓ русский ТЕКСТ",
+    "mixed日本語text한국어123abc😀DEF ,.,; 'tis 'S",
+]
+
+# Each family's pre-tokenizer (and normalizer) as the original models' tokenizer.json holds it:
+# (normalizer, pre_tokenizer, the BPE model's ignore_merges), with the llama.cpp names it stands for.
+_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+_GPT2_BYTES = dict(_BYTES, use_regex=True)
+
+
+def _isolated(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+def _seq(*steps) -> dict:
+    return {"type": "Sequence", "pretokenizers": list(steps)}
+
+
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CJK_RUNS = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_ORIGINALS = {
+    # Mistral NeMo's tokenizer.json (tekken.json's pattern)
+    "tekken": (None, _seq(_isolated(
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+        r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"), _BYTES), True, ["tekken"]),
+    # o200k's pattern: gpt-oss, Phi-4 (Xenova/gpt-4o), Llama 4
+    "gpt-4o": (None, _seq(_isolated(
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"), _BYTES), False, ["gpt-4o", "llama4"]),
+    # DeepSeek-V3 / R1
+    "deepseek-v3": (None, _seq(
+        _isolated(r"\p{N}{1,3}"), _isolated("[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"),
+        _isolated("[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+                  "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"), _BYTES), False, ["deepseek-v3"]),
+    # DeepSeek LLM 7B/67B: its letter class lists the cased letters (Lu, Ll, Lt) of Unicode
+    "deepseek-llm": (None, _seq(
+        _isolated("[\r\n]"),
+        _isolated(
+            "\\s?[A-Za-z\u00B5\u00C0-\u00D6\u00D8-\u00F6\u00F8-\u01BA\u01BC-\u01BF\u01C4-\u0293\u0295-\u02AF"
+            "\u0370-\u0373\u0376\u0377\u037B-\u037D\u037F\u0386\u0388-\u038A\u038C\u038E-\u03A1\u03A3-\u03F5"
+            "\u03F7-\u0481\u048A-\u052F\u0531-\u0556\u10A0-\u10C5\u13A0-\u13F5\u13F8-\u13FD\u1C90-\u1CBA"
+            "\u1CBD-\u1CBF\u1D00-\u1D2B\u1D6B-\u1D77\u1D79-\u1D9A\u1E00-\u1F15\u1F18-\u1F1D\u1F20-\u1F45"
+            "\u1F48-\u1F4D\u1F50-\u1F57\u1F59\u1F5B\u1F5D\u1F5F-\u1F7D\u1F80-\u1FB4\u1FB6-\u1FBC\u1FBE"
+            "\u1FC2-\u1FC4\u1FC6-\u1FCC\u1FD0-\u1FD3\u1FD6-\u1FDB\u1FE0-\u1FEC\u1FF2-\u1FF4\u1FF6-\u1FFC\u2102"
+            "\u2107\u210A-\u2113\u2115\u2119-\u211D\u2124\u2126\u2128\u212A-\u212D\u212F-\u2134\u2139"
+            "\u213C-\u213F\u2145-\u2149\u214E\u2183\u2184\u2C00-\u2C7B\u2C7E-\u2CE4\u2CEB-\u2CEE\u2CF2\u2CF3"
+            "\uA640-\uA66D\uA680-\uA69B\uA722-\uA76F\uA771-\uA787\uA78B-\uA78E\uAB70-\uABBF\uFB00-\uFB06"
+            "\uFB13-\uFB17\uFF21-\uFF3A\uFF41-\uFF5A\U00010400-\U0001044F\U000104B0-\U000104D3"
+            "\U000104D8-\U000104FB\U00010C80-\U00010CB2\U00010CC0-\U00010CF2\U000118A0-\U000118DF"
+            "\U0001E900-\U0001E943]+"),
+        _isolated("\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+"), _isolated("\\s+$"),
+        _isolated(_CJK_RUNS), {"type": "Digits", "individual_digits": True}, _BYTES), False, ["deepseek-llm"]),
+    "deepseek-coder": (None, _seq(
+        _isolated("[\r\n]"), _isolated("\\s?\\p{L}+"), _isolated("\\s?\\p{P}+"), _isolated(_CJK_RUNS),
+        {"type": "Digits", "individual_digits": True}, _BYTES), False, ["deepseek-coder"]),
+    # GLM-4 (-hf), GLM-4.5: Llama 3's regex, merges always applied
+    "glm4": (None, _seq(_isolated(_LLAMA3_RE), _BYTES), False, ["glm4", "chatglm-bpe"]),
+    # Pixtral 12B's tokenizer.json: Llama 3's (see test_pixtral_pre_tokenizer_warns)
+    "llama3": (None, _seq(_isolated(_LLAMA3_RE), _BYTES), True, ["pixtral"]),
+    # EXAONE 3.x: digits one by one, then GPT-2's; EXAONE 4: GPT-2's
+    "exaone": (None, _seq({"type": "Digits", "individual_digits": True}, _GPT2_BYTES), False, ["exaone"]),
+    "exaone4": (None, _GPT2_BYTES, False, ["exaone4"]),
+    # DeepSeek-R1-Distill-Qwen: Qwen2.5's; StableLM 2's (Arcade100k) and Hunyuan's tiktoken tokenizers
+    # split with Qwen's pattern after NFC too
+    "deepseek-r1-qwen": ({"type": "NFC"}, _seq(_isolated(_LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")), _BYTES),
+                         False, ["deepseek-r1-qwen", "stablelm2", "hunyuan"]),
+    # Kimi K2: tiktoken (whole words looked up first), with tokenization_kimi.py's pattern
+    "kimi-k2": (None, _seq(_isolated(
+        r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"), _BYTES), True, ["kimi-k2"]),
+    # Falcon 7B/40B: punctuation runs, GPT-2's, then digit runs cut in threes
+    "falcon": (None, _seq({"type": "Punctuation", "behavior": "Contiguous"}, _GPT2_BYTES,
+                          {"type": "Digits", "individual_digits": False}, _isolated("[0-9][0-9][0-9]")),
+               False, ["falcon"]),
+    # BLOOM
+    "bloom": (None, _seq(_isolated(" ?[^(\\s|[.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c])]+"), _BYTES),
+              False, ["bloom"]),
+}
+
+
+def _original_from_json(family: str):
+    """A small byte-level BPE trained with `family`'s normalizer and pre-tokenizer as _ORIGINALS holds them."""
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+
+    normalizer, pre, ignore_merges, _ = _ORIGINALS[family]
+    byte_level = dict(_GPT2_BYTES, trim_offsets=False)
+    tok = Tokenizer.from_str(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": normalizer,
+        "pre_tokenizer": pre, "post_processor": byte_level, "decoder": byte_level,
+        "model": {"type": "BPE", "vocab": {}, "merges": []},
+    }))
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|begin|>", "<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS + _PRE_CORPUS * 20, trainer)
+    data = json.loads(tok.to_str())
+    data["model"]["ignore_merges"] = ignore_merges
+    # a word in the vocabulary that no merge makes (as in vocabularies converted from tiktoken's):
+    # taken whole only where the tokenizer looks words up before merging
+    data["model"]["vocab"]["\u0120qzqz"] = len(data["model"]["vocab"])
+    return Tokenizer.from_str(json.dumps(data))
+
+
+@pytest.mark.parametrize("family,pre", [(family, name) for family, o in _ORIGINALS.items() for name in o[3]])
+def test_rebuilt_tokenizer_matches_original_of_each_family(tmp_path, family, pre):
+    """For each llama.cpp pre-tokenizer name: a BPE trained with the original tokenizer.json's split,
+    stored in a GGUF under that name, is rebuilt to encode token for token as the original."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    original = _original_from_json(family)
+    _gguf_with_tokenizer(tmp_path / "m.gguf", original, pre, False)
+    src = open_source(tmp_path / "m.gguf")
+    rebuilt = Tokenizer.from_str(src.extra_files()["tokenizer.json"].decode())
+    if pre != "pixtral":  # see test_pixtral_pre_tokenizer_warns
+        assert src.warnings == []
+    texts = _CORPUS[:4] + _PRE_CORPUS + ["<|begin|>x<|end|>", "", "  ", "cafe\u0301 vs caf\u00e9 (NFD and NFC)",
+                                         "a\r\n\r\nb \n c\t\n", "x  \t  y   ", "a qzqz qzqzqz"]
+    for text in texts:
+        for special in (False, True):
+            assert rebuilt.encode(text, add_special_tokens=special).ids == \
+                original.encode(text, add_special_tokens=special).ids, (text, special)
+        ids = original.encode(text).ids
+        assert rebuilt.decode(ids) == original.decode(ids)
+        assert _pieces(rebuilt, text) == _pieces(original, text), text
+    if family != "exaone4":  # the texts tell the family from GPT-2's split (which EXAONE 4 uses)
+        gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        assert any(_pieces(original, t) != [p for p, _ in gpt2.pre_tokenize_str(t)] for t in texts)
+
+
+def _pieces(tok, text: str) -> list[str]:
+    """The pieces `tok` splits `text` into before BPE."""
+    if tok.normalizer is not None:
+        text = tok.normalizer.normalize_str(text)
+    return [p for p, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def test_pixtral_pre_tokenizer_warns(tmp_path):
+    """'pixtral' GGUFs come from tokenizer.json files with Llama 3's split, which Mistral's own tekken.json
+    does not use: rebuilt as the tokenizer.json splits, with a warning that names the difference."""
+    _gguf_with_tokenizer(tmp_path / "m.gguf", _original_from_json("llama3"), "pixtral", False)
+    src = open_source(tmp_path / "m.gguf")
+    src.extra_files()
+    assert len(src.warnings) == 1 and "'pixtral'" in src.warnings[0] and "tekken" in src.warnings[0]
+
 
 @pytest.mark.parametrize("merge,unknown", [("zz b", "zz"), ("a zz", "zz"), ("b a", "ba")])
 def test_gguf_merge_of_unknown_token_is_refused(tmp_path, capsys, merge, unknown):

@@ -2,8 +2,10 @@
 
 Byte-level BPE (tokenizer.ggml.model = "gpt2"): the vocabulary is stored in the byte-to-unicode
 alphabet, exactly as in tokenizer.json, and the merges as "left right" strings. How text is
-split before BPE (the pre-tokenizer) is only named, by tokenizer.ggml.pre; the table below
-gives the Hugging Face pre-tokenizer llama.cpp's name stands for (llama.cpp's llama-vocab.cpp).
+split before BPE (the pre-tokenizer) is only named, by tokenizer.ggml.pre; the tables below give,
+for each name llama.cpp writes, the pre-tokenizer (and normalizer) of the original models'
+tokenizer.json, not llama.cpp's rewrite of it. A name that stands for originals which split
+differently is rebuilt as the GGUF's tokenizer.json split, with a warning.
 
 SentencePiece BPE (tokenizer.ggml.model = "llama": Llama 2, Mistral, Phi-3, Gemma ... GGUFs): the
 pieces, their scores and types, but no merges; the merges are those SentencePiece's encoder implies
@@ -23,15 +25,37 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from kbitcli.sources.gguf_source import GGUFSource
 
-# Pre-tokenizer families. "gpt2": the GPT-2 regex; "digits": each digit on its own, then the
-# GPT-2 regex (SmolLM, StarCoder, Command-R); "llama3": the Llama-3 regex (numbers in groups of up to 3);
-# "qwen2": the same regex with each digit on its own, after NFC normalization (Qwen2, Qwen2.5, Qwen3).
+# llama.cpp's tokenizer.ggml.pre names -> the pre-tokenizer family of the original tokenizer.json.
+# "gpt2": the GPT-2 regex; "digits": each digit on its own, then the GPT-2 regex (SmolLM, StarCoder,
+# Command-R, EXAONE 3); "llama3": the Llama-3 regex (numbers in groups of up to 3), whole words
+# looked up before merging (ignore_merges); "glm4": the same regex, merging always (GLM-4, GLM-4.5);
+# "qwen2": the Llama-3 regex with each digit on its own, after NFC (Qwen2/2.5/3, DeepSeek-R1
+# distilled into Qwen, StableLM 2's and Hunyuan's tiktoken tokenizers); "tekken": Mistral's split
+# at case changes, digits one by one (NeMo, Small 3, Ministral); "gpt-4o": o200k's, the same with
+# contractions kept on words and numbers in threes (gpt-oss, Phi-4, Llama 4); "kimi-k2": o200k's
+# with runs of Han characters apart (Kimi K2's tiktoken pattern); "deepseek-v3", "deepseek-llm",
+# "deepseek-coder": DeepSeek's chains of splits (the first: V3/R1); "falcon": punctuation runs,
+# GPT-2, then numbers cut in threes; "bloom": words with one leading space, punctuation apart.
 _PRE_FAMILIES = {
     "gpt2": "gpt2", "gpt-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2", "phi-2": "gpt2",
+    "exaone4": "gpt2",
     "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits", "command-r": "digits",
+    "exaone": "digits",
     "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3",
-    "dbrx": "llama3", "falcon3": "llama3",
-    "qwen2": "qwen2",
+    "dbrx": "llama3", "falcon3": "llama3", "pixtral": "llama3",
+    "glm4": "glm4", "chatglm-bpe": "glm4",
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2", "hunyuan": "qwen2",
+    "tekken": "tekken", "kimi-k2": "kimi-k2",
+    "gpt-4o": "gpt-4o", "llama4": "gpt-4o",
+    "deepseek-v3": "deepseek-v3", "deepseek-llm": "deepseek-llm", "deepseek-coder": "deepseek-coder",
+    "falcon": "falcon", "bloom": "bloom",
+}
+
+# names whose GGUFs come from models whose originals split text in more than one way
+_AMBIGUOUS_PRE = {
+    "pixtral": "GGUFs named 'pixtral' (Pixtral 12B, Devstral Small 2, ...) come from a tokenizer.json with the "
+               "Llama-3 split, which is how the text is split here; Mistral's own tokenizer (tekken.json) splits "
+               "it the Tekken way (transformers' fix_mistral_regex), so tokens may differ from Mistral's",
 }
 
 _LLAMA3_SPLIT = (
@@ -41,6 +65,73 @@ _LLAMA3_SPLIT = (
 
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 assert _QWEN2_SPLIT != _LLAMA3_SPLIT
+
+# a word: an optional non-letter, then upper-case (or caseless) letters and lower-case ones
+_CASED_WORDS = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{c}"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{c}"
+)
+_O200K_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_TEKKEN_SPLIT = _CASED_WORDS.replace("{c}", "") + r"|\p{N}" + _O200K_TAIL
+_GPT4O_SPLIT = _CASED_WORDS.replace("{c}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?") + r"|\p{N}{1,3}" + _O200K_TAIL
+# Kimi K2: Han runs first, the o200k words without Han (&&: class intersection), no "/" kept on punctuation
+_KIMI_K2_SPLIT = (
+    r"[\p{Han}]+|"
+    + _CASED_WORDS.replace(r"\p{M}]", r"\p{M}&&[^\p{Han}]]").replace("{c}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?")
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_DEEPSEEK_V3_SPLITS = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",  # CJK ideographs, hiragana, katakana
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+# DeepSeek LLM / Coder: runs of U+0800 to the end of the CJK ideographs, and of Hangul
+_DEEPSEEK_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+# DeepSeek LLM's cased letters (Lu, Ll, Lt), as its tokenizer.json lists them
+_DEEPSEEK_LLM_LETTERS = (
+    "A-Za-z\u00B5\u00C0-\u00D6\u00D8-\u00F6\u00F8-\u01BA\u01BC-\u01BF\u01C4-\u0293\u0295-\u02AF\u0370-\u0373"
+    "\u0376\u0377\u037B-\u037D\u037F\u0386\u0388-\u038A\u038C\u038E-\u03A1\u03A3-\u03F5\u03F7-\u0481\u048A-\u052F"
+    "\u0531-\u0556\u10A0-\u10C5\u13A0-\u13F5\u13F8-\u13FD\u1C90-\u1CBA\u1CBD-\u1CBF\u1D00-\u1D2B\u1D6B-\u1D77"
+    "\u1D79-\u1D9A\u1E00-\u1F15\u1F18-\u1F1D\u1F20-\u1F45\u1F48-\u1F4D\u1F50-\u1F57\u1F59\u1F5B\u1F5D\u1F5F-\u1F7D"
+    "\u1F80-\u1FB4\u1FB6-\u1FBC\u1FBE\u1FC2-\u1FC4\u1FC6-\u1FCC\u1FD0-\u1FD3\u1FD6-\u1FDB\u1FE0-\u1FEC\u1FF2-\u1FF4"
+    "\u1FF6-\u1FFC\u2102\u2107\u210A-\u2113\u2115\u2119-\u211D\u2124\u2126\u2128\u212A-\u212D\u212F-\u2134\u2139"
+    "\u213C-\u213F\u2145-\u2149\u214E\u2183\u2184\u2C00-\u2C7B\u2C7E-\u2CE4\u2CEB-\u2CEE\u2CF2\u2CF3\uA640-\uA66D"
+    "\uA680-\uA69B\uA722-\uA76F\uA771-\uA787\uA78B-\uA78E\uAB70-\uABBF\uFB00-\uFB06\uFB13-\uFB17\uFF21-\uFF3A"
+    "\uFF41-\uFF5A\U00010400-\U0001044F\U000104B0-\U000104D3\U000104D8-\U000104FB\U00010C80-\U00010CB2"
+    "\U00010CC0-\U00010CF2\U000118A0-\U000118DF\U0001E900-\U0001E943"
+)
+_DEEPSEEK_LLM_SPLITS = (
+    r"[\r\n]", r"\s?[" + _DEEPSEEK_LLM_LETTERS + "]+",
+    r"\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",  # ASCII, full-width punctuation, quotes
+    r"\s+$", _DEEPSEEK_CJK,
+)
+_DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK)
+# BLOOM: a word with at most one space before it, ending at whitespace or punctuation
+_BLOOM_SPLIT = " ?[^(\\s|[.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c])]+"
+
+# each family's chain: ("split", regex) isolates the regex's matches, ("digits", individually),
+# ("punctuation",) isolates punctuation runs, ("bytes", use_regex) is the byte-level step
+_CHAINS: dict[str, list[tuple]] = {
+    "gpt2": [("bytes", True)],
+    "digits": [("digits", True), ("bytes", True)],
+    "llama3": [("split", _LLAMA3_SPLIT), ("bytes", False)],
+    "glm4": [("split", _LLAMA3_SPLIT), ("bytes", False)],
+    "qwen2": [("split", _QWEN2_SPLIT), ("bytes", False)],
+    "tekken": [("split", _TEKKEN_SPLIT), ("bytes", False)],
+    "gpt-4o": [("split", _GPT4O_SPLIT), ("bytes", False)],
+    "kimi-k2": [("split", _KIMI_K2_SPLIT), ("bytes", False)],
+    "deepseek-v3": [("split", r) for r in _DEEPSEEK_V3_SPLITS] + [("bytes", False)],
+    "deepseek-llm": [("split", r) for r in _DEEPSEEK_LLM_SPLITS] + [("digits", True), ("bytes", False)],
+    "deepseek-coder": [("split", r) for r in _DEEPSEEK_CODER_SPLITS] + [("digits", True), ("bytes", False)],
+    "falcon": [("punctuation",), ("bytes", True), ("digits", False), ("split", "[0-9][0-9][0-9]")],
+    "bloom": [("split", _BLOOM_SPLIT), ("bytes", False)],
+}
+# families whose tokenizer looks a whole word up in the vocabulary before merging (Kimi K2's: tiktoken)
+_IGNORE_MERGES = {"llama3", "tekken", "kimi-k2"}
+# families whose tokenizer.json composes text to NFC first
+_NFC = {"qwen2"}
 
 #: tokenizer.ggml.model values rebuilt here: byte-level BPE, SentencePiece BPE
 SUPPORTED_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
@@ -150,26 +241,26 @@ def _byte_level_bpe(src: "GGUFSource", vocab: dict[str, int]) -> tuple["Tokenize
         family = "gpt2"
         msg = f"unknown GGUF pre-tokenizer {pre!r}" if pre else "the GGUF names no pre-tokenizer"
         warning = f"{msg}: text is split the GPT-2 way, which may not match the original tokenizer exactly"
+    elif pre in _AMBIGUOUS_PRE:
+        warning = f"GGUF pre-tokenizer {pre!r}: {_AMBIGUOUS_PRE[pre]}"
 
     bpe = models.BPE(
-        vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=(family == "llama3")
+        vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=family in _IGNORE_MERGES
     )
     tok = Tokenizer(bpe)
-    if family in ("llama3", "qwen2"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if family == "llama3" else _QWEN2_SPLIT),
-                                 behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-        ])
-        if family == "qwen2":
-            tok.normalizer = normalizers.NFC()
-    elif family == "digits":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-        ])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    steps = []
+    for kind, *arg in _CHAINS[family]:
+        if kind == "split":
+            steps.append(pre_tokenizers.Split(Regex(arg[0]), behavior="isolated", invert=False))
+        elif kind == "digits":
+            steps.append(pre_tokenizers.Digits(individual_digits=arg[0]))
+        elif kind == "punctuation":
+            steps.append(pre_tokenizers.Punctuation(behavior="contiguous"))
+        else:
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=arg[0]))
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    if family in _NFC:
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     return tok, warning
 
