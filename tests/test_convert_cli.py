@@ -307,7 +307,9 @@ def test_inspect_and_verify(model, tmp_path, capsys):
     c, stdout, _ = run(["inspect", out, "--json"], capsys)
     d = json.loads(stdout)
     assert c == 0 and d["format_version"] == "1.0" and d["parameters"] == sum(a.size for a in tensors.values())
-    assert run(["inspect", out], capsys)[0] == 0
+    c, stdout, _ = run(["inspect", out], capsys)
+    # piped (not a terminal): every tensor's whole name on its line, for grep
+    assert c == 0 and all(any(line.startswith(f"│ {t['name']} ") for line in stdout.splitlines()) for t in d["tensors"])
     c, stdout, err = run(["verify", out, "--against", src, "--json"], capsys)
     d = json.loads(stdout)
     assert c == 0 and d["ok"] and 0.05 < d["max_error"] < 0.15

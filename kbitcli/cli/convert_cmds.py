@@ -210,11 +210,15 @@ def inspect(path: Annotated[Path, typer.Argument(help="A kbit model folder or fi
     from rich.console import Console
     from rich.table import Table
     c = Console()
+    if not c.is_terminal:  # piped: whole tensor names on one line each, for grep and friends
+        c = Console(width=max(120, 90 + max((len(x["name"]) for x in rows), default=0)))
     c.print(f"[bold]{path}[/bold]: kbit format {doc['format_version']}, written by {doc['tool']}")
     c.print(f"source: {r.model_metadata.get('source', '?')}  recipe: {json.dumps(r.model_metadata.get('recipe', {}))}")
     t = Table()
     for col in ("tensor", "shape", "k", "type", "block", "scale", "bits/weight", "rel. error"):
-        t.add_column(col, justify="right" if col not in ("tensor", "type") else "left")
+        # a narrow terminal folds a long name rather than cutting it
+        t.add_column(col, justify="right" if col not in ("tensor", "type") else "left",
+                     overflow="fold" if col == "tensor" else "ellipsis")
     for x in rows:
         t.add_row(x["name"], "x".join(map(str, x["shape"])), str(x["bits"] or "-"), x["dtype"], str(x["block"] or "-"),
                   x["scale"] or "-", f"{x['bits_per_weight']:.4f}", f"{x['error']:.4f}" if x["error"] is not None else "-")
