@@ -2205,7 +2205,9 @@ def _new_model(arch: str, vocab: int):
              num_key_value_heads=2, head_dim=12, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
              pad_token_id=1)
     meta: dict = {"attention.layer_norm_rms_epsilon": 1e-6, "rope.dimension_count": 12}
-    if arch == "llama4":  # layers 1 and 3 MoE, layer 3 without rotary; F16 experts in layer 1; Scout's RoPE
+    if arch in _NEWER_GGUF:
+        cfg, cls, meta = _newer_config(arch, c, meta)
+    elif arch == "llama4":  # layers 1 and 3 MoE, layer 3 without rotary; F16 experts in layer 1; Scout's RoPE
         cfg, cls = tf.Llama4TextConfig(**{**c, "num_hidden_layers": 4, "intermediate_size": 32},
                                        intermediate_size_mlp=80, num_local_experts=4, num_experts_per_tok=1,
                                        interleave_moe_layer_step=2, rms_norm_eps=1e-6,
@@ -2288,6 +2290,7 @@ def _new_gguf(tmp_path: Path, arch: str, meta_update: dict | None = None, drop: 
 
     tok = _original_tokenizer("qwen2")
     model, meta = _new_model(arch, tok.get_vocab_size())
+    variant, arch = arch, {"granitemoeshared": "granitemoe"}.get(arch, arch)  # the GGUF architecture
     c = model.config
     mxfp4 = gguf.GGMLQuantizationType.MXFP4
     with torch.no_grad():
@@ -2333,10 +2336,19 @@ def _new_gguf(tmp_path: Path, arch: str, meta_update: dict | None = None, drop: 
     for name, a in sd.items():
         if ".act_fn." in name:
             continue
-        if arch == "olmo" and name.endswith(("q_proj.weight", "k_proj.weight")):  # OlmoModel: LlamaModel.permute
+        if arch in ("olmo", "granitemoe", "arcee") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            # OlmoModel, GraniteMoeModel, ArceeModel: LlamaModel.permute
             a = permute_qk(a, 4 if "q_proj" in name else 2)
         if arch == "nemotron" and name.endswith("norm.weight"):  # NemotronModel: LayerNorm1P's weight + 1
             a = a + np.float32(1.0)
+        if name.endswith("input_linear.weight"):  # GraniteMoeModel: the gate rows and the up rows apart
+            i, kind = name.split(".")[2], "exps" if ".block_sparse_moe." in name else "shexp"
+            if variant == "granitemoeshared" and kind == "exps":  # --fuse-gate-up-exps: as the checkpoint
+                _add_new_tensor(w, arch, f"blk.{i}.ffn_gate_up_exps.weight", a, name, drop)
+                continue
+            for part, t in zip(("ffn_gate", "ffn_up"), np.split(a, 2, axis=-2)):
+                _add_new_tensor(w, arch, f"blk.{i}.{part}_{kind}.weight", np.ascontiguousarray(t), name, drop)
+            continue
         m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$", name)
         if m:
             experts.setdefault(f"model.layers.{m[1]}.mlp.experts.{m[3]}.weight", {})[int(m[2])] = a
@@ -2445,6 +2457,116 @@ def test_chatglm_gguf_of_thudm_layout_is_refused(tmp_path):
     _write(w)
     with pytest.raises(UnsupportedArchitectureError, match="only GLM-4's Hugging Face layout"):
         open_source(tmp_path / "m.gguf")
+
+
+# Granite MoE (the experts stacked in the checkpoint: input_linear [expert, 2 x width, hidden] split
+# into ffn_gate_exps / ffn_up_exps, or one ffn_gate_up_exps with --fuse-gate-up-exps; the shared
+# expert's input_linear split too), ERNIE 4.5 and its MoE (an MoE block every other layer after a
+# dense one, the routing bias moe_statics [1, experts]), Arcee (squared ReLU, q / k permuted, YaRN),
+# Seed-OSS (q/k/v biases, post_attention_norm before the MLP), dots.llm1 (DeepSeek-V3's sigmoid
+# router with its bias, q/k norms, a dense first layer) and Hunyuan MoE (its NTK-alpha RoPE stored as
+# the base it gives, q/k norms after the rotary, a shared expert), written by _new_gguf.
+_NEWER_GGUF = ["granitemoe", "granitemoeshared", "ernie4_5", "ernie4_5-moe", "arcee", "seed_oss", "dots1",
+               "hunyuan-moe"]
+
+
+def _newer_config(arch: str, c: dict, meta: dict):
+    """(config, class, the metadata llama.cpp's converter writes beyond the sizes) of _NEWER_GGUF."""
+    import transformers as tf
+
+    if arch.startswith("granitemoe"):  # GraniteModel drops head_dim; the shared expert 40 wide
+        shared = {"shared_intermediate_size": 40} if arch == "granitemoeshared" else {}
+        cls = tf.GraniteMoeSharedForCausalLM if shared else tf.GraniteMoeForCausalLM
+        cfg = (tf.GraniteMoeSharedConfig if shared else tf.GraniteMoeConfig)(
+            **{k: v for k, v in c.items() if k != "head_dim"} | {"intermediate_size": 32}, num_local_experts=4,
+            num_experts_per_tok=2, embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.05,
+            logits_scaling=4.0, rms_norm_eps=1e-6, **shared)
+        meta.update({"feed_forward_length": 32, "expert_count": 4, "expert_used_count": 2, "embedding_scale": 3.0,
+                     "residual_scale": 0.3, "attention.scale": 0.05, "logit_scale": 4.0, "rope.freq_base": 10000.0,
+                     **({"expert_shared_feed_forward_length": 40} if shared else {})})
+    elif arch == "ernie4_5":  # tied
+        cfg, cls = tf.Ernie4_5Config(**c, rms_norm_eps=1e-6), tf.Ernie4_5ForCausalLM
+        meta.update({"rope.freq_base": 500000.0, "attention.key_length": 12, "attention.value_length": 12})
+    elif arch == "ernie4_5-moe":  # layers 1 and 3 MoE; the converter's shared width: intermediate_size / kv heads
+        cfg, cls = tf.Ernie4_5_MoeConfig(**{**c, "num_hidden_layers": 4}, moe_num_experts=4, moe_k=2,
+                                         moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1,
+                                         moe_layer_interval=2, rms_norm_eps=1e-6), tf.Ernie4_5_MoeForCausalLM
+        meta.update({"block_count": 4, "rope.freq_base": 500000.0, "attention.key_length": 12,
+                     "attention.value_length": 12, "expert_count": 4, "expert_used_count": 2,
+                     "interleave_moe_layer_step": 2, "leading_dense_block_count": 1, "expert_feed_forward_length": 32,
+                     "expert_shared_count": 1, "expert_shared_feed_forward_length": 40})
+    elif arch == "arcee":  # AFM's YaRN, with transformers' defaults for what the converter does not store
+        cfg, cls = tf.ArceeConfig(**c, rms_norm_eps=1e-6, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}), \
+            tf.ArceeForCausalLM
+        meta.update({"rope.freq_base": 10000.0, "attention.key_length": 12, "attention.value_length": 12,
+                     "rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+                     "rope.scaling.original_context_length": 16})
+    elif arch == "seed_oss":
+        cfg, cls = tf.SeedOssConfig(**c, attention_bias=True, rms_norm_eps=1e-6), tf.SeedOssForCausalLM
+        meta.update({"rope.freq_base": 10000.0, "attention.key_length": 12, "attention.value_length": 12})
+    elif arch == "hunyuan-moe":  # HunYuanMoEModel: the base scaled by alpha ** (dim / (dim - 2)), no scaling type
+        cfg, cls = tf.HunYuanMoEV1Config(**c, num_experts=4, moe_topk=2, moe_intermediate_size=80, rms_norm_eps=1e-6,
+                                         attention_bias=True, rope_parameters={
+                                             "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                             "rope_theta": 10000.0}), tf.HunYuanMoEV1ForCausalLM
+        meta.update({"rope.freq_base": 10000.0 * 1000.0 ** (12 / 10), "rope.scaling.type": "none",
+                     "rope.scaling.factor": 1.0, "attention.key_length": 12, "attention.value_length": 12,
+                     "expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 80,
+                     "expert_shared_feed_forward_length": 80, "expert_shared_count": 1})
+    else:  # dots.llm1: layer 0 dense; a sigmoid router with its bias, renormalised and scaled
+        cfg, cls = tf.Dots1Config(**c, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
+                                  routed_scaling_factor=2.5, rms_norm_eps=1e-6), tf.Dots1ForCausalLM
+        meta.update({"rope.freq_base": 10000.0, "attention.key_length": 12, "attention.value_length": 12,
+                     "expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32,
+                     "leading_dense_block_count": 1, "expert_shared_count": 1, "expert_weights_scale": 2.5,
+                     "expert_weights_norm": True, "expert_gating_func": 2, "expert_group_count": 1,
+                     "expert_group_used_count": 1})
+    return cfg, cls, meta
+
+
+@pytest.mark.parametrize("arch", _NEWER_GGUF)
+def test_newer_gguf_runs_like_transformers(tmp_path, arch):
+    hf, sd, tok, path = _new_gguf(tmp_path, arch)
+    src = open_source(path)
+    cfg = src.config()
+    assert (cfg["model_type"], cfg["architectures"]) == (hf.config.model_type, [type(hf).__name__])
+    assert {t.name for t in src.tensors()} == set(sd)  # Granite MoE's experts stacked, as saved
+    for t in src.tensors():  # the checkpoint's names, shapes and layout
+        assert t.shape == sd[t.name].shape, t.name
+        np.testing.assert_array_equal(src.load(t.name), sd[t.name], err_msg=t.name)
+        np.testing.assert_array_equal(src.load_raw(t.name), sd[t.name], err_msg=t.name)
+    if arch == "ernie4_5-moe":  # MoE blocks on layers 1 and 3 only
+        assert (cfg["moe_layer_start_index"], cfg["moe_layer_interval"], cfg["moe_layer_end_index"]) == (1, 2, 3)
+    if arch == "arcee":
+        assert cfg["rope_scaling"]["rope_type"] == "yarn" and cfg["rope_scaling"]["factor"] == 4.0
+    if arch.startswith("granitemoe"):
+        assert [cfg[k] for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                                 "logits_scaling", "shared_intermediate_size")] == [
+            3.0, 0.3, 0.05, 4.0, 40 if arch == "granitemoeshared" else 0]
+    _runs_like_transformers(tmp_path, path, hf, tok.encode(_CORPUS[0]).ids[:20])
+
+
+@pytest.mark.parametrize("arch,meta,drop,message", [
+    ("granitemoe", {"expert_count": None}, None, "a granitemoe GGUF without experts"),
+    ("granitemoe", None, "blk.1.ffn_up_exps.weight", "block 1 has ffn_gate_exps without ffn_up_exps"),
+    ("granitemoeshared", None, "blk.0.ffn_up_shexp.weight", "block 0 has ffn_gate_shexp without ffn_up_shexp"),
+    ("granitemoe", {"feed_forward_length": 16}, None, "'blk.0.ffn_gate_exps.weight' has shape [4, 32, 48] but the "
+                                                      "metadata implies [4, 16, 48]"),
+    ("ernie4_5-moe", {"interleave_moe_layer_step": None}, None,
+     "lacks the metadata 'ernie4_5-moe.interleave_moe_layer_step'"),
+    ("ernie4_5-moe", {"leading_dense_block_count": 2}, None, "lacks the weight for model.layers.1.mlp.gate_proj"),
+    ("dots1", {"expert_gating_func": 1}, None, "dots.llm1's router is a sigmoid (2)"),
+    ("hunyuan-moe", {"expert_feed_forward_length": 32}, None,
+     "HunYuanMoEV1ForCausalLM's experts are intermediate_size wide"),
+])
+def test_newer_gguf_that_cannot_be_rebuilt_is_refused(tmp_path, arch, meta, drop, message):
+    """No experts, a lone half of a split gate / up, experts or layouts that do not fit the metadata,
+    and a router other than the checkpoint's are refused with a clear message."""
+    *_, path = _new_gguf(tmp_path, arch, meta, drop)
+    with pytest.raises(InputError, match=re.escape(message)):
+        open_source(path).config()
 
 
 # -- checkpoints already quantized -------------------------------------------------------------

@@ -18,12 +18,22 @@ LayerNorm1P weights + 1 (NemotronModel.modify_tensors, taken off as Gemma's), pa
 squared-ReLU up / down MLP; apertus: attention_layernorm / feedforward_layernorm, q/k norms, xIELU's
 four scalars per layer stored as metadata arrays (xielu.alpha_p ...) and listed again as
 mlp.act_fn.*, the llama3 RoPE scaling read back from rope_freqs when those are the factors of
-ApertusConfig's settings (LLAMA3_SETTINGS), refused otherwise).
+ApertusConfig's settings (LLAMA3_SETTINGS), refused otherwise); arcee: q/k permuted (ArceeModel is a
+LlamaModel), the squared-ReLU up / down MLP; seed_oss: q/k/v biases, the norm before the MLP stored
+as post_attention_norm; ernie4_5: llama's tensors, nothing permuted, use_bias from the tensors.
 Mixtures of experts: Mixtral (arch "llama" with {arch}.expert_count), qwen2moe (with a shared
 expert), qwen3moe, olmoe (q/k norms over all heads, never renormalised), glm4moe (GLM-4.5:
 DeepSeek-V3's sigmoid router with exp_probs_b, shared experts and leading dense layers, partial
-rotary; the nextn_predict_layers multi-token-prediction blocks after the model's are skipped) and
-deepseek2. llama.cpp stacks the experts of a layer into one 3-D tensor per projection
+rotary; the nextn_predict_layers multi-token-prediction blocks after the model's are skipped),
+dots1 (dots.llm1: GLM-4.5's routing, q/k norms, no partial rotary, the groups stored), ernie4_5-moe
+(an MoE block every interleave_moe_layer_step-th layer from leading_dense_block_count on, the
+routing bias moe_statics.e_score_correction_bias [1, experts], the shared experts as one MLP of
+expert_shared_count x expert width; the converter's expert_shared_feed_forward_length is not
+used), hunyuan-moe (Hunyuan-A13B: every layer sparse, the shared expert shared_mlp, q/k norms
+query_layernorm / key_layernorm; HunYuanMoEModel stores the NTK-alpha RoPE as the base it gives,
+read back as rope_theta; experts of a width other than feed_forward_length, which
+HunYuanMoEV1ForCausalLM cannot hold, are refused) and deepseek2.
+llama.cpp stacks the experts of a layer into one 3-D tensor per projection
 (ffn_gate_exps / ffn_up_exps / ffn_down_exps, [expert, rows, columns]; written with
 --fuse-gate-up-exps, gate and up as one ffn_gate_up_exps, each expert's gate rows then its up
 rows); each expert is listed as its own 2-D tensor under its Hugging Face name, a view of its
@@ -34,7 +44,15 @@ middle: gate_up_proj [expert, hidden, 2 x width], down_proj [expert, width, hidd
 transpose them to llama.cpp's [expert, out, in] and split gate_up_proj in two: Llama 4's gate then
 up halves (or one ffn_gate_up_exps), gpt-oss's alternating columns (gate, up, gate, ...), its biases
 alike (ffn_*_exps.bias); both are rebuilt as the checkpoint's 3-D tensors (JOINED: in their float
-type, or float32 from gpt-oss's MXFP4 blocks). Llama 4 (undo_permute = False: nothing permuted): a
+type, or float32 from gpt-oss's MXFP4 blocks).
+granitemoe (Granite MoE; "granitemoeshared", GraniteMoeSharedForCausalLM, when the file stores
+expert_shared_feed_forward_length) keeps its experts stacked in llama.cpp's own [expert, out, in]
+layout: block_sparse_moe.input_linear [expert, 2 x width, hidden] (gate rows, then up rows), which
+GraniteMoeModel splits into ffn_gate_exps / ffn_up_exps (or keeps as one ffn_gate_up_exps), and
+output_linear (ffn_down_exps); the shared expert's input_linear is split into ffn_gate_shexp /
+ffn_up_shexp. All are rebuilt as the checkpoint's tensors (JOINED); q/k permuted as Granite's, its
+four multipliers as metadata; a file without experts (a dense GraniteMoeShared) is refused.
+Llama 4 (undo_permute = False: nothing permuted): a
 dense feed_forward except every interleave_moe_layer_step-th layer, the shared expert, and what
 llama.cpp fixes (chunks of 8192 on three layers of four, the others without rotary and with
 attention temperature tuning, the q/k L2 norm except with 128 experts), Scout's llama3 RoPE scaling
@@ -94,7 +112,8 @@ docs/adding-an-architecture.md):
    refuses, or runs otherwise than the checkpoint, with an InputError.
 5. A test in tests/test_sources.py: copy test_llama_like_gguf_runs_like_transformers (a llama-like
    model: add the architecture to _llama_like_gguf) or test_more_gguf_runs_like_transformers (a
-   family with its own names: _more_model / _MORE_GGUF_NAMES), which write a tiny transformers
+   family with its own names: _more_model / _MORE_GGUF_NAMES) or test_newer_gguf_runs_like_transformers
+   (_newer_config: _new_gguf writes the checkpoint with gguf-py's tensor map), which write a tiny transformers
    model as llama.cpp's converter writes it and compare the names, shapes, values and logits.
 """
 from __future__ import annotations
@@ -114,7 +133,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3
                            "qwen3moe", "granite", "olmo2", "smollm3", "starcoder2", "command-r", "cohere2", "phi2",
                            "stablelm", "falcon", "starcoder", "gpt2", "bloom", "gptneox", "deepseek2", "llama4",
                            "gpt-oss", "glm4", "glm4moe", "chatglm", "exaone4", "olmoe", "olmo", "nemotron", "mpt",
-                           "apertus")
+                           "apertus", "granitemoe", "ernie4_5", "ernie4_5-moe", "arcee", "seed_oss", "dots1",
+                           "hunyuan-moe")
 #: GGUF architecture ("mixtral": "llama" with experts) -> (Hugging Face model_type, class)
 HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
            "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma": ("gemma", "GemmaForCausalLM"),
@@ -135,13 +155,20 @@ HF_ARCH = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForC
            "exaone4": ("exaone4", "Exaone4ForCausalLM"),
            "olmoe": ("olmoe", "OlmoeForCausalLM"), "olmo": ("olmo", "OlmoForCausalLM"),
            "nemotron": ("nemotron", "NemotronForCausalLM"), "mpt": ("mpt", "MptForCausalLM"),
-           "apertus": ("apertus", "ApertusForCausalLM"), "chatglm": ("glm", "GlmForCausalLM")}
+           "apertus": ("apertus", "ApertusForCausalLM"), "chatglm": ("glm", "GlmForCausalLM"),
+           # "granitemoeshared": granitemoe with expert_shared_feed_forward_length (a shared expert)
+           "granitemoe": ("granitemoe", "GraniteMoeForCausalLM"),
+           "granitemoeshared": ("granitemoeshared", "GraniteMoeSharedForCausalLM"),
+           "ernie4_5": ("ernie4_5", "Ernie4_5ForCausalLM"), "ernie4_5-moe": ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
+           "arcee": ("arcee", "ArceeForCausalLM"), "seed_oss": ("seed_oss", "SeedOssForCausalLM"),
+           "dots1": ("dots1", "Dots1ForCausalLM"), "hunyuan-moe": ("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM")}
 #: llama.cpp's converter permutes the attn_q / attn_k rows of LlamaModel and its subclasses
-#: (LlamaModel.permute; Mixtral is "llama"; Llama4Model sets undo_permute = False), and OlmoModel's,
-#: not of the others
-PERMUTED_QK = ("llama", "mixtral", "granite", "smollm3", "olmo")
+#: (LlamaModel.permute; Mixtral is "llama"; Llama4Model sets undo_permute = False: GraniteMoeModel and
+#: ArceeModel are LlamaModels), and OlmoModel's, not of the others
+PERMUTED_QK = ("llama", "mixtral", "granite", "smollm3", "olmo", "granitemoe", "granitemoeshared", "arcee")
 MOE_ARCHITECTURES = ("mixtral", "qwen2moe", "qwen3moe", "deepseek2", "deepseek3", "olmoe", "llama4", "gpt-oss",
-                     "glm4moe")
+                     "glm4moe", "granitemoe", "granitemoeshared", "ernie4_5-moe", "dots1", "hunyuan-moe")
+GRANITE_MOE = ("granitemoe", "granitemoeshared")
 DEEPSEEK = ("deepseek2", "deepseek3")
 #: the mixtures of experts whose checkpoints hold the experts stacked, as 3-D tensors (JOINED)
 STACKED_MOE = ("llama4", "gpt-oss")
@@ -215,6 +242,16 @@ _GLM4_NAMES = {"post_attention_norm": "post_self_attn_layernorm", "post_ffw_norm
                "ffn_up": "mlp.gate_up_proj"}
 # OLMo 2 and EXAONE 4: norms after the sublayers only
 _POST_NORM_NAMES = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+# Granite MoE: the router, the experts' down projections as stacked in the checkpoint ([expert,
+# hidden, width]: output_linear, JOINED) and the shared expert's; ERNIE 4.5 MoE: the routing bias of
+# moe_statics, [1, experts]
+_GRANITE_MOE_NAMES = {"ffn_gate_inp": "block_sparse_moe.router.layer", "ffn_down_shexp": "shared_mlp.output_linear"}
+# Hunyuan MoE: the router mlp.gate.wg, the shared expert shared_mlp, the q/k norms (after the rotary)
+_HUNYUAN_MOE_NAMES = {"ffn_gate_inp": "mlp.gate.wg", "ffn_gate_shexp": "mlp.shared_mlp.gate_proj",
+                      "ffn_up_shexp": "mlp.shared_mlp.up_proj", "ffn_down_shexp": "mlp.shared_mlp.down_proj",
+                      "attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm"}
+_ERNIE_MOE_NAMES = {**{k: v for k, v in _DEEPSEEK_NAMES.items() if k.startswith("ffn")},
+                    "exp_probs_b": "mlp.moe_statics.e_score_correction"}
 _ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES, "deepseek2": _DEEPSEEK_NAMES,
                      "llama4": _LLAMA4_NAMES, "gpt-oss": _GPT_OSS_NAMES, "glm4": _GLM4_NAMES,
                      "chatglm": {"ffn_up": "mlp.gate_up_proj"},
@@ -223,7 +260,13 @@ _ARCH_BLOCK_NAMES = {"gemma2": _GEMMA2_NAMES, "gemma3": _GEMMA2_NAMES, "deepseek
                      # GLM-4.5: DeepSeek-V3's router and shared experts, one norm before the MLP
                      "glm4moe": {**{k: v for k, v in _DEEPSEEK_NAMES.items() if k.startswith(("ffn", "exp"))},
                                  "post_attention_norm": "post_attention_layernorm"},
-                     "deepseek3": _DEEPSEEK_NAMES,
+                     "deepseek3": _DEEPSEEK_NAMES, "granitemoe": _GRANITE_MOE_NAMES,
+                     "granitemoeshared": _GRANITE_MOE_NAMES, "ernie4_5-moe": _ERNIE_MOE_NAMES,
+                     "hunyuan-moe": _HUNYUAN_MOE_NAMES,
+                     # dots.llm1: DeepSeek-V3's router and shared experts; Seed-OSS: the norm before the MLP
+                     # is post_attention_norm (SEED_OSS has no ffn_norm in gguf-py's table)
+                     "dots1": {k: v for k, v in _DEEPSEEK_NAMES.items() if k.startswith(("ffn", "exp"))},
+                     "seed_oss": {"post_attention_norm": "post_attention_layernorm"},
                      "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
                      "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},
                      "qwen2moe": _QWEN_MOE_NAMES, "qwen3moe": _QWEN_MOE_NAMES,
@@ -263,7 +306,8 @@ EXPERT_NAMES = {"mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
                             "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
                             "ffn_up_exps": "block_sparse_moe.experts.{}.w3"},
                 "qwen2moe": _QWEN_EXPERTS, "qwen3moe": _QWEN_EXPERTS, "deepseek2": _QWEN_EXPERTS,
-                "deepseek3": _QWEN_EXPERTS, "olmoe": _QWEN_EXPERTS, "glm4moe": _QWEN_EXPERTS}
+                "deepseek3": _QWEN_EXPERTS, "olmoe": _QWEN_EXPERTS, "glm4moe": _QWEN_EXPERTS,
+                "ernie4_5-moe": _QWEN_EXPERTS, "dots1": _QWEN_EXPERTS, "hunyuan-moe": _QWEN_EXPERTS}
 #: --fuse-gate-up-exps: [expert, gate rows then up rows, columns]
 FUSED_EXPERTS = "ffn_gate_up_exps"
 #: older Mixtral files, one tensor an expert: blk.N.ffn_gate.E.weight ...
@@ -286,6 +330,16 @@ def _gate_up_shapes(n: int) -> Any:
 def _down_shapes(hp: dict[str, Any]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     e, h, i = hp["n_expert"], hp["n_embd"], hp["n_ff_exp"]
     return [(e, h, i)], (e, i, h)
+
+
+def _granite_experts(n: int, what: str) -> Any:
+    """Granite MoE's stacked experts from n GGUF parts [expert, rows / n, columns]: input_linear
+    [expert, 2 x width, hidden], output_linear [expert, hidden, width]"""
+    def shapes(hp: dict[str, Any]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+        e, h, i = hp["n_expert"], hp["n_embd"], hp["n_ff_exp"]
+        shape = (e, 2 * i, h) if what == "input" else (e, h, i)
+        return [(e, shape[1] // n, shape[2])] * n, shape
+    return shapes
 
 
 def _oss_bias_shapes(hp: dict[str, Any]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
@@ -314,7 +368,10 @@ def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 #: Llama 4 and gpt-oss keep their experts stacked with the input axis in the middle; llama.cpp
 #: transposes them to [expert, out, in] and splits gate_up_proj into ffn_gate_exps / ffn_up_exps:
 #: Llama 4's gate then up (or, with --fuse-gate-up-exps, one ffn_gate_up_exps), gpt-oss's
-#: alternating (Llama4Model / GptOssModel.modify_tensors).
+#: alternating (Llama4Model / GptOssModel.modify_tensors). Granite MoE keeps its experts stacked in
+#: llama.cpp's [expert, out, in] layout, gate rows then up rows in input_linear, which
+#: GraniteMoeModel.modify_tensors splits into ffn_gate_exps / ffn_up_exps (--fuse-gate-up-exps: one
+#: ffn_gate_up_exps), and the shared expert's input_linear into ffn_gate_shexp / ffn_up_shexp.
 JOINED: dict[str, list[tuple[str, tuple[str, ...], Any, Any]]] = {
     "deepseek2": [("self_attn.kv_b_proj.weight", ("attn_k_b.weight", "attn_v_b.weight"), _kv_b_shapes,
                    lambda k, v: np.concatenate([k.transpose(0, 2, 1), v], axis=1))],
@@ -330,6 +387,15 @@ JOINED: dict[str, list[tuple[str, tuple[str, ...], Any, Any]]] = {
                 ("mlp.experts.down_proj_bias", ("ffn_down_exps.bias",),
                  lambda hp: ([(hp["n_expert"], hp["n_embd"])], (hp["n_expert"], hp["n_embd"])), lambda b: b)]}
 JOINED["deepseek3"] = JOINED["deepseek2"]
+JOINED["granitemoe"] = [
+    ("block_sparse_moe.input_linear.weight", ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
+     _granite_experts(2, "input"), lambda gate, up: np.concatenate([gate, up], axis=1)),
+    ("block_sparse_moe.input_linear.weight", ("ffn_gate_up_exps.weight",), _granite_experts(1, "input"), lambda w: w),
+    ("block_sparse_moe.output_linear.weight", ("ffn_down_exps.weight",), _granite_experts(1, "output"), lambda w: w)]
+JOINED["granitemoeshared"] = JOINED["granitemoe"] + [
+    ("shared_mlp.input_linear.weight", ("ffn_gate_shexp.weight", "ffn_up_shexp.weight"),
+     lambda hp: ([(hp["n_ff_shexp"], hp["n_embd"])] * 2, (2 * hp["n_ff_shexp"], hp["n_embd"])),
+     lambda gate, up: np.concatenate([gate, up], axis=0))]
 _LAYER_WEIGHTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _ATTENTION_WEIGHTS = _LAYER_WEIGHTS[:4]
@@ -348,6 +414,7 @@ _ARCH_LAYER_WEIGHTS = {"phi3": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.g
                        "chatglm": _ATTENTION_WEIGHTS + ("mlp.gate_up_proj", "mlp.down_proj"),
                        "nemotron": _ATTENTION_WEIGHTS + ("mlp.up_proj", "mlp.down_proj"),
                        "apertus": _ATTENTION_WEIGHTS + ("mlp.up_proj", "mlp.down_proj"),
+                       "arcee": _ATTENTION_WEIGHTS + ("mlp.up_proj", "mlp.down_proj"),
                        "mpt": ("attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj")}
 #: Phi-3's LongRoPE factors (Phi3MiniModel.generate_extra_tensors): config values, not weights
 ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
@@ -380,8 +447,8 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     m = BLOCK_RE.match(gguf_name)
     names = _ARCH_BLOCK_NAMES.get(arch, {})
     part = m and (names.get(m.group(2)) or (None if arch in _LAYER_PREFIX else _BLOCK_NAMES.get(m.group(2))))
-    if part == "mlp.gate.e_score_correction":
-        return f"{layer_prefix(arch)}.{m.group(1)}.mlp.gate.e_score_correction_bias"
+    if part and part.endswith("e_score_correction"):  # the converter's e_score_correction_bias
+        return f"{layer_prefix(arch)}.{m.group(1)}.{part}_bias"
     if part == "self_attn.sinks":  # gpt-oss's parameter, which GptOssModel.filter_tensors names .weight
         return f"{layer_prefix(arch)}.{m.group(1)}.{part}"
     return f"{layer_prefix(arch)}.{m.group(1)}.{part}.{m.group(3)}" if part else None
@@ -402,13 +469,16 @@ def layer_weights(src: GGUFSource, layer: int) -> tuple[str, ...]:
             return _ATTENTION_WEIGHTS + tuple(_LLAMA4_NAMES[k] for k in ("ffn_gate", "ffn_up", "ffn_down"))
         return _ATTENTION_WEIGHTS + tuple(v for k, v in names.items() if k.endswith(("inp", "shexp"))) + (
             "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
+    if src.layout in GRANITE_MOE:
+        shared = ("shared_mlp.input_linear", "shared_mlp.output_linear") if src.layout == "granitemoeshared" else ()
+        return _ATTENTION_WEIGHTS + ("block_sparse_moe.router.layer", "block_sparse_moe.input_linear",
+                                     "block_sparse_moe.output_linear") + shared
     n = src.hparams["n_expert"]
     experts = tuple(name.format(e) for name in EXPERT_NAMES[src.layout].values() for e in range(n))
-    if src.layout == "glm4moe":
-        hp = src.hparams
-        if layer < hp["n_dense_lead"]:
+    if src.layout in ("glm4moe", "dots1", "ernie4_5-moe"):
+        if not is_moe_layer(src, layer):
             return _LAYER_WEIGHTS
-        shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if hp["n_shared"] else ()
+        shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if src.hparams["n_shared"] else ()
         return _ATTENTION_WEIGHTS + ("mlp.gate",) + shared + experts
     if src.layout in DEEPSEEK:
         hp = src.hparams
@@ -420,32 +490,49 @@ def layer_weights(src: GGUFSource, layer: int) -> tuple[str, ...]:
             return attn + _LAYER_WEIGHTS[4:]
         shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if hp["n_shared"] else ()
         return attn + ("mlp.gate",) + shared + experts
-    shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if src.layout == "qwen2moe" else ()
+    shared = tuple(v for k, v in names.items() if k.endswith("shexp")) if src.layout in ("qwen2moe", "hunyuan-moe") \
+        else ()
     return _ATTENTION_WEIGHTS + (names["ffn_gate_inp"],) + shared + experts
+
+
+def is_moe_layer(src: GGUFSource, layer: int) -> bool:
+    """Whether llama.cpp runs layer `layer` of a model with leading dense layers as an MoE block
+    (ERNIE 4.5 MoE: also only every interleave_moe_layer_step-th layer)."""
+    hp = src.hparams
+    return layer >= hp["n_dense_lead"] and (layer + 1) % hp.get("moe_step", 1) == 0
 
 
 # -- hyperparameters ------------------------------------------------------------------------
 def moe_hparams(src: GGUFSource, hp: dict[str, Any]) -> dict[str, Any]:
     """The expert counts and widths of a mixture of experts."""
     a = src.arch
+    if src.layout in GRANITE_MOE and not src.meta(f"{a}.expert_count"):
+        raise InputError(f"{src.path}: a granitemoe GGUF without experts (expert_count 0 or none: a dense "
+                         "GraniteMoeShared model, its shared_mlp stored as ffn_gate / ffn_up / ffn_down); kbit "
+                         "runs Granite MoE models with experts only")
     moe = {"n_expert": int(src.need(f"{a}.expert_count")), "n_expert_used": int(src.need(f"{a}.expert_used_count"))}
-    # Mixtral's and OLMoE's experts are n_ff wide; Qwen's as llama.cpp reads them (n_ff / k without
+    # Mixtral's, OLMoE's, Granite MoE's and Hunyuan MoE's (HunYuanMoEV1's, by its class) experts are n_ff
+    # wide; Qwen's as llama.cpp reads them (n_ff / k without
     # the key); Llama 4's dense layers are n_ff wide, its experts and shared expert n_ff_exp
-    moe["n_ff_exp"] = hp["n_ff"] if src.layout in ("mixtral", "olmoe") else int(
+    moe["n_ff_exp"] = hp["n_ff"] if src.layout in ("mixtral", "olmoe", "hunyuan-moe", *GRANITE_MOE) else int(
         src.meta(f"{a}.expert_feed_forward_length", 0) or hp["n_ff"] // moe["n_expert_used"])
     moe["n_ff_shexp"] = int(src.meta(f"{a}.expert_shared_feed_forward_length", 0) or hp["n_ff"])
     if src.layout == "llama4":
         moe.update(n_ff_shexp=moe["n_ff_exp"], moe_step=int(src.need(f"{a}.interleave_moe_layer_step")))
     if src.layout in DEEPSEEK:
         moe.update(_deepseek_hparams(src, hp))
-    if src.layout == "glm4moe":  # the multi-token-prediction layers come after the model's
+    if src.layout == "ernie4_5-moe":  # ERNIE 4.5: the MoE blocks from leading_dense_block_count on, every step-th
+        moe.update(n_dense_lead=int(src.meta(f"{a}.leading_dense_block_count", 0) or 0),
+                   moe_step=int(src.need(f"{a}.interleave_moe_layer_step")),
+                   n_shared=int(src.meta(f"{a}.expert_shared_count", 0) or 0))
+    if src.layout in ("glm4moe", "dots1"):  # the multi-token-prediction layers come after the model's
         nextn = int(src.meta(f"{a}.nextn_predict_layers", 0) or 0)
         moe.update(n_layer=hp["n_layer"] - nextn, n_nextn=nextn,
                    n_dense_lead=int(src.meta(f"{a}.leading_dense_block_count", 0) or 0),
                    n_shared=int(src.meta(f"{a}.expert_shared_count", 0) or 0),
                    weights_norm=bool(src.meta(f"{a}.expert_weights_norm", False)),
                    weights_scale=f32(src.meta(f"{a}.expert_weights_scale", 0.0)) or 1.0)
-    if src.layout in DEEPSEEK or src.layout == "glm4moe":
+    if src.layout in DEEPSEEK or src.layout in ("glm4moe", "dots1", "ernie4_5-moe"):
         moe["n_ff_shexp"] = moe["n_ff_exp"] * moe["n_shared"]  # the shared experts as one MLP
     return moe
 
@@ -501,9 +588,14 @@ def check_hparams(src: GGUFSource, hp: dict[str, Any]) -> None:
             raise InputError(f"{src.path}: an mpt GGUF with {hp['n_head_kv']} key/value heads for {hp['n_head']} and a "
                              f"feed-forward of {hp['n_ff']} for {hp['n_embd']}: MptForCausalLM has as many key/value "
                              "heads as query heads and a whole expansion_ratio")
-    if a == "glm4moe" and int(src.meta(f"{a}.expert_gating_func", 2) or 2) != 2:  # llama.cpp: sigmoid
-        raise InputError(f"{src.path}: a glm4moe GGUF with expert_gating_func {src.meta(f'{a}.expert_gating_func')}: "
-                         "GLM-4.5's router is a sigmoid (2)")
+    width = src.meta(f"{a}.expert_feed_forward_length")
+    if a == "hunyuan-moe" and width is not None and int(width) != hp["n_ff"]:
+        raise InputError(f"{src.path}: a hunyuan-moe GGUF with experts {width} wide and a feed-forward of "
+                         f"{hp['n_ff']}: HunYuanMoEV1ForCausalLM's experts are intermediate_size wide")
+    if a in ("glm4moe", "dots1") and int(src.meta(f"{a}.expert_gating_func", 2) or 2) != 2:  # llama.cpp: sigmoid
+        name = {"glm4moe": "GLM-4.5", "dots1": "dots.llm1"}[a]
+        raise InputError(f"{src.path}: a {a} GGUF with expert_gating_func {src.meta(f'{a}.expert_gating_func')}: "
+                         f"{name}'s router is a sigmoid (2)")
     if src.layout in DEEPSEEK:
         if hp["weights_norm"] and not hp["sigmoid"]:  # transformers' DeepSeek-V2 never renormalises
             raise InputError(f"{src.path}: a softmax-routed {a} GGUF with expert_weights_norm: llama.cpp "
@@ -548,6 +640,10 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
                "mlp.shared_expert.down_proj.weight": (e, fs), "mlp.shared_expert_gate.weight": (1, e),
                "mlp.shared_experts.gate_proj.weight": (fs, e), "mlp.shared_experts.up_proj.weight": (fs, e),
                "mlp.shared_experts.down_proj.weight": (e, fs), "mlp.gate.e_score_correction_bias": (n,),
+               "mlp.moe_statics.e_score_correction_bias": (1, n), "block_sparse_moe.router.layer.weight": (n, e),
+               "shared_mlp.output_linear.weight": (e, fs), "mlp.gate.wg.weight": (n, e),
+               "mlp.shared_mlp.gate_proj.weight": (fs, e), "mlp.shared_mlp.up_proj.weight": (fs, e),
+               "mlp.shared_mlp.down_proj.weight": (e, fs),
                "feed_forward.router.weight": (n, e), "feed_forward.shared_expert.gate_proj.weight": (fs, e),
                "feed_forward.shared_expert.up_proj.weight": (fs, e),
                "feed_forward.shared_expert.down_proj.weight": (e, fs), "mlp.router.weight": (n, e),
@@ -587,6 +683,8 @@ def expected_shape(src: GGUFSource, name: str) -> tuple[int, ...] | None:
         "pre_feedforward_layernorm.weight": (e,),
         "post_feedforward_layernorm.weight": (e,),
         "self_attn.q_norm.weight": (hp["head_dim"],),
+        "self_attn.query_layernorm.weight": (hp["head_dim"],),
+        "self_attn.key_layernorm.weight": (hp["head_dim"],),
         "self_attn.k_norm.weight": (hp["head_dim"],),
         "self_attn.q_layernorm.norms.E.weight": (hp["head_dim"],),
         "self_attn.k_layernorm.norms.E.weight": (hp["head_dim"],),
@@ -673,22 +771,44 @@ def family_config(src: GGUFSource) -> dict[str, Any]:
         cfg.update(_deepseek_config(src, cfg.get("rope_scaling")))
     elif a in STACKED_MOE:
         cfg.update(_stacked_moe_config(src, cfg.get("rope_scaling")))
-    elif a == "glm4moe":  # DeepSeek-V3's sigmoid routing, in one group; part of each head rotated
+    elif a in ("glm4moe", "dots1"):  # DeepSeek-V3's sigmoid routing
         cfg.update(n_routed_experts=hp["n_expert"], num_experts_per_tok=hp["n_expert_used"],
                    moe_intermediate_size=hp["n_ff_exp"], n_shared_experts=hp["n_shared"],
                    first_k_dense_replace=hp["n_dense_lead"], routed_scaling_factor=hp["weights_scale"],
-                   norm_topk_prob=hp["weights_norm"], n_group=1, topk_group=1,
-                   use_qk_norm="model.layers.0.self_attn.q_norm.weight" in src,
-                   partial_rotary_factor=int(hp["rope_dims"] or hp["head_dim"]) / hp["head_dim"])
-    elif src.layout in MOE_ARCHITECTURES:
-        cfg.update(_moe_config(src, cfg["attention_bias"]))
-    elif a == "granite":
+                   norm_topk_prob=hp["weights_norm"])
+        if a == "glm4moe":  # in one group; part of each head rotated
+            cfg.update(n_group=1, topk_group=1, use_qk_norm="model.layers.0.self_attn.q_norm.weight" in src,
+                       partial_rotary_factor=int(hp["rope_dims"] or hp["head_dim"]) / hp["head_dim"])
+        else:  # dots.llm1: the groups TextModel stores; llama.cpp attends over the whole context (no window)
+            n_group = int(src.meta(f"{a}.expert_group_count", 1) or 1)
+            cfg.update(n_group=n_group, topk_group=int(src.meta(f"{a}.expert_group_used_count", 0) or n_group),
+                       sliding_window=None, layer_types=["full_attention"] * hp["n_layer"])
+    elif a in ("granite", "granitemoe"):
         # the multipliers llama.cpp stores as scales; without a key, llama.cpp scales by 1 and the
         # attention by 1/sqrt(head_dim)
         cfg.update(embedding_multiplier=f32(src.meta(f"{a}.embedding_scale", 1.0)),
                    residual_multiplier=f32(src.meta(f"{a}.residual_scale", 1.0)),
                    attention_multiplier=f32(src.meta(f"{a}.attention.scale", 0.0)) or hp["head_dim"] ** -0.5,
                    logits_scaling=f32(src.meta(f"{a}.logit_scale", 1.0)))
+        if a == "granitemoe":  # the experts are n_ff wide; the shared expert's width is stored
+            cfg.update(num_local_experts=hp["n_expert"], num_experts_per_tok=hp["n_expert_used"],
+                       shared_intermediate_size=hp["n_ff_shexp"] if src.layout == "granitemoeshared" else 0)
+    elif a in ("ernie4_5", "ernie4_5-moe"):  # biases on every projection or on none (use_bias)
+        cfg["use_bias"] = cfg["attention_bias"]
+        if a == "ernie4_5-moe":  # the MoE blocks from leading_dense_block_count to the last, every step-th
+            cfg.update(moe_num_experts=hp["n_expert"], moe_k=hp["n_expert_used"], moe_intermediate_size=hp["n_ff_exp"],
+                       moe_num_shared_experts=hp["n_shared"], moe_layer_start_index=hp["n_dense_lead"],
+                       moe_layer_end_index=hp["n_layer"] - 1, moe_layer_interval=hp["moe_step"])
+    elif a == "hunyuan-moe":  # every layer sparse; the q/k norms; rope_theta: the base HunYuanMoEModel
+        # stores, the NTK-alpha one already (as the runner's default rotary with rope_theta * alpha ** ...)
+        cfg.update(num_experts=hp["n_expert"], moe_topk=hp["n_expert_used"], moe_intermediate_size=hp["n_ff"],
+                   num_shared_expert=int(src.meta(f"{a}.expert_shared_count", 1) or 1), use_qk_norm=True)
+    elif src.layout in MOE_ARCHITECTURES:
+        cfg.update(_moe_config(src, cfg["attention_bias"]))
+    elif a == "arcee":  # llama.cpp's Arcee: the squared-ReLU up / down MLP
+        cfg["hidden_act"] = "relu2"
+    elif a == "seed_oss":  # q/k/v biases (attention_bias), the output projection's apart
+        cfg["attention_out_bias"] = "model.layers.0.self_attn.o_proj.bias" in src
     elif a == "starcoder2":  # LayerNorms; llama.cpp attends over the whole context (no window)
         cfg.update(hidden_act="gelu_pytorch_tanh", use_bias=cfg["attention_bias"], sliding_window=None,
                    norm_epsilon=f32(src.meta(f"{a}.attention.layer_norm_epsilon", 1e-5)))

@@ -8,9 +8,9 @@
   pairs sit next to each other; `load` and `load_raw` undo it.
 * It adds 1 to every Gemma and Nemotron norm weight (their norms scale by 1 + weight, llama.cpp's
   by the weight); `load` and `load_raw` subtract it again (those tensors read as float32).
-* It splits DeepSeek's kv_b_proj into attn_k_b / attn_v_b (newer files), and transposes and splits
-  the stacked experts of Llama 4 and gpt-oss; `load` and `load_raw` put them back together
-  (gguf_archs.JOINED).
+* It splits DeepSeek's kv_b_proj into attn_k_b / attn_v_b (newer files), transposes and splits
+  the stacked experts of Llama 4 and gpt-oss, and splits Granite MoE's gate / up rows; `load` and
+  `load_raw` put them back together (gguf_archs.JOINED).
 * Apertus's xIELU scalars, which it stores as metadata, are listed as tensors of their values.
 * config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json and
   generation_config.json are rebuilt from the GGUF metadata.
@@ -115,10 +115,13 @@ class GGUFSource(BaseSource):
             )
         experts = int(self.meta(f"{self.arch}.expert_count", 0) or 0)
         #: the layout: the GGUF architecture, "mixtral" for a "llama" one with experts, "deepseek3" for
-        #: a deepseek2 one with a sigmoid router (expert_gating_func 2)
+        #: a deepseek2 one with a sigmoid router (expert_gating_func 2), "granitemoeshared" for a
+        #: granitemoe one with a shared expert
         self.layout = "mixtral" if self.arch == "llama" and experts else self.arch
         if self.arch == "deepseek2" and self.meta("deepseek2.expert_gating_func") == 2:
             self.layout = "deepseek3"
+        if self.arch == "granitemoe" and self.meta("granitemoe.expert_shared_feed_forward_length"):
+            self.layout = "granitemoeshared"  # llama.cpp reads the shared expert when its width is stored
         if self.arch == "chatglm" and any(t.name == "blk.0.attn_qkv.weight" for t in r.tensors):
             raise UnsupportedArchitectureError(
                 f"{path} is a ChatGLM model in THUDM's own layout (one attn_qkv; ChatGLMForConditionalGeneration, "
