@@ -187,11 +187,10 @@ class Attention(llama.Attention):
 
 class Block(llama.Block):
     attention_class = Attention
+    norm_class = GemmaRMSNorm
 
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__(a, layer)
-        self.input_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)
         self.four = a.four_norms
         if self.four:
             self.pre_feedforward_layernorm = GemmaRMSNorm(a.hidden_size, a.rms_norm_eps)

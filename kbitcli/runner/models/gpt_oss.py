@@ -144,11 +144,7 @@ class MLP(nn.Module):
 class Block(llama.Block):
     attention_class = Attention
     mlp_class = MLP
-
-    def __init__(self, a: ModelArgs, layer: int) -> None:
-        super().__init__(a, layer)
-        self.input_layernorm = Olmo2RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = Olmo2RMSNorm(a.hidden_size, a.rms_norm_eps)
+    norm_class = Olmo2RMSNorm
 
 
 class Model(llama.Model):

@@ -34,11 +34,7 @@ class ModelArgs(llama.ModelArgs):
 
 class Block(llama.Block):
     attention_class = glm.Attention
-
-    def __init__(self, a: ModelArgs, layer: int) -> None:
-        super().__init__(a, layer)
-        self.input_layernorm = Olmo2RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = Olmo2RMSNorm(a.hidden_size, a.rms_norm_eps)
+    norm_class = Olmo2RMSNorm
 
 
 class Model(llama.Model):

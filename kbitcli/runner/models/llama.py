@@ -167,16 +167,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    #: the classes of the sublayers (a variant's module gives its own)
+    #: the classes of the sublayers and of the two norms, built (hidden_size, rms_norm_eps) (a
+    #: variant's module gives its own)
     attention_class: type[nn.Module] = Attention
     mlp_class: type[nn.Module] = MLP
+    norm_class: type[nn.Module] = RMSNorm
 
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = self.attention_class(a, layer)
         self.mlp = self.mlp_class(a)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.input_layernorm = self.norm_class(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(a.hidden_size, a.rms_norm_eps)
 
     def forward(self, x, cos, sin, step, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)

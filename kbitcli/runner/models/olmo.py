@@ -71,11 +71,7 @@ class Attention(llama.Attention):
 
 class Block(llama.Block):
     attention_class = Attention
-
-    def __init__(self, a: ModelArgs, layer: int) -> None:
-        super().__init__(a, layer)
-        self.input_layernorm = LayerNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = LayerNorm(a.hidden_size, a.rms_norm_eps)
+    norm_class = LayerNorm
 
 
 class Model(llama.Model):

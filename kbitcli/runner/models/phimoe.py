@@ -80,11 +80,7 @@ class SparseMoe(nn.Module):
 
 class Block(moe.Block):
     moe_class = SparseMoe
-
-    def __init__(self, a: ModelArgs, layer: int) -> None:
-        super().__init__(a, layer)
-        self.input_layernorm = nn.LayerNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(a.hidden_size, a.rms_norm_eps)
+    norm_class = nn.LayerNorm
 
 
 class Model(moe.Model):
