@@ -1273,6 +1273,23 @@ def _write(w) -> None:
     w.close()
 
 
+def _add_meta(w, arch: str, meta: dict) -> None:
+    """`arch.key` metadata of the types llama.cpp's converter writes (None: left out)."""
+    for k, v in meta.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            w.add_bool(f"{arch}.{k}", v)
+        elif isinstance(v, list):
+            w.add_array(f"{arch}.{k}", v)
+        elif isinstance(v, float):
+            w.add_float32(f"{arch}.{k}", v)
+        elif isinstance(v, str):
+            w.add_string(f"{arch}.{k}", v)
+        else:
+            w.add_uint32(f"{arch}.{k}", v)
+
+
 def _gemma_gguf(path: Path, arch: str):
     import gguf
     import transformers as tf
@@ -2077,15 +2094,7 @@ def _more_gguf(tmp_path: Path, variant: str):
     (tmp_path / "src").mkdir()
     path = tmp_path / "src" / "m.gguf"
     w = gguf.GGUFWriter(str(path), arch)
-    for k, v in meta.items():
-        if isinstance(v, bool):
-            w.add_bool(f"{arch}.{k}", v)
-        elif isinstance(v, float):
-            w.add_float32(f"{arch}.{k}", v)
-        elif isinstance(v, str):
-            w.add_string(f"{arch}.{k}", v)
-        else:
-            w.add_uint32(f"{arch}.{k}", v)
+    _add_meta(w, arch, meta)
     _add_bpe_tokenizer(w, tok, "qwen2", False)
     c = model.config
     nh = getattr(c, "num_attention_heads", None) or c.n_head
@@ -2307,17 +2316,7 @@ def _new_gguf(tmp_path: Path, arch: str, meta_update: dict | None = None, drop: 
     w = gguf.GGUFWriter(str(path), arch)
     sizes = {"block_count": c.num_hidden_layers, "context_length": 64, "embedding_length": c.hidden_size,
              "feed_forward_length": 80, "attention.head_count": 4, "attention.head_count_kv": 2}
-    for k, v in {**sizes, **meta, **(meta_update or {})}.items():
-        if v is None:
-            continue
-        if isinstance(v, list):
-            w.add_array(f"{arch}.{k}", v)
-        elif isinstance(v, float):
-            w.add_float32(f"{arch}.{k}", v)
-        elif isinstance(v, str):
-            w.add_string(f"{arch}.{k}", v)
-        else:
-            w.add_uint32(f"{arch}.{k}", v)
+    _add_meta(w, arch, {**sizes, **meta, **(meta_update or {})})
     _add_bpe_tokenizer(w, tok, "qwen2", False)
     names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
                                      c.num_hidden_layers)
