@@ -207,6 +207,19 @@ class Step:
             m = self._cache[key] = m | (k == q)[None, None]
         return m
 
+    def chunked_mask(self, chunk: int) -> torch.Tensor:
+        """mask() keeping only the keys whose position lies in the query's chunk of `chunk`
+        positions (Llama 4's chunked attention; positions: each sequence's own, its real tokens
+        counted from 0); every query still sees itself. Built once per chunk size."""
+        key = ("chunk", chunk)
+        m = self._cache.get(key)
+        if m is None:
+            k_pos = self.key_mask.long().cumsum(-1) - 1                                   # [B, T]
+            same = (k_pos[:, None, :] // chunk) == (self.positions[:, :, None] // chunk)  # [B, S, T]
+            itself = (self.k_index[None, :] == self.q_index[:, None])[None, None]
+            m = self._cache[key] = (self.mask() & same[:, None]) | itself
+        return m
+
     def plain(self, window: int | None = None) -> str | None:
         """'causal' when the mask is exactly the causal one of queries at 0..S-1 over keys 0..S-1
         (no cache, no padding, a window that covers every key): SDPA's is_causal path; 'all'
@@ -507,6 +520,14 @@ class Rotary(nn.Module):
         if self.scaling != 1.0:
             cos, sin = cos * self.scaling, sin * self.scaling
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+class Float32Rotary(Rotary):
+    """Rotary whose tables stay float32 whatever the compute dtype (DeepSeek-V2's and Llama 4's
+    complex-number rotaries, OLMo's float32 one)."""
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(positions, torch.float32)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

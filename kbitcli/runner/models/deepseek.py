@@ -63,7 +63,7 @@ from torch import nn
 from kbitcli.errors import InputError
 
 from . import llama, model_type_of
-from .base import (KVCache, RMSNorm, Rotary, _context_factor, _yarn_mscale, apply_rotary, apply_rotary_interleaved,
+from .base import (Float32Rotary, KVCache, RMSNorm, _context_factor, _yarn_mscale, apply_rotary, apply_rotary_interleaved,
                    attention, fuse_group, positive)
 from .moe import _mlp, run_experts
 
@@ -312,13 +312,6 @@ class Block(llama.Block):
         super().__init__(a, layer)
         if a.sparse(layer):
             self.mlp = MoE(a)
-
-
-class Float32Rotary(Rotary):
-    """Rotary whose tables stay float32 whatever the compute dtype (V2's complex-number rotary)."""
-
-    def forward(self, positions, dtype):
-        return super().forward(positions, torch.float32)
 
 
 class Model(llama.Model):

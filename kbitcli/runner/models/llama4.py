@@ -37,7 +37,7 @@ from torch import nn
 from kbitcli.errors import InputError
 
 from . import llama
-from .base import Rotary, activation, apply_rotary_interleaved, attention, per_layer, positive
+from .base import Float32Rotary, activation, apply_rotary_interleaved, attention, per_layer, positive
 from .moe import run_experts
 
 #: Llama4TextConfig's defaults (Llama 4 Maverick's sizes), for config.json files that omit a field
@@ -94,20 +94,6 @@ class ModelArgs(llama.ModelArgs):
         return self.attention_chunk_size if self.layer_types[layer] == "chunked_attention" else None  # type: ignore[index]
 
 
-def chunked_mask(step, chunk: int) -> torch.Tensor:
-    """[B, 1, S, T] bool: step's causal / padding mask, keeping only the keys whose position lies
-    in the query's chunk of `chunk` positions (positions: each sequence's own, its real tokens
-    counted from 0); every query still sees itself. Built once per forward and chunk size."""
-    key = ("chunk", chunk)
-    m = step._cache.get(key)
-    if m is None:
-        k_pos = step.key_mask.long().cumsum(-1) - 1                       # [B, T]
-        same = (k_pos[:, None, :] // chunk) == (step.positions[:, :, None] // chunk)  # [B, S, T]
-        itself = (step.k_index[None, :] == step.q_index[:, None])[None, None]
-        m = step._cache[key] = (step.mask() & same[:, None]) | itself
-    return m
-
-
 class Attention(llama.Attention):
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__(a, layer)
@@ -134,7 +120,7 @@ class Attention(llama.Attention):
             floor_scale, attn_scale = self.tuning
             p = step.positions.float()[:, None, :, None]  # [B, 1, S, 1]
             q = (q * (torch.log1p(torch.floor((p + 1.0) / floor_scale)) * attn_scale + 1.0)).to(q.dtype)
-        return attention(q, k, v, step if self.chunk is None else chunked_mask(step, self.chunk), self.scale)
+        return attention(q, k, v, step if self.chunk is None else step.chunked_mask(self.chunk), self.scale)
 
 
 class Experts(nn.Module):
@@ -186,13 +172,6 @@ class Block(llama.Block):
     def forward(self, x, cos, sin, step, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
         return x + self.feed_forward(self.post_attention_layernorm(x))
-
-
-class Float32Rotary(Rotary):
-    """Rotary tables in float32 whatever the compute dtype (Meta's complex rotary computes so)."""
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        return super().forward(positions, torch.float32)
 
 
 class Model(llama.Model):

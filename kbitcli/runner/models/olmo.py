@@ -46,13 +46,6 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), (self.dim,), eps=self.eps).to(x.dtype)
 
 
-class Rotary(base.Rotary):
-    """cos and sin in float32 in any compute dtype."""
-
-    def forward(self, positions, dtype):
-        return super().forward(positions, torch.float32)
-
-
 class Attention(llama.Attention):
     def __init__(self, a: ModelArgs, layer: int) -> None:
         super().__init__(a, layer)
@@ -80,4 +73,4 @@ class Model(llama.Model):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__(args)
-        self.rotary = Rotary.from_settings(args.rope, args.head_dim)
+        self.rotary = base.Float32Rotary.from_settings(args.rope, args.head_dim)
